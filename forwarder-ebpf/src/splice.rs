@@ -1,0 +1,60 @@
+//! In-kernel splice: a stream verdict program that redirects every byte a spliced
+//! socket receives to its peer's send queue, and counts what it did.
+
+use aya_ebpf::{
+    bindings::sk_action::SK_PASS,
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
+    macros::{map, stream_verdict},
+    maps::{HashMap, SockHash},
+    programs::SkBuffContext,
+};
+use aya_log_ebpf::warn;
+use forwarder_common::{MAX_SPLICED_SOCKETS, MODE_KERNEL, PeerLink, SockCounters};
+
+#[map(name = "FWD_SOCKS")]
+static SOCKS: SockHash<u64> = SockHash::with_max_entries(MAX_SPLICED_SOCKETS, 0);
+
+#[map(name = "FWD_LINKS")]
+static LINKS: HashMap<u64, PeerLink> = HashMap::with_max_entries(MAX_SPLICED_SOCKETS, 0);
+
+#[map(name = "FWD_COUNTERS")]
+static COUNTERS: HashMap<u64, SockCounters> = HashMap::with_max_entries(MAX_SPLICED_SOCKETS, 0);
+
+#[stream_verdict]
+pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
+    // SAFETY: the context pointer is the __sk_buff the kernel passed to this program.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    let len = u64::from(ctx.len());
+    // SAFETY: the value is only read; userspace replaces whole entries atomically.
+    let link = unsafe { LINKS.get(cookie) }.copied();
+    let Some(counters) = COUNTERS.get_ptr_mut(cookie) else {
+        // Not set up by the agent: keep the bytes on this socket for userspace.
+        return SK_PASS;
+    };
+    // SAFETY: the pointer comes from a successful lookup and stays valid while the entry
+    // exists. The verdict for one socket runs under that socket's lock, so these
+    // read-modify-writes never race each other; userspace only reads.
+    let counters = unsafe { &mut *counters };
+    // SAFETY: plain helper call without arguments.
+    counters.last_active_ns = unsafe { bpf_ktime_get_ns() };
+
+    // Once a byte has gone to userspace, every later byte must too, or the order breaks.
+    if let Some(link) = link
+        && link.mode == MODE_KERNEL
+        && counters.passed_bytes == 0
+    {
+        let mut peer = link.peer_cookie;
+        if SOCKS.redirect_skb(&ctx, &mut peer, 0) == SK_PASS as i64 {
+            counters.redirected_bytes += len;
+            counters.redirected_segments += 1;
+            return SK_PASS;
+        }
+        warn!(
+            &ctx,
+            "splice: peer {} of socket {} is not in the map; passing to userspace", peer, cookie
+        );
+    }
+    counters.passed_bytes += len;
+    counters.passed_segments += 1;
+    SK_PASS
+}

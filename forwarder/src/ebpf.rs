@@ -1,0 +1,330 @@
+//! Loads the embedded eBPF object, attaches the splice verdict to the socket map,
+//! and wraps the maps in typed calls the rest of the agent uses.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::Context as _;
+use aya::maps::{HashMap, MapData, MapError, SockHash};
+use aya::programs::SkSkb;
+use aya::sys::SyscallError;
+use aya::{Ebpf, EbpfLoader};
+use forwarder_common::{MODE_KERNEL, MODE_USERSPACE, PeerLink, SockCounters, names};
+
+use crate::sys;
+
+/// The eBPF object built by build.rs from `forwarder-ebpf`.
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forwarder-ebpf"));
+
+/// Why a pair of sockets could not be spliced in the kernel. Each kind has its own
+/// userspace fallback counter.
+#[derive(Debug, thiserror::Error)]
+pub enum SpliceError {
+    #[error("the socket map is full")]
+    MapFull,
+    #[error("a socket is no longer established (closed during set-up)")]
+    NotEstablished,
+    #[error("socket map update failed: {0}")]
+    Io(#[source] io::Error),
+}
+
+impl SpliceError {
+    fn from_map(err: MapError) -> Self {
+        let io_error = match err {
+            MapError::SyscallError(SyscallError { io_error, .. }) => io_error,
+            MapError::IoError(io_error) => io_error,
+            other => return Self::Io(io::Error::other(other)),
+        };
+        match io_error.raw_os_error() {
+            Some(libc::E2BIG) | Some(libc::ENOMEM) | Some(libc::ENOSPC) => Self::MapFull,
+            Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => Self::NotEstablished,
+            _ => Self::Io(io_error),
+        }
+    }
+}
+
+struct Maps {
+    socks: SockHash<MapData, u64>,
+    links: HashMap<MapData, u64, PeerLink>,
+    counters: HashMap<MapData, u64, SockCounters>,
+}
+
+/// Where to put the maps so `forwarder conns|stats|maps` can read them while we run.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Pin the maps under this directory (created, and removed again on drop).
+    pub pin_dir: Option<PathBuf>,
+}
+
+/// The loaded and attached eBPF data path. Dropping it detaches the programs.
+pub struct Datapath {
+    // Owns the programs: they stay attached while this lives.
+    ebpf: Mutex<Ebpf>,
+    maps: Mutex<Maps>,
+    pin_dir: Option<PathBuf>,
+}
+
+/// The two cookies of a spliced pair, needed to read counters and to undo the splice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SplicedPair {
+    pub client: u64,
+    pub upstream: u64,
+}
+
+impl Datapath {
+    /// Loads the object into the kernel and attaches the stream verdict to the socket map.
+    /// Fails (it never falls back silently) when the kernel refuses either step.
+    pub fn load(options: &LoadOptions) -> anyhow::Result<Self> {
+        if let Err(err) = sys::raise_memlock_limit() {
+            tracing::debug!(%err, "could not raise RLIMIT_MEMLOCK; continuing");
+        }
+        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).context(
+            "loading the eBPF object failed: the agent needs root (or CAP_BPF + CAP_NET_ADMIN) \
+             and a kernel with BPF sockmap support (Linux >= 5.15 tested: 6.18)",
+        )?;
+        let take = |ebpf: &mut Ebpf, name: &str| {
+            ebpf.take_map(name)
+                .with_context(|| format!("map {name} is missing from the eBPF object"))
+        };
+        let socks: SockHash<MapData, u64> = take(&mut ebpf, names::SOCKS)?.try_into()?;
+        let links: HashMap<MapData, u64, PeerLink> = take(&mut ebpf, names::LINKS)?.try_into()?;
+        let counters: HashMap<MapData, u64, SockCounters> =
+            take(&mut ebpf, names::COUNTERS)?.try_into()?;
+
+        let verdict: &mut SkSkb = ebpf
+            .program_mut(names::VERDICT)
+            .context("the splice verdict program is missing from the eBPF object")?
+            .try_into()?;
+        verdict
+            .load()
+            .context("the kernel verifier rejected the splice verdict program")?;
+        verdict.attach(socks.fd()).context(
+            "attaching the stream verdict to the socket map failed (CONFIG_BPF_STREAM_PARSER?)",
+        )?;
+
+        let pin_dir = options.pin_dir.clone();
+        if let Some(dir) = &pin_dir {
+            pin_maps(dir, &socks, &links, &counters)?;
+        }
+        Ok(Self {
+            ebpf: Mutex::new(ebpf),
+            maps: Mutex::new(Maps {
+                socks,
+                links,
+                counters,
+            }),
+            pin_dir,
+        })
+    }
+
+    /// The aya-log reader for this object's log records, for the agent to drive.
+    pub fn logger(&self) -> anyhow::Result<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        let mut ebpf = self
+            .ebpf
+            .lock()
+            .map_err(|_| anyhow::anyhow!("eBPF lock poisoned"))?;
+        aya_log::EbpfLogger::init(&mut ebpf).context("attaching the eBPF log reader failed")
+    }
+
+    fn maps(&self) -> std::sync::MutexGuard<'_, Maps> {
+        // A panic while holding the lock leaves the maps usable: recover the guard.
+        self.maps
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Hands a connected pair to the kernel. On success every byte either socket receives
+    /// from now on, and every byte already waiting in its receive queue, is redirected to
+    /// the other socket in the kernel.
+    ///
+    /// Order matters: both sockets first get links and zeroed counters and a receive
+    /// low-water mark so high that the kernel does not run the verdict; only once both are
+    /// in the socket map is the mark dropped to 1, which runs the verdict over whatever is
+    /// queued. So no byte meets a verdict while its peer is missing from the map, except
+    /// after a FIN (which ignores the mark); the verdict then passes it to userspace and
+    /// `SockCounters::passed_bytes` says so.
+    pub fn splice(
+        &self,
+        client: BorrowedFd<'_>,
+        upstream: BorrowedFd<'_>,
+    ) -> Result<SplicedPair, SpliceError> {
+        let pair = SplicedPair {
+            client: sys::socket_cookie(client).map_err(SpliceError::Io)?,
+            upstream: sys::socket_cookie(upstream).map_err(SpliceError::Io)?,
+        };
+        for fd in [client, upstream] {
+            sys::set_rcvlowat(fd, libc::c_int::MAX).map_err(SpliceError::Io)?;
+        }
+        let result = self.insert_pair(pair, client, upstream);
+        // Release whatever the mark held back: through the verdict if inserted, or to the
+        // userspace path if not.
+        for fd in [client, upstream] {
+            let _ = sys::set_rcvlowat(fd, 1);
+        }
+        result.map(|()| pair)
+    }
+
+    fn insert_pair(
+        &self,
+        pair: SplicedPair,
+        client: BorrowedFd<'_>,
+        upstream: BorrowedFd<'_>,
+    ) -> Result<(), SpliceError> {
+        let mut maps = self.maps();
+        let sides = [
+            (pair.client, pair.upstream, client),
+            (pair.upstream, pair.client, upstream),
+        ];
+        let mut inserted: Vec<u64> = Vec::with_capacity(2);
+        let mut outcome = Ok(());
+        for (cookie, peer_cookie, _) in sides {
+            let link = PeerLink {
+                peer_cookie,
+                mode: MODE_KERNEL,
+                _pad: 0,
+            };
+            if let Err(err) = maps.links.insert(cookie, link, 0) {
+                outcome = Err(SpliceError::from_map(err));
+                break;
+            }
+            if let Err(err) = maps.counters.insert(cookie, SockCounters::default(), 0) {
+                outcome = Err(SpliceError::from_map(err));
+                break;
+            }
+        }
+        if outcome.is_ok() {
+            for (cookie, _, fd) in sides {
+                if let Err(err) = maps.socks.insert(cookie, fd.as_raw_fd(), 0) {
+                    outcome = Err(SpliceError::from_map(err));
+                    break;
+                }
+                inserted.push(cookie);
+            }
+        }
+        if outcome.is_err() {
+            for cookie in inserted {
+                let _ = maps.socks.remove(&cookie);
+            }
+            for cookie in [pair.client, pair.upstream] {
+                let _ = maps.links.remove(&cookie);
+                let _ = maps.counters.remove(&cookie);
+            }
+        }
+        outcome
+    }
+
+    /// What the kernel did with the bytes `cookie`'s socket received.
+    pub fn counters(&self, cookie: u64) -> io::Result<SockCounters> {
+        self.maps()
+            .counters
+            .get(&cookie, 0)
+            .map_err(|err| match SpliceError::from_map(err) {
+                SpliceError::Io(e) => e,
+                other => io::Error::other(other),
+            })
+    }
+
+    /// Sends `cookie`'s later bytes to userspace instead of the peer (used when the peer
+    /// falls behind). Sticky by design: see `SockCounters::passed_bytes`.
+    pub fn divert_to_userspace(&self, cookie: u64, peer_cookie: u64) -> io::Result<()> {
+        let link = PeerLink {
+            peer_cookie,
+            mode: MODE_USERSPACE,
+            _pad: 0,
+        };
+        self.maps()
+            .links
+            .insert(cookie, link, 0)
+            .map_err(io::Error::other)
+    }
+
+    /// Takes a pair out of the kernel path and forgets its counters. Closing a socket
+    /// removes it from the socket map by itself; links and counters are ours to delete.
+    pub fn unsplice(&self, pair: SplicedPair) {
+        let mut maps = self.maps();
+        for cookie in [pair.client, pair.upstream] {
+            let _ = maps.socks.remove(&cookie);
+            let _ = maps.links.remove(&cookie);
+            let _ = maps.counters.remove(&cookie);
+        }
+    }
+
+    /// Number of (sockets in the map, link entries, counter entries): for leak checks.
+    pub fn entry_counts(&self) -> (usize, usize, usize) {
+        let maps = self.maps();
+        (
+            maps.socks.keys().count(),
+            maps.links.keys().count(),
+            maps.counters.keys().count(),
+        )
+    }
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.pin_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn pin_maps(
+    dir: &Path,
+    socks: &SockHash<MapData, u64>,
+    links: &HashMap<MapData, u64, PeerLink>,
+    counters: &HashMap<MapData, u64, SockCounters>,
+) -> anyhow::Result<()> {
+    ensure_bpffs()?;
+    if dir.exists() {
+        // Left by an agent that crashed: its maps are not ours and nothing uses them.
+        std::fs::remove_dir_all(dir)
+            .with_context(|| format!("removing stale pins in {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let pin = |name: &str, map: &MapData| {
+        map.pin(dir.join(name))
+            .with_context(|| format!("pinning {name} under {}", dir.display()))
+    };
+    pin(names::SOCKS, socks_data(socks))?;
+    pin(names::LINKS, links_data(links))?;
+    pin(names::COUNTERS, counters_data(counters))?;
+    Ok(())
+}
+
+fn socks_data(map: &SockHash<MapData, u64>) -> &MapData {
+    use aya::maps::IterableMap as _;
+    map.map()
+}
+fn links_data(map: &HashMap<MapData, u64, PeerLink>) -> &MapData {
+    use aya::maps::IterableMap as _;
+    map.map()
+}
+fn counters_data(map: &HashMap<MapData, u64, SockCounters>) -> &MapData {
+    use aya::maps::IterableMap as _;
+    map.map()
+}
+
+/// Mounts bpffs on /sys/fs/bpf if nothing is mounted there (a fresh machine has none).
+fn ensure_bpffs() -> anyhow::Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
+        return Ok(());
+    }
+    let status = std::process::Command::new("mount")
+        .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+        .status()
+        .context("running mount -t bpf")?;
+    anyhow::ensure!(status.success(), "mounting bpffs on /sys/fs/bpf failed");
+    Ok(())
+}
+
+/// The pin directory of an agent instance.
+pub fn pin_dir_for(instance: &str) -> PathBuf {
+    Path::new(names::PIN_ROOT).join(instance)
+}

@@ -1,0 +1,3 @@
+//! forwarder: an eBPF-accelerated forwarder for Azure IoT Hub and any MQTT/AMQP/HTTPS endpoint.
+pub mod ebpf;
+pub mod sys;

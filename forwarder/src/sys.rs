@@ -1,0 +1,246 @@
+//! The few socket calls std and tokio do not offer. All `unsafe` of the agent lives here.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+/// The kernel's `struct tcp_info` up to `tcpi_bytes_received` (Linux >= 4.19 layout).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct RawTcpInfo {
+    state: u8,
+    ca_state: u8,
+    retransmits: u8,
+    probes: u8,
+    backoff: u8,
+    options: u8,
+    wscale: u8,
+    flags: u8,
+    rto: u32,
+    ato: u32,
+    snd_mss: u32,
+    rcv_mss: u32,
+    unacked: u32,
+    sacked: u32,
+    lost: u32,
+    retrans: u32,
+    fackets: u32,
+    last_data_sent: u32,
+    last_ack_sent: u32,
+    last_data_recv: u32,
+    last_ack_recv: u32,
+    pmtu: u32,
+    rcv_ssthresh: u32,
+    rtt: u32,
+    rttvar: u32,
+    snd_ssthresh: u32,
+    snd_cwnd: u32,
+    advmss: u32,
+    reordering: u32,
+    rcv_rtt: u32,
+    rcv_space: u32,
+    total_retrans: u32,
+    pacing_rate: u64,
+    max_pacing_rate: u64,
+    bytes_acked: u64,
+    bytes_received: u64,
+}
+
+/// The byte counts of one TCP socket that the splice needs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpBytes {
+    /// Bytes the peer has acknowledged.
+    pub acked: u64,
+    /// Sequence space received in order, FIN included (it takes one sequence number).
+    pub received: u64,
+    /// Bytes written to the socket and not yet acknowledged (SIOCOUTQ).
+    pub unacked: u64,
+}
+
+impl TcpBytes {
+    /// Every byte ever written into the socket's send queue.
+    pub fn written(&self) -> u64 {
+        self.acked + self.unacked
+    }
+}
+
+/// Reads the counters of a TCP socket.
+pub fn tcp_bytes(fd: BorrowedFd<'_>) -> io::Result<TcpBytes> {
+    let mut info = RawTcpInfo::default();
+    let mut len = size_of::<RawTcpInfo>() as libc::socklen_t;
+    // SAFETY: `info` is a writable buffer of `len` bytes that outlives the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if (len as usize) < size_of::<RawTcpInfo>() {
+        return Err(io::Error::other(
+            "kernel tcp_info lacks byte counters (needs Linux >= 4.19)",
+        ));
+    }
+    let mut unacked: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int into `unacked`.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &raw mut unacked) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(TcpBytes {
+        acked: info.bytes_acked,
+        received: info.bytes_received,
+        unacked: u64::try_from(unacked).unwrap_or(0),
+    })
+}
+
+/// The socket's cookie: a 64-bit id unique for the life of the system, and our map key.
+pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` is a writable u64 and `len` says so.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+fn set_int_opt(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: passes a pointer to an int that lives across the call, with its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&raw const value).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sets SO_RCVLOWAT. TCP wakes the socket's data-ready hook (and with it the verdict
+/// program) only when this many bytes are queued, and it re-checks at once on every
+/// call: raising it holds bytes in the receive queue, lowering it to 1 releases them.
+pub fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: libc::c_int) -> io::Result<()> {
+    set_int_opt(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes)
+}
+
+/// Shuts down the write side: the peer reads EOF after the bytes already queued.
+pub fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: shutdown on a descriptor we borrow; no memory is passed.
+    let rc = unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Makes the next close() send a RST instead of a FIN (propagates a reset to the peer).
+pub fn set_linger_zero(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: passes a pointer to a linger struct that lives across the call, with its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Turns on TCP keepalive with the given idle time and probe interval (seconds).
+pub fn set_keepalive(
+    fd: BorrowedFd<'_>,
+    idle_secs: u32,
+    interval_secs: u32,
+    probes: u32,
+) -> io::Result<()> {
+    let clamp = |v: u32| libc::c_int::try_from(v.max(1)).unwrap_or(libc::c_int::MAX);
+    set_int_opt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, clamp(idle_secs))?;
+    set_int_opt(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_KEEPINTVL,
+        clamp(interval_secs),
+    )?;
+    set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, clamp(probes))
+}
+
+/// Pending socket error (SO_ERROR), if any: how a reset shows up on a socket we only watch.
+pub fn take_socket_error(fd: BorrowedFd<'_>) -> io::Result<Option<io::Error>> {
+    let mut err: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `err` is a writable int and `len` says so.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&raw mut err).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((err != 0).then(|| io::Error::from_raw_os_error(err)))
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns()` uses.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+/// Raises RLIMIT_MEMLOCK so map creation does not fail on kernels that still charge it.
+pub fn raise_memlock_limit() -> io::Result<()> {
+    let limit = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct we pass.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

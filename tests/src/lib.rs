@@ -1,0 +1,61 @@
+//! Shared helpers for the integration tests: privilege checks, payloads, hashing,
+//! and TCP pairs on loopback with ephemeral ports.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::thread;
+use std::time::Duration;
+
+use rand::RngCore as _;
+use sha2::{Digest as _, Sha256};
+
+/// These tests load real eBPF programs: without root they must fail, never skip.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "integration tests load eBPF into the kernel and need root (run `cargo xtask test` as root)"
+    );
+}
+
+pub fn random_payload(len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    rand::rng().fill_bytes(&mut buf);
+    buf
+}
+
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// A connected TCP pair on loopback: (the side a peer holds, the side the forwarder holds).
+pub fn tcp_pair() -> (TcpStream, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback listener");
+    let addr = listener.local_addr().expect("listener address");
+    let outer = TcpStream::connect(addr).expect("connect loopback");
+    let (inner, _) = listener.accept().expect("accept loopback");
+    (outer, inner)
+}
+
+/// Writes `payload` then half-closes, in a thread; returns the handle.
+pub fn spawn_writer(mut stream: TcpStream, payload: Vec<u8>) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        stream.write_all(&payload).expect("write payload");
+        stream
+            .shutdown(Shutdown::Write)
+            .expect("half-close after payload");
+    })
+}
+
+/// Reads until EOF with a deadline (so a lost byte fails the test instead of hanging it).
+pub fn read_to_end_within(stream: &mut TcpStream, limit: Duration) -> Vec<u8> {
+    stream
+        .set_read_timeout(Some(limit))
+        .expect("set read timeout");
+    let mut out = Vec::new();
+    stream
+        .read_to_end(&mut out)
+        .unwrap_or_else(|err| panic!("reading to EOF failed after {} bytes: {err}", out.len()));
+    out
+}
