@@ -2,7 +2,7 @@
 //! socket receives to its peer's send queue, and counts what it did.
 
 use aya_ebpf::{
-    bindings::sk_action::SK_PASS,
+    bindings::sk_action::{SK_DROP, SK_PASS},
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::{map, stream_verdict},
     maps::{HashMap, SockHash},
@@ -25,6 +25,11 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
     // SAFETY: the context pointer is the __sk_buff the kernel passed to this program.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
     let len = u64::from(ctx.len());
+    if len == 0 {
+        // A bare FIN: nothing to forward (userspace passes the half-close on). Redirecting
+        // it would make the peer's send worker write after our shutdown(): EPIPE.
+        return SK_DROP;
+    }
     // SAFETY: the value is only read; userspace replaces whole entries atomically.
     let link = unsafe { LINKS.get(cookie) }.copied();
     let Some(counters) = COUNTERS.get_ptr_mut(cookie) else {

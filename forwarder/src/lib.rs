@@ -1,3 +1,5 @@
 //! forwarder: an eBPF-accelerated forwarder for Azure IoT Hub and any MQTT/AMQP/HTTPS endpoint.
 pub mod ebpf;
+pub mod l4;
+pub mod metrics;
 pub mod sys;

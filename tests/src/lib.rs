@@ -9,8 +9,20 @@ use std::time::Duration;
 use rand::RngCore as _;
 use sha2::{Digest as _, Sha256};
 
+/// Routes the agent's tracing output to the test's captured output (RUST_LOG to tune).
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "forwarder=debug".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
 /// These tests load real eBPF programs: without root they must fail, never skip.
 pub fn require_root() {
+    init_logging();
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
     assert_eq!(

@@ -1,0 +1,98 @@
+//! The userspace path: bytes copied through the agent with tokio, for connections the
+//! kernel cannot take (eBPF off, map full, socket closed during set-up). Same contract
+//! as the kernel path: half-close passed on, resets passed on, idle timeout.
+
+use std::io;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+use crate::l4::{End, Path, SessionOptions, SessionReport};
+use crate::metrics::{self, L4Metrics};
+use crate::sys;
+
+const COPY_BUF: usize = 64 * 1024;
+
+pub async fn run(
+    client: TcpStream,
+    upstream: TcpStream,
+    options: &SessionOptions,
+    metrics: &L4Metrics,
+) -> SessionReport {
+    let last_io = AtomicU64::new(sys::monotonic_ns());
+    let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+    let (client_r, client_w) = client.into_split();
+    let (upstream_r, upstream_w) = upstream.into_split();
+
+    let pumps = async {
+        tokio::try_join!(
+            pump(client_r, upstream_w, &up, &last_io),
+            pump(upstream_r, client_w, &down, &last_io),
+        )
+    };
+    let idle_ns = u64::try_from(options.idle_timeout.as_nanos()).unwrap_or(u64::MAX);
+    let watchdog = async {
+        let period =
+            (options.idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        loop {
+            tokio::time::sleep(period).await;
+            if sys::monotonic_ns().saturating_sub(last_io.load(Ordering::Relaxed)) > idle_ns {
+                return;
+            }
+        }
+    };
+    let end = tokio::select! {
+        result = pumps => match result {
+            Ok(_) => End::Closed,
+            Err(_) => End::Reset,
+        },
+        () = watchdog => End::IdleTimeout,
+    };
+    match end {
+        End::Reset => metrics::add(&metrics.resets, 1),
+        End::IdleTimeout => metrics::add(&metrics.idle_timeouts, 1),
+        _ => {}
+    }
+    let (up, down) = (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed));
+    metrics::add(&metrics.userspace_payload_bytes, up + down);
+    SessionReport {
+        path: Path::Userspace,
+        bytes_up: up,
+        bytes_down: down,
+        userspace_bytes: up + down,
+        diverted: false,
+        end,
+    }
+}
+
+/// Copies one direction until EOF (then half-closes the sink) or an error (then resets
+/// the sink, so the other peer learns the connection broke).
+async fn pump(
+    mut src: OwnedReadHalf,
+    mut sink: OwnedWriteHalf,
+    bytes: &AtomicU64,
+    last_io: &AtomicU64,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; COPY_BUF];
+    let result = async {
+        loop {
+            let n = src.read(&mut buf).await?;
+            if n == 0 {
+                sink.shutdown().await?;
+                return Ok(());
+            }
+            sink.write_all(&buf[..n]).await?;
+            bytes.fetch_add(n as u64, Ordering::Relaxed);
+            last_io.store(sys::monotonic_ns(), Ordering::Relaxed);
+        }
+    }
+    .await;
+    if result.is_err() {
+        let _ = sys::set_linger_zero(sink.as_ref().as_fd());
+    }
+    result
+}

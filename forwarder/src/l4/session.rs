@@ -1,0 +1,302 @@
+//! One connection after it has been spliced in the kernel. The kernel moves the bytes;
+//! this task only watches: it forwards a FIN as a half-close once the peer's redirect
+//! backlog is flushed, propagates resets, enforces the idle timeout from the kernel's
+//! own activity stamps, bounds the backlog of a peer that stops reading, and copies the
+//! (rare) bytes the kernel handed to userspace instead of redirecting.
+
+use std::io;
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+use crate::ebpf::{Datapath, SplicedPair};
+use crate::l4::{End, Path, SessionOptions, SessionReport};
+use crate::metrics::{self, L4Metrics};
+use crate::sys;
+
+/// How often to look at the counters while bytes flow; doubled up to `MAX_TICK` while idle.
+const MIN_TICK: Duration = Duration::from_millis(20);
+const MAX_TICK: Duration = Duration::from_secs(2);
+/// While userspace waits for a peer's kernel backlog to drain before copying.
+const COPY_TICK: Duration = Duration::from_millis(2);
+const COPY_BUF: usize = 64 * 1024;
+
+/// One direction: bytes arriving on `src` leave through `sink`.
+struct Direction<'a> {
+    src: &'a TcpStream,
+    sink: &'a TcpStream,
+    src_cookie: u64,
+    sink_cookie: u64,
+    /// FIN seen on `src`.
+    eof: bool,
+    /// FIN passed on: `sink`'s write side is shut.
+    shut: bool,
+    /// Bytes userspace read from `src` and wrote to `sink`.
+    copied: u64,
+    /// Bytes the kernel redirected, as of the last look.
+    redirected: u64,
+    /// Moved to the userspace path because `sink` fell behind.
+    diverted: bool,
+}
+
+impl<'a> Direction<'a> {
+    fn new(src: &'a TcpStream, sink: &'a TcpStream, src_cookie: u64, sink_cookie: u64) -> Self {
+        Self {
+            src,
+            sink,
+            src_cookie,
+            sink_cookie,
+            eof: false,
+            shut: false,
+            copied: 0,
+            redirected: 0,
+            diverted: false,
+        }
+    }
+}
+
+enum Wake {
+    Readable(usize, io::Result<tokio::io::Ready>),
+    Tick,
+}
+
+/// Runs until both directions are closed, a side resets, or the idle timeout hits.
+pub async fn run(
+    datapath: &Datapath,
+    pair: SplicedPair,
+    client: TcpStream,
+    upstream: TcpStream,
+    options: &SessionOptions,
+    metrics: &L4Metrics,
+) -> SessionReport {
+    let started_ns = sys::monotonic_ns();
+    let mut last_userspace_io_ns = started_ns;
+    let mut dirs = [
+        Direction::new(&client, &upstream, pair.client, pair.upstream),
+        Direction::new(&upstream, &client, pair.upstream, pair.client),
+    ];
+    let mut tick = MIN_TICK;
+    let mut last_progress = 0u64;
+    let idle_ns = u64::try_from(options.idle_timeout.as_nanos()).unwrap_or(u64::MAX);
+
+    let end = loop {
+        let (watch_client, watch_upstream) = (!dirs[0].eof, !dirs[1].eof);
+        let wake = tokio::select! {
+            r = client.ready(Interest::READABLE), if watch_client => Wake::Readable(0, r),
+            r = upstream.ready(Interest::READABLE), if watch_upstream => Wake::Readable(1, r),
+            () = tokio::time::sleep(tick) => Wake::Tick,
+        };
+        if let Wake::Readable(i, ready) = wake {
+            match ready {
+                Ok(ready) if ready.is_read_closed() => dirs[i].eof = true,
+                Ok(_) => {}
+                Err(err) => break End::Error(format!("polling a socket failed: {err}")),
+            }
+            // Readiness is edge-triggered: clear it, the counters say what happened.
+            let _ = dirs[i].src.try_io(Interest::READABLE, || {
+                Err::<(), _>(io::ErrorKind::WouldBlock.into())
+            });
+        }
+
+        if let Some(end) = check_resets(&client, &upstream) {
+            break end;
+        }
+
+        let mut needs_copy = false;
+        let mut failed = None;
+        for d in dirs.iter_mut() {
+            match step(datapath, d, options, metrics).await {
+                Ok(StepOutcome {
+                    waiting_to_copy,
+                    copied,
+                }) => {
+                    needs_copy |= waiting_to_copy;
+                    if copied > 0 {
+                        last_userspace_io_ns = sys::monotonic_ns();
+                    }
+                }
+                Err(err) => {
+                    failed = Some(err);
+                    break;
+                }
+            }
+        }
+        if let Some(err) = failed {
+            if let Some(end) = check_resets(&client, &upstream) {
+                break end;
+            }
+            break End::Error(err.to_string());
+        }
+        if dirs.iter().all(|d| d.shut) {
+            break End::Closed;
+        }
+
+        // Idle: the kernel stamps every verdict; we stamp our own copies.
+        let last_kernel = [pair.client, pair.upstream]
+            .iter()
+            .filter_map(|&c| datapath.counters(c).ok())
+            .map(|c| c.last_active_ns)
+            .max()
+            .unwrap_or(0);
+        let last_active = last_kernel.max(last_userspace_io_ns).max(started_ns);
+        if sys::monotonic_ns().saturating_sub(last_active) > idle_ns {
+            break End::IdleTimeout;
+        }
+
+        let progress: u64 = dirs.iter().map(|d| d.redirected + d.copied).sum();
+        tick = if needs_copy {
+            COPY_TICK
+        } else if progress != last_progress {
+            MIN_TICK
+        } else {
+            (tick * 2)
+                .min(MAX_TICK)
+                .min(options.idle_timeout / 4)
+                .max(MIN_TICK)
+        };
+        last_progress = progress;
+    };
+
+    let report = SessionReport {
+        path: Path::Kernel,
+        bytes_up: dirs[0].redirected + dirs[0].copied,
+        bytes_down: dirs[1].redirected + dirs[1].copied,
+        userspace_bytes: dirs[0].copied + dirs[1].copied,
+        diverted: dirs.iter().any(|d| d.diverted),
+        end,
+    };
+    if matches!(report.end, End::Reset) {
+        metrics::add(&metrics.resets, 1);
+        // Pass the reset on: close the surviving side with RST, not FIN.
+        let _ = sys::set_linger_zero(client.as_fd());
+        let _ = sys::set_linger_zero(upstream.as_fd());
+    }
+    if matches!(report.end, End::IdleTimeout) {
+        metrics::add(&metrics.idle_timeouts, 1);
+    }
+    datapath.unsplice(pair);
+    drop((client, upstream));
+    report
+}
+
+fn check_resets(client: &TcpStream, upstream: &TcpStream) -> Option<End> {
+    for stream in [client, upstream] {
+        match sys::take_socket_error(stream.as_fd()) {
+            Ok(Some(err)) => {
+                tracing::debug!(%err, "socket error: treating as reset");
+                return Some(End::Reset);
+            }
+            Ok(None) => {}
+            Err(err) => return Some(End::Error(format!("SO_ERROR: {err}"))),
+        }
+    }
+    None
+}
+
+struct StepOutcome {
+    /// Bytes wait in userspace's queue until the sink's kernel backlog drains.
+    waiting_to_copy: bool,
+    copied: u64,
+}
+
+/// Brings one direction up to date: copy passed bytes, bound the lag, pass on a FIN.
+async fn step(
+    datapath: &Datapath,
+    d: &mut Direction<'_>,
+    options: &SessionOptions,
+    metrics: &L4Metrics,
+) -> io::Result<StepOutcome> {
+    let mut outcome = StepOutcome {
+        waiting_to_copy: false,
+        copied: 0,
+    };
+    if d.shut {
+        return Ok(outcome);
+    }
+    let counters = datapath.counters(d.src_cookie)?;
+    d.redirected = counters.redirected_bytes;
+    let sink = sys::tcp_bytes(d.sink.as_fd())?;
+    // Everything this direction put into the sink: kernel redirects plus our copies.
+    let owed_to_sink = counters.redirected_bytes + d.copied;
+    let backlog = owed_to_sink.saturating_sub(sink.written());
+
+    if counters.passed_bytes > 0 || d.diverted {
+        if backlog == 0 {
+            // The kernel's bytes are all in the sink: ours may follow without reordering.
+            let n = copy_ready_bytes(d).await?;
+            outcome.copied = n;
+            metrics::add(&metrics.userspace_payload_bytes, n);
+        }
+        // Passed bytes not yet copied (we wait for the backlog, or for more to read).
+        outcome.waiting_to_copy = counters.passed_bytes > d.copied && !d.eof;
+        if backlog > 0 {
+            outcome.waiting_to_copy = true;
+        }
+    } else if backlog > options.max_lag {
+        // The sink stopped reading and the kernel would queue without limit: from now on
+        // this direction goes through userspace, where TCP flow control applies.
+        datapath.divert_to_userspace(d.src_cookie, d.sink_cookie)?;
+        d.diverted = true;
+        metrics::add(&metrics.diverted_slow_peer, 1);
+        tracing::warn!(
+            backlog,
+            max_lag = options.max_lag,
+            "peer fell behind; direction moved to the userspace path"
+        );
+    }
+
+    if d.eof {
+        let src = sys::tcp_bytes(d.src.as_fd())?;
+        let counters = datapath.counters(d.src_cookie)?;
+        d.redirected = counters.redirected_bytes;
+        // The FIN takes one sequence number; every byte before it must have met the verdict
+        // (or been read by us), been copied if passed, and left the sink's backlog.
+        let accounted = counters.redirected_bytes + counters.passed_bytes.max(d.copied) + 1;
+        let all_seen = accounted >= src.received;
+        let all_copied = d.copied >= counters.passed_bytes;
+        let flushed =
+            sys::tcp_bytes(d.sink.as_fd())?.written() >= counters.redirected_bytes + d.copied;
+        if all_seen && all_copied && flushed {
+            sys::shutdown_write(d.sink.as_fd())?;
+            d.shut = true;
+        } else {
+            outcome.waiting_to_copy = true;
+        }
+    }
+    Ok(outcome)
+}
+
+/// Reads what userspace may read from `src` now and writes it all to `sink`.
+async fn copy_ready_bytes(d: &mut Direction<'_>) -> io::Result<u64> {
+    let mut buf = vec![0u8; COPY_BUF];
+    let mut total = 0u64;
+    loop {
+        match d.src.try_read(&mut buf) {
+            Ok(0) => {
+                d.eof = true;
+                return Ok(total);
+            }
+            Ok(n) => {
+                write_all(d.sink, &buf[..n]).await?;
+                d.copied += n as u64;
+                total += n as u64;
+            }
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(total),
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! Picks and connects an upstream server: smooth weighted round robin (nginx's), failover
+//! to the next server on a failed or timed-out connect.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Server {
+    /// `host:port`; resolved on every connect so DNS changes of the hub are followed.
+    pub address: String,
+    pub weight: u32,
+}
+
+/// One backend: its servers and the round-robin state.
+#[derive(Debug)]
+pub struct Pool {
+    pub name: String,
+    servers: Vec<Server>,
+    current: Mutex<Vec<i64>>,
+    connect_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("no server of backend {backend} accepted a connection: {attempts}")]
+pub struct ConnectError {
+    pub backend: String,
+    pub attempts: String,
+    /// True when every failure was a timeout (HTTP maps it to 504 rather than 502).
+    pub timed_out: bool,
+}
+
+impl Pool {
+    pub fn new(name: impl Into<String>, servers: Vec<Server>, connect_timeout: Duration) -> Self {
+        let current = Mutex::new(vec![0; servers.len()]);
+        Self {
+            name: name.into(),
+            servers,
+            current,
+            connect_timeout,
+        }
+    }
+
+    /// Order in which to try the servers for the next connection: the weighted pick
+    /// first, then the others as failover.
+    pub fn attempt_order(&self) -> Vec<usize> {
+        let n = self.servers.len();
+        if n == 0 {
+            return Vec::new();
+        }
+        let total: i64 = self.servers.iter().map(|s| i64::from(s.weight)).sum();
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let mut best = 0;
+        for (i, server) in self.servers.iter().enumerate() {
+            current[i] += i64::from(server.weight);
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        (0..n)
+            .map(|k| (best + k) % n)
+            .filter(|&i| self.servers[i].weight > 0 || n == 1)
+            .collect()
+    }
+
+    /// Connects to the next server, failing over to the others.
+    pub async fn connect(&self) -> Result<(TcpStream, SocketAddr), ConnectError> {
+        let mut attempts = Vec::new();
+        let mut timed_out = true;
+        for index in self.attempt_order() {
+            let server = &self.servers[index];
+            match tokio::time::timeout(self.connect_timeout, connect_any(&server.address)).await {
+                Ok(Ok(found)) => return Ok(found),
+                Ok(Err(err)) => {
+                    timed_out = false;
+                    attempts.push(format!("{}: {err}", server.address));
+                }
+                Err(_) => attempts.push(format!(
+                    "{}: timed out after {:?}",
+                    server.address, self.connect_timeout
+                )),
+            }
+        }
+        if attempts.is_empty() {
+            timed_out = false;
+            attempts.push("no servers configured".into());
+        }
+        Err(ConnectError {
+            backend: self.name.clone(),
+            attempts: attempts.join("; "),
+            timed_out,
+        })
+    }
+}
+
+async fn connect_any(address: &str) -> io::Result<(TcpStream, SocketAddr)> {
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "name resolved to no address");
+    for addr in tokio::net::lookup_host(address).await? {
+        match TcpStream::connect(addr).await {
+            Ok(stream) => {
+                stream.set_nodelay(true)?;
+                return Ok((stream, addr));
+            }
+            Err(err) => last = err,
+        }
+    }
+    Err(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(weights: &[u32]) -> Pool {
+        let servers = weights
+            .iter()
+            .enumerate()
+            .map(|(i, &weight)| Server {
+                address: format!("s{i}:1"),
+                weight,
+            })
+            .collect();
+        Pool::new("b", servers, Duration::from_secs(1))
+    }
+
+    #[test]
+    fn weighted_round_robin_follows_weights_and_interleaves() {
+        let p = pool(&[5, 1, 1]);
+        let picks: Vec<usize> = (0..7).map(|_| p.attempt_order()[0]).collect();
+        assert_eq!(picks.iter().filter(|&&i| i == 0).count(), 5);
+        assert_eq!(picks.iter().filter(|&&i| i == 1).count(), 1);
+        assert_eq!(
+            picks,
+            vec![0, 0, 1, 0, 2, 0, 0],
+            "smooth: heavy server's picks are spread"
+        );
+    }
+
+    #[test]
+    fn failover_order_lists_every_other_server() {
+        let p = pool(&[1, 1, 1]);
+        let order = p.attempt_order();
+        assert_eq!(order.len(), 3);
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(sorted, vec![0, 1, 2]);
+    }
+
+    #[tokio::test]
+    async fn refused_server_fails_over_to_the_next() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let good = listener.local_addr().unwrap().to_string();
+        // A port that was just free: nothing listens there.
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        let p = Pool::new(
+            "b",
+            vec![
+                Server {
+                    address: dead.clone(),
+                    weight: 1,
+                },
+                Server {
+                    address: good.clone(),
+                    weight: 1,
+                },
+            ],
+            Duration::from_secs(2),
+        );
+        for _ in 0..4 {
+            let (_, addr) = p.connect().await.expect("failover to the live server");
+            assert_eq!(addr.to_string(), good);
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! Counters of the agent, per frontend. Cheap atomics, read by `stats` and the tests.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($name:ident { $($(#[$doc:meta])* $field:ident),* $(,)? }) => {
+        #[derive(Debug, Default)]
+        pub struct $name { $($(#[$doc])* pub $field: AtomicU64,)* }
+
+        impl $name {
+            /// (name, value) of every counter, for tables and the Prometheus page.
+            pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($field), self.$field.load(Ordering::Relaxed)),)*]
+            }
+        }
+    };
+}
+
+counters!(L4Metrics {
+    /// Connections accepted.
+    accepted,
+    /// Connections open now.
+    active,
+    /// Connections spliced in the kernel.
+    kernel_spliced,
+    /// Connections served by the userspace copy path, for any reason.
+    userspace,
+    /// ... of which because the socket map was full.
+    fallback_map_full,
+    /// ... of which because a socket closed during set-up.
+    fallback_not_established,
+    /// ... of which because eBPF is off (flag) or failed in another way.
+    fallback_other,
+    /// Spliced directions moved to userspace because a peer fell behind (lag bound).
+    diverted_slow_peer,
+    /// Upstream connect failed or timed out on every server.
+    upstream_connect_failed,
+    /// TLS ClientHello named a host with no route and no default backend.
+    sni_unknown,
+    /// Client sent no complete ClientHello in time (SNI routing only).
+    client_hello_timeout,
+    /// Connections closed by the idle timeout.
+    idle_timeouts,
+    /// Connections ended by a reset from either side.
+    resets,
+    /// Payload bytes client -> upstream, kernel and userspace.
+    bytes_up,
+    /// Payload bytes upstream -> client.
+    bytes_down,
+    /// Payload bytes the agent itself read (userspace path or diverted): zero for a
+    /// connection that stays in the kernel.
+    userspace_payload_bytes,
+});
+
+pub fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+pub fn get(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
+/// Decrements `active` when a connection's task ends, however it ends.
+pub struct ActiveGuard<'a>(&'a AtomicU64);
+
+impl<'a> ActiveGuard<'a> {
+    pub fn new(active: &'a AtomicU64) -> Self {
+        active.fetch_add(1, Ordering::Relaxed);
+        Self(active)
+    }
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,448 @@
+//! The L4 passthrough path end to end: a real listener, real upstream servers on
+//! loopback, the real eBPF splice (and the userspace path, for the same suite). Every
+//! test checks every byte arrives once and in order (SHA-256 both ways).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use forwarder::ebpf::{Datapath, LoadOptions};
+use forwarder::l4::upstream::{Pool, Server};
+use forwarder::l4::{L4Frontend, SessionOptions, serve};
+use forwarder::metrics::{L4Metrics, get};
+use forwarder_tests::{random_payload, require_root, sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+struct Proxy {
+    addr: std::net::SocketAddr,
+    metrics: Arc<L4Metrics>,
+    datapath: Option<Arc<Datapath>>,
+    _stop: watch::Sender<bool>,
+}
+
+fn datapath() -> Arc<Datapath> {
+    require_root();
+    Arc::new(
+        Datapath::load(&LoadOptions::default())
+            .expect("eBPF must load: these tests never fall back"),
+    )
+}
+
+async fn start_proxy(upstream: &str, kernel: bool, session: SessionOptions) -> Proxy {
+    let datapath = kernel.then(datapath);
+    let pool = Arc::new(Pool::new(
+        "test",
+        vec![Server {
+            address: upstream.to_string(),
+            weight: 1,
+        }],
+        Duration::from_secs(2),
+    ));
+    let frontend = Arc::new(L4Frontend {
+        name: "test".into(),
+        sni_routes: Default::default(),
+        default_backend: Some(pool),
+        session,
+        kernel,
+        client_hello_timeout: Duration::from_secs(5),
+        keepalive: None,
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let metrics = Arc::new(L4Metrics::default());
+    let (stop, rx) = watch::channel(false);
+    tokio::spawn(serve(
+        listener,
+        frontend,
+        datapath.clone(),
+        metrics.clone(),
+        rx,
+    ));
+    Proxy {
+        addr,
+        metrics,
+        datapath,
+        _stop: stop,
+    }
+}
+
+async fn read_to_end(stream: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    tokio::time::timeout(LIMIT, stream.read_to_end(&mut out))
+        .await
+        .unwrap_or_else(|_| panic!("no EOF within {LIMIT:?} after {} bytes", out.len()))
+        .expect("read to EOF");
+    out
+}
+
+/// Waits until a condition on the metrics holds (the proxy finishes a connection
+/// asynchronously after the peers are done).
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn paths() -> [bool; 2] {
+    [true, false]
+}
+
+/// Client speaks first, sends right after connect (bytes queued before the splice),
+/// half-closes; the server reads to EOF (so the FIN came after every byte), then answers
+/// and closes. Large payloads both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_first_half_close() {
+    for kernel in paths() {
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = start_proxy(
+            &server.local_addr().unwrap().to_string(),
+            kernel,
+            SessionOptions::default(),
+        )
+        .await;
+        let up = random_payload(24 << 20);
+        let down = random_payload(16 << 20);
+        let down_for_server = down.clone();
+        let server_task = tokio::spawn(async move {
+            let (mut s, _) = server.accept().await.unwrap();
+            let got = read_to_end(&mut s).await;
+            s.write_all(&down_for_server).await.unwrap();
+            s.shutdown().await.unwrap();
+            got
+        });
+        let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+        client.write_all(&up).await.unwrap();
+        client.shutdown().await.unwrap();
+        let at_client = read_to_end(&mut client).await;
+        let at_server = server_task.await.unwrap();
+        assert!(
+            sha256(&at_server) == sha256(&up),
+            "kernel={kernel}: client->server bytes differ ({} of {})",
+            at_server.len(),
+            up.len()
+        );
+        assert!(
+            sha256(&at_client) == sha256(&down),
+            "kernel={kernel}: server->client bytes differ ({} of {})",
+            at_client.len(),
+            down.len()
+        );
+        expect_path(&proxy, kernel).await;
+    }
+}
+
+/// The upstream speaks first (greeting before the client sends anything, often before
+/// the splice is set up), then the client half-closes first in the other direction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_first_then_half_close_from_server() {
+    for kernel in paths() {
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = start_proxy(
+            &server.local_addr().unwrap().to_string(),
+            kernel,
+            SessionOptions::default(),
+        )
+        .await;
+        let greeting = random_payload(53);
+        let down = random_payload(8 << 20);
+        let up = random_payload(8 << 20);
+        let (greeting_s, down_s) = (greeting.clone(), down.clone());
+        let server_task = tokio::spawn(async move {
+            let (mut s, _) = server.accept().await.unwrap();
+            s.write_all(&greeting_s).await.unwrap();
+            s.write_all(&down_s).await.unwrap();
+            s.shutdown().await.unwrap();
+            read_to_end(&mut s).await
+        });
+        let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+        let at_client = read_to_end(&mut client).await;
+        let mut expected = greeting.clone();
+        expected.extend_from_slice(&down);
+        assert!(
+            sha256(&at_client) == sha256(&expected),
+            "kernel={kernel}: server-first bytes differ"
+        );
+        // The server half-closed; the client can still send the other way.
+        client.write_all(&up).await.unwrap();
+        client.shutdown().await.unwrap();
+        let at_server = server_task.await.unwrap();
+        assert!(
+            sha256(&at_server) == sha256(&up),
+            "kernel={kernel}: bytes after half-close differ"
+        );
+        expect_path(&proxy, kernel).await;
+    }
+}
+
+/// Thousands of tiny writes with no pause, both ways at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_small_writes_both_ways() {
+    for kernel in paths() {
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = start_proxy(
+            &server.local_addr().unwrap().to_string(),
+            kernel,
+            SessionOptions::default(),
+        )
+        .await;
+        let up = random_payload(300_000);
+        let down = random_payload(300_000);
+        let down_s = down.clone();
+        let server_task = tokio::spawn(async move {
+            let (s, _) = server.accept().await.unwrap();
+            let (mut r, mut w) = s.into_split();
+            let writer = tokio::spawn(async move {
+                for chunk in down_s.chunks(29) {
+                    w.write_all(chunk).await.unwrap();
+                }
+                w.shutdown().await.unwrap();
+            });
+            let mut got = Vec::new();
+            tokio::time::timeout(LIMIT, r.read_to_end(&mut got))
+                .await
+                .unwrap()
+                .unwrap();
+            writer.await.unwrap();
+            got
+        });
+        let client = TcpStream::connect(proxy.addr).await.unwrap();
+        client.set_nodelay(true).unwrap();
+        let (mut r, mut w) = client.into_split();
+        let up_c = up.clone();
+        let writer = tokio::spawn(async move {
+            for chunk in up_c.chunks(31) {
+                w.write_all(chunk).await.unwrap();
+            }
+            w.shutdown().await.unwrap();
+        });
+        let mut at_client = Vec::new();
+        tokio::time::timeout(LIMIT, r.read_to_end(&mut at_client))
+            .await
+            .unwrap()
+            .unwrap();
+        writer.await.unwrap();
+        let at_server = server_task.await.unwrap();
+        assert!(
+            sha256(&at_server) == sha256(&up),
+            "kernel={kernel}: small writes up differ"
+        );
+        assert!(
+            sha256(&at_client) == sha256(&down),
+            "kernel={kernel}: small writes down differ"
+        );
+        expect_path(&proxy, kernel).await;
+    }
+}
+
+/// A reset from either side reaches the other side promptly, and is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_from_each_side_is_passed_on() {
+    for kernel in paths() {
+        for reset_by_client in [true, false] {
+            let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let proxy = start_proxy(
+                &server.local_addr().unwrap().to_string(),
+                kernel,
+                SessionOptions::default(),
+            )
+            .await;
+            let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+            let (mut s, _) = server.accept().await.unwrap();
+            client.write_all(b"hello").await.unwrap();
+            let mut buf = [0u8; 5];
+            s.read_exact(&mut buf).await.unwrap();
+            let (resetter, mut survivor) = if reset_by_client {
+                (client, s)
+            } else {
+                (s, client)
+            };
+            #[allow(deprecated)] // blocking on drop is what we want: an immediate RST
+            resetter.set_linger(Some(Duration::ZERO)).unwrap();
+            drop(resetter);
+            let mut rest = Vec::new();
+            let outcome = tokio::time::timeout(Duration::from_secs(10), survivor.read_to_end(&mut rest))
+                .await
+                .unwrap_or_else(|_| panic!("kernel={kernel} client_reset={reset_by_client}: survivor never learned of the reset"));
+            assert!(rest.is_empty(), "no stray bytes after a reset");
+            assert!(
+                outcome.is_err() || outcome.is_ok(),
+                "EOF or ECONNRESET both end the survivor's read"
+            );
+            let m = proxy.metrics.clone();
+            eventually("reset counted and connection closed", || {
+                get(&m.resets) == 1 && get(&m.active) == 0
+            })
+            .await;
+            assert_no_leaks(&proxy);
+        }
+    }
+}
+
+/// Upstream refuses: the client is closed promptly and the failure counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_refused_closes_client_and_counts() {
+    for kernel in paths() {
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string();
+        let proxy = start_proxy(&dead, kernel, SessionOptions::default()).await;
+        let started = Instant::now();
+        let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+        let got = read_to_end(&mut client).await;
+        assert!(got.is_empty());
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "client must be closed promptly"
+        );
+        let m = proxy.metrics.clone();
+        eventually("connect failure counted", || {
+            get(&m.upstream_connect_failed) == 1
+        })
+        .await;
+    }
+}
+
+/// Upstream never answers the SYN (full accept queue): the connect timeout closes the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connect_timeout_closes_client() {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    let _silent = socket.listen(0).unwrap();
+    // Fill the accept queue so further SYNs are dropped.
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await
+        {
+            fillers.push(s);
+        }
+    }
+    let proxy = start_proxy(&addr.to_string(), true, SessionOptions::default()).await;
+    let started = Instant::now();
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    let got = read_to_end(&mut client).await;
+    assert!(got.is_empty());
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(6),
+        "closed after {waited:?}, expected the 2 s connect timeout"
+    );
+    assert_eq!(get(&proxy.metrics.upstream_connect_failed), 1);
+}
+
+/// A connection with no traffic is closed after the idle timeout, on both paths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_closes_both_sides() {
+    for kernel in paths() {
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let session = SessionOptions {
+            idle_timeout: Duration::from_millis(800),
+            ..Default::default()
+        };
+        let proxy = start_proxy(&server.local_addr().unwrap().to_string(), kernel, session).await;
+        let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+        let (mut s, _) = server.accept().await.unwrap();
+        client.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).await.unwrap();
+        let started = Instant::now();
+        let at_client = read_to_end(&mut client).await;
+        let at_server = read_to_end(&mut s).await;
+        assert!(at_client.is_empty() && at_server.is_empty());
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(700) && waited < Duration::from_secs(5),
+            "kernel={kernel}: idle close after {waited:?}"
+        );
+        let m = proxy.metrics.clone();
+        eventually("idle timeout counted", || get(&m.idle_timeouts) == 1).await;
+        assert_no_leaks(&proxy);
+    }
+}
+
+/// A spliced connection's payload never crosses userspace: the agent's own counter of
+/// bytes it read stays zero while the kernel counters equal the traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spliced_bytes_never_cross_userspace() {
+    let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = start_proxy(
+        &server.local_addr().unwrap().to_string(),
+        true,
+        SessionOptions::default(),
+    )
+    .await;
+    let up = random_payload(32 << 20);
+    let down = random_payload(32 << 20);
+    let down_s = down.clone();
+    let server_task = tokio::spawn(async move {
+        let (mut s, _) = server.accept().await.unwrap();
+        let got = read_to_end(&mut s).await;
+        s.write_all(&down_s).await.unwrap();
+        s.shutdown().await.unwrap();
+        got
+    });
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    client.write_all(&up).await.unwrap();
+    client.shutdown().await.unwrap();
+    let at_client = read_to_end(&mut client).await;
+    let at_server = server_task.await.unwrap();
+    assert!(sha256(&at_server) == sha256(&up) && sha256(&at_client) == sha256(&down));
+    let m = proxy.metrics.clone();
+    eventually("connection finished", || get(&m.active) == 0).await;
+    assert_eq!(get(&m.kernel_spliced), 1);
+    assert_eq!(
+        get(&m.bytes_up),
+        up.len() as u64,
+        "kernel counter equals bytes sent up"
+    );
+    assert_eq!(
+        get(&m.bytes_down),
+        down.len() as u64,
+        "kernel counter equals bytes sent down"
+    );
+    assert_eq!(
+        get(&m.userspace_payload_bytes),
+        0,
+        "the agent read payload bytes of a spliced connection"
+    );
+    assert_eq!(get(&m.userspace), 0);
+    assert_no_leaks(&proxy);
+}
+
+async fn expect_path(proxy: &Proxy, kernel: bool) {
+    let m = proxy.metrics.clone();
+    eventually("connection finished", || get(&m.active) == 0).await;
+    if kernel {
+        assert_eq!(
+            (get(&m.kernel_spliced), get(&m.userspace)),
+            (1, 0),
+            "must be spliced in the kernel"
+        );
+        assert_eq!(
+            get(&m.userspace_payload_bytes),
+            0,
+            "spliced bytes crossed userspace"
+        );
+    } else {
+        assert_eq!(
+            (get(&m.kernel_spliced), get(&m.userspace)),
+            (0, 1),
+            "must use the userspace path"
+        );
+    }
+    assert_no_leaks(proxy);
+}
+
+fn assert_no_leaks(proxy: &Proxy) {
+    if let Some(dp) = &proxy.datapath {
+        assert_eq!(dp.entry_counts(), (0, 0, 0), "map entries left behind");
+    }
+}
