@@ -1,4 +1,7 @@
 //! forwarder: an eBPF-accelerated forwarder for Azure IoT Hub and any MQTT/AMQP/HTTPS endpoint.
+pub mod agent;
+pub mod config;
+pub mod demo;
 pub mod ebpf;
 pub mod l4;
 pub mod metrics;

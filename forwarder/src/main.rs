@@ -1,3 +1,109 @@
-fn main() {
-    println!("forwarder: agent not wired yet");
+//! The `forwarder` command: a thin CLI over the library.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use forwarder::agent::{self, RunOptions};
+use forwarder::config::Config;
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "eBPF-accelerated forwarder for Azure IoT Hub (MQTT/AMQP passthrough spliced in the kernel)"
+)]
+struct Cli {
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent. No arguments: the built-in demo (no Azure account needed).
+    Run {
+        /// Configuration file (TOML); see forwarder.example.toml.
+        #[arg(short, long, conflicts_with = "hub")]
+        config: Option<PathBuf>,
+        /// IoT Hub host name: splice MQTT 8883 and AMQP 5671 to it (X.509 devices keep working).
+        #[arg(long)]
+        hub: Option<String>,
+        /// Address the --hub frontends bind to.
+        #[arg(long, default_value = "0.0.0.0", requires = "hub")]
+        bind_ip: std::net::IpAddr,
+        /// Copy every connection in userspace instead of splicing it in the kernel.
+        #[arg(long)]
+        no_ebpf: bool,
+        /// Seconds open connections get to finish after SIGTERM.
+        #[arg(long, default_value_t = 30)]
+        drain_secs: u64,
+    },
+    /// Validate a configuration file without starting anything.
+    Check {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+}
+
+fn init_logging(json: bool) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_json);
+    match cli.command {
+        Command::Check { config } => {
+            let config = Config::load(&config)?;
+            for w in config.warnings() {
+                println!("warning: {w}");
+            }
+            println!(
+                "ok: {} frontend(s), {} backend(s)",
+                config.frontends.len(),
+                config.backends.len()
+            );
+            Ok(())
+        }
+        Command::Run {
+            config,
+            hub,
+            bind_ip,
+            no_ebpf,
+            drain_secs,
+        } => {
+            let config = match (config, hub) {
+                (Some(path), _) => Config::load(&path)?,
+                (None, Some(hub)) => Config::for_hub(&hub, bind_ip),
+                (None, None) => forwarder::demo::start().await?,
+            };
+            config.validate()?;
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+            let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM: draining"),
+                    _ = int.recv() => tracing::info!("SIGINT: stopping"),
+                }
+                let _ = stop.send(true);
+            });
+            let options = RunOptions {
+                no_ebpf,
+                drain_deadline: Some(std::time::Duration::from_secs(drain_secs)),
+            };
+            agent::run(config, options, stopped).await
+        }
+    }
 }

@@ -244,3 +244,13 @@ pub fn raise_memlock_limit() -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Registers the eBPF log ring buffer with tokio for readability.
+pub fn async_fd_readable<T: AsRawFd>(inner: T) -> io::Result<tokio::io::unix::AsyncFd<T>> {
+    // SAFETY: `inner` owns its descriptor and the AsyncFd owns `inner`, so the descriptor
+    // stays open and unchanged for the registration's whole lifetime.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| io::Error::other(e.to_string()))
+}

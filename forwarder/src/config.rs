@@ -1,0 +1,338 @@
+//! The agent's configuration: TOML, parsed once at the edge into typed values, unknown
+//! keys rejected, then checked as a whole by `validate`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Names the pin directory /sys/fs/bpf/forwarder/<instance>.
+    #[serde(default = "default_instance")]
+    pub instance: String,
+    #[serde(default, rename = "frontend")]
+    pub frontends: Vec<Frontend>,
+    #[serde(default, rename = "backend")]
+    pub backends: Vec<Backend>,
+}
+
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Frontend {
+    pub name: String,
+    pub bind: SocketAddr,
+    #[serde(default)]
+    pub mode: Mode,
+    /// Backend for connections no SNI route matches.
+    pub backend: Option<String>,
+    /// Lower-case TLS server name -> backend name (passthrough ports serving several hubs).
+    #[serde(default)]
+    pub sni_routes: BTreeMap<String, String>,
+    /// Seconds without a byte either way before the connection is closed.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_secs: u64,
+    /// Bytes the kernel may queue for a peer that stopped reading.
+    #[serde(default = "default_max_lag")]
+    pub max_lag_bytes: u64,
+    #[serde(default = "default_client_hello_timeout")]
+    pub client_hello_timeout_ms: u64,
+    /// TCP keepalive idle seconds towards both peers (0: off).
+    #[serde(default = "default_keepalive")]
+    pub tcp_keepalive_secs: u32,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// L4 passthrough spliced in the kernel (MQTT 8883, AMQP 5671, any TCP).
+    #[default]
+    Splice,
+    /// Terminated HTTPS with Host rewrite (443).
+    Http,
+}
+
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    pub name: String,
+    pub servers: Vec<ServerConfig>,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: u64,
+}
+
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// host:port
+    pub address: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_instance() -> String {
+    "default".into()
+}
+/// IoT Hub SDKs send MQTT keep-alives every 240-300 s: 15 minutes leaves a wide margin.
+fn default_idle_timeout() -> u64 {
+    900
+}
+fn default_max_lag() -> u64 {
+    32 << 20
+}
+fn default_client_hello_timeout() -> u64 {
+    10_000
+}
+fn default_keepalive() -> u32 {
+    120
+}
+fn default_connect_timeout() -> u64 {
+    5_000
+}
+fn default_weight() -> u32 {
+    1
+}
+
+/// Idle timeouts shorter than 1.5x the longest MQTT keep-alive drop healthy devices.
+pub const MIN_SAFE_IDLE_SECS: u64 = 450;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates; errors carry the line and column (from the TOML parser).
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.into(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.instance.is_empty()
+            || !self
+                .instance
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return invalid(format!(
+                "instance {:?}: use letters, digits, '-' or '_'",
+                self.instance
+            ));
+        }
+        let mut backends = HashSet::new();
+        for b in &self.backends {
+            if !backends.insert(b.name.as_str()) {
+                return invalid(format!("backend {:?} is defined twice", b.name));
+            }
+            if b.servers.is_empty() {
+                return invalid(format!("backend {:?} has no servers", b.name));
+            }
+            for s in &b.servers {
+                if s.address
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<u16>().ok())
+                    .is_none()
+                {
+                    return invalid(format!(
+                        "backend {:?}: server address {:?} is not host:port",
+                        b.name, s.address
+                    ));
+                }
+            }
+            if b.servers.iter().all(|s| s.weight == 0) {
+                return invalid(format!("backend {:?}: every server has weight 0", b.name));
+            }
+        }
+        let mut names = HashSet::new();
+        let mut binds = HashSet::new();
+        for f in &self.frontends {
+            if !names.insert(f.name.as_str()) {
+                return invalid(format!("frontend {:?} is defined twice", f.name));
+            }
+            if !binds.insert(f.bind) {
+                return invalid(format!(
+                    "frontend {:?}: {} is already bound by another frontend",
+                    f.name, f.bind
+                ));
+            }
+            if f.backend.is_none() && f.sni_routes.is_empty() {
+                return invalid(format!(
+                    "frontend {:?} needs a backend or sni_routes",
+                    f.name
+                ));
+            }
+            for target in f.backend.iter().chain(f.sni_routes.values()) {
+                if !backends.contains(target.as_str()) {
+                    return invalid(format!(
+                        "frontend {:?} names unknown backend {target:?}",
+                        f.name
+                    ));
+                }
+            }
+            if f.idle_timeout_secs == 0 {
+                return invalid(format!(
+                    "frontend {:?}: idle_timeout_secs must be > 0",
+                    f.name
+                ));
+            }
+            if f.mode == Mode::Http {
+                return invalid(format!(
+                    "frontend {:?}: mode \"http\" is not available in this build yet",
+                    f.name
+                ));
+            }
+        }
+        if self.frontends.is_empty() {
+            return invalid("no frontends configured".into());
+        }
+        Ok(())
+    }
+
+    /// Settings that work but are known to hurt IoT devices.
+    pub fn warnings(&self) -> Vec<String> {
+        self.frontends
+            .iter()
+            .filter(|f| f.idle_timeout_secs < MIN_SAFE_IDLE_SECS)
+            .map(|f| {
+                format!(
+                    "frontend {:?}: idle timeout {} s is shorter than {} s; MQTT devices idle 240-300 s between keep-alives and will be dropped",
+                    f.name, f.idle_timeout_secs, MIN_SAFE_IDLE_SECS
+                )
+            })
+            .collect()
+    }
+
+    /// The Azure IoT Hub layout for `--hub NAME`: MQTT and AMQP over TLS spliced to the hub.
+    pub fn for_hub(hub: &str, bind_ip: std::net::IpAddr) -> Self {
+        let splice = |name: &str, port: u16| Frontend {
+            name: name.into(),
+            bind: SocketAddr::new(bind_ip, port),
+            mode: Mode::Splice,
+            backend: Some(name.into()),
+            sni_routes: BTreeMap::new(),
+            idle_timeout_secs: default_idle_timeout(),
+            max_lag_bytes: default_max_lag(),
+            client_hello_timeout_ms: default_client_hello_timeout(),
+            tcp_keepalive_secs: default_keepalive(),
+        };
+        let backend = |name: &str, port: u16| Backend {
+            name: name.into(),
+            servers: vec![ServerConfig {
+                address: format!("{hub}:{port}"),
+                weight: 1,
+            }],
+            connect_timeout_ms: default_connect_timeout(),
+        };
+        Self {
+            instance: default_instance(),
+            frontends: vec![splice("mqtt", 8883), splice("amqp", 5671)],
+            backends: vec![backend("mqtt", 8883), backend("amqp", 5671)],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+instance = "edge1"
+[[frontend]]
+name = "mqtt"
+bind = "0.0.0.0:8883"
+backend = "hub"
+[frontend.sni_routes]
+"a.azure-devices.net" = "hub"
+
+[[backend]]
+name = "hub"
+servers = [{ address = "a.azure-devices.net:8883", weight = 2 }]
+"#;
+
+    #[test]
+    fn a_good_config_parses_with_safe_defaults() {
+        let c = Config::parse(GOOD, "good.toml").unwrap();
+        assert_eq!(c.frontends[0].idle_timeout_secs, 900);
+        assert_eq!(c.frontends[0].mode, Mode::Splice);
+        assert!(c.warnings().is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_the_line() {
+        let bad = GOOD.replace(
+            "backend = \"hub\"\n[frontend",
+            "backend = \"hub\"\nidle_timout_secs = 5\n[frontend",
+        );
+        let err = Config::parse(&bad, "bad.toml").unwrap_err().to_string();
+        assert!(
+            err.contains("idle_timout_secs") && err.contains("line 7"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_backend_and_bad_address_are_rejected() {
+        let err = Config::parse(
+            &GOOD.replace("backend = \"hub\"", "backend = \"nope\""),
+            "x",
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("unknown backend \"nope\""),
+            "{err}"
+        );
+        let err = Config::parse(
+            &GOOD.replace("a.azure-devices.net:8883", "a.azure-devices.net"),
+            "x",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("not host:port"), "{err}");
+    }
+
+    #[test]
+    fn short_idle_timeouts_warn() {
+        let c = Config::parse(
+            &GOOD.replace(
+                "backend = \"hub\"\n[frontend",
+                "backend = \"hub\"\nidle_timeout_secs = 60\n[frontend",
+            ),
+            "x",
+        )
+        .unwrap();
+        assert_eq!(c.warnings().len(), 1);
+    }
+
+    #[test]
+    fn hub_shortcut_is_valid() {
+        let c = Config::for_hub("myhub.azure-devices.net", "0.0.0.0".parse().unwrap());
+        c.validate().unwrap();
+        assert_eq!(
+            c.backends[0].servers[0].address,
+            "myhub.azure-devices.net:8883"
+        );
+    }
+}
