@@ -223,6 +223,14 @@ async fn step(
     let backlog = owed_to_sink.saturating_sub(sink.written());
 
     if counters.passed_bytes > 0 || d.diverted {
+        tracing::trace!(
+            redirected = counters.redirected_bytes,
+            passed = counters.passed_bytes,
+            copied = d.copied,
+            written = sink.written(),
+            backlog,
+            "direction on the userspace path"
+        );
         if backlog == 0 {
             // The kernel's bytes are all in the sink: ours may follow without reordering.
             let n = copy_ready_bytes(d).await?;
@@ -273,7 +281,7 @@ async fn copy_ready_bytes(d: &mut Direction<'_>) -> io::Result<u64> {
     let mut buf = vec![0u8; COPY_BUF];
     let mut total = 0u64;
     loop {
-        match d.src.try_read(&mut buf) {
+        match sys::recv_now(d.src.as_fd(), &mut buf) {
             Ok(0) => {
                 d.eof = true;
                 return Ok(total);
