@@ -478,7 +478,10 @@ async fn no_leaks_after_10000_sequential_and_1000_concurrent() {
         // Wait for the echo before the FIN, like a device that talks before it leaves
         // (a FIN that beats the splice is served in userspace, by design).
         let mut echo = [0u8; 4];
-        tokio::time::timeout(LIMIT, c.read_exact(&mut echo)).await.unwrap().unwrap();
+        tokio::time::timeout(LIMIT, c.read_exact(&mut echo))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(echo, msg, "connection {i} echoed wrong bytes");
         c.shutdown().await.unwrap();
         assert!(read_to_end(&mut c).await.is_empty());
@@ -497,14 +500,26 @@ async fn no_leaks_after_10000_sequential_and_1000_concurrent() {
     eventually("every connection finished", || get(&m.active) == 0).await;
     assert_eq!(get(&m.accepted), 11_000);
     assert_eq!(get(&m.kernel_spliced) + get(&m.userspace), 11_000);
-    println!("kernel {} userspace {} (peers that close before the splice fall back)", get(&m.kernel_spliced), get(&m.userspace));
-    assert_eq!(get(&m.kernel_spliced), 11_000, "every connection must be spliced");
+    println!(
+        "kernel {} userspace {} (peers that close before the splice fall back)",
+        get(&m.kernel_spliced),
+        get(&m.userspace)
+    );
+    assert_eq!(
+        get(&m.kernel_spliced),
+        11_000,
+        "every connection must be spliced"
+    );
     assert_no_leaks(&proxy);
     let deadline = Instant::now() + Duration::from_secs(10);
     while open_fds() > baseline_fds + 2 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(open_fds() <= baseline_fds + 2, "descriptors leaked: {} now vs {baseline_fds}", open_fds());
+    assert!(
+        open_fds() <= baseline_fds + 2,
+        "descriptors leaked: {} now vs {baseline_fds}",
+        open_fds()
+    );
 }
 
 /// An upstream that stops reading must not make the kernel queue without limit: the
@@ -513,7 +528,10 @@ async fn no_leaks_after_10000_sequential_and_1000_concurrent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_upstream_is_bounded_then_resumes() {
     let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let session = SessionOptions { max_lag: 4 << 20, ..Default::default() };
+    let session = SessionOptions {
+        max_lag: 4 << 20,
+        ..Default::default()
+    };
     let proxy = start_proxy(&server.local_addr().unwrap().to_string(), true, session).await;
     let payload = random_payload(256 << 20);
     let expected = sha256(&payload);
@@ -527,8 +545,15 @@ async fn slow_upstream_is_bounded_then_resumes() {
     // The upstream reads nothing for a while: the client must stall, not fill the kernel.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let m = proxy.metrics.clone();
-    assert_eq!(get(&m.diverted_slow_peer), 1, "the lag bound must move the direction to userspace");
-    assert!(!writer.is_finished(), "the client was not throttled: 256 MiB went somewhere");
+    assert_eq!(
+        get(&m.diverted_slow_peer),
+        1,
+        "the lag bound must move the direction to userspace"
+    );
+    assert!(
+        !writer.is_finished(),
+        "the client was not throttled: 256 MiB went somewhere"
+    );
     let dp = proxy.datapath.as_ref().unwrap();
     let (socks, _, _) = dp.entry_counts();
     assert_eq!(socks, 2);
@@ -536,11 +561,23 @@ async fn slow_upstream_is_bounded_then_resumes() {
         .unwrap()
         .lines()
         .find(|l| l.starts_with("TCP:"))
-        .and_then(|l| l.split_whitespace().skip_while(|w| *w != "mem").nth(1).map(|v| v.parse().unwrap()))
+        .and_then(|l| {
+            l.split_whitespace()
+                .skip_while(|w| *w != "mem")
+                .nth(1)
+                .map(|v| v.parse().unwrap())
+        })
         .unwrap();
-    println!("TCP memory while the upstream is stalled: {} KiB", tcp_mem_pages * 4);
+    println!(
+        "TCP memory while the upstream is stalled: {} KiB",
+        tcp_mem_pages * 4
+    );
     // Bounded: lag bound + socket buffers, far below the 256 MiB the client tried to send.
-    assert!(tcp_mem_pages * 4096 < 128 << 20, "kernel TCP memory grew to {} MiB", tcp_mem_pages * 4096 >> 20);
+    assert!(
+        tcp_mem_pages * 4096 < 128 << 20,
+        "kernel TCP memory grew to {} MiB",
+        (tcp_mem_pages * 4096) >> 20
+    );
 
     let mut got = Vec::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -562,5 +599,8 @@ async fn slow_upstream_is_bounded_then_resumes() {
     println!("resumed and finished in {:?}", resumed.elapsed());
     let _client = writer.await.unwrap();
     assert_eq!(got.len(), 256 << 20);
-    assert!(sha256(&got) == expected, "bytes after the stall arrived out of order or changed");
+    assert!(
+        sha256(&got) == expected,
+        "bytes after the stall arrived out of order or changed"
+    );
 }
