@@ -169,13 +169,22 @@ pub async fn handle_connection(
     }
 
     if let (true, Some(datapath)) = (frontend.kernel, datapath) {
+        let written_before =
+            session::WrittenBefore::measure(&client, &upstream).unwrap_or_default();
         match datapath.splice(client.as_fd(), upstream.as_fd()) {
             Ok(pair) => {
                 metrics::add(&metrics.kernel_spliced, 1);
                 tracing::debug!(%upstream_addr, cookie = pair.client, "spliced in the kernel");
-                let report =
-                    session::run(datapath, pair, client, upstream, &frontend.session, metrics)
-                        .await;
+                let report = session::run(
+                    datapath,
+                    pair,
+                    client,
+                    upstream,
+                    written_before,
+                    &frontend.session,
+                    metrics,
+                )
+                .await;
                 return Some(finish(report, metrics));
             }
             Err(err) => {

@@ -39,10 +39,19 @@ struct Direction<'a> {
     redirected: u64,
     /// Moved to the userspace path because `sink` fell behind.
     diverted: bool,
+    /// `sink`'s written count before the splice: nothing we sent, but it can include the
+    /// SYN (bytes_acked counts it on connected sockets).
+    sink_base: u64,
 }
 
 impl<'a> Direction<'a> {
-    fn new(src: &'a TcpStream, sink: &'a TcpStream, src_cookie: u64, sink_cookie: u64) -> Self {
+    fn new(
+        src: &'a TcpStream,
+        sink: &'a TcpStream,
+        src_cookie: u64,
+        sink_cookie: u64,
+        sink_base: u64,
+    ) -> Self {
         Self {
             src,
             sink,
@@ -53,7 +62,24 @@ impl<'a> Direction<'a> {
             copied: 0,
             redirected: 0,
             diverted: false,
+            sink_base,
         }
+    }
+}
+
+/// Each socket's `TcpBytes::written()` taken just before the splice.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WrittenBefore {
+    pub client: u64,
+    pub upstream: u64,
+}
+
+impl WrittenBefore {
+    pub fn measure(client: &TcpStream, upstream: &TcpStream) -> io::Result<Self> {
+        Ok(Self {
+            client: sys::tcp_bytes(client.as_fd())?.written(),
+            upstream: sys::tcp_bytes(upstream.as_fd())?.written(),
+        })
     }
 }
 
@@ -68,14 +94,27 @@ pub async fn run(
     pair: SplicedPair,
     client: TcpStream,
     upstream: TcpStream,
+    written_before: WrittenBefore,
     options: &SessionOptions,
     metrics: &L4Metrics,
 ) -> SessionReport {
     let started_ns = sys::monotonic_ns();
     let mut last_userspace_io_ns = started_ns;
     let mut dirs = [
-        Direction::new(&client, &upstream, pair.client, pair.upstream),
-        Direction::new(&upstream, &client, pair.upstream, pair.client),
+        Direction::new(
+            &client,
+            &upstream,
+            pair.client,
+            pair.upstream,
+            written_before.upstream,
+        ),
+        Direction::new(
+            &upstream,
+            &client,
+            pair.upstream,
+            pair.client,
+            written_before.client,
+        ),
     ];
     let mut tick = MIN_TICK;
     let mut last_progress = 0u64;
@@ -220,14 +259,15 @@ async fn step(
     let sink = sys::tcp_bytes(d.sink.as_fd())?;
     // Everything this direction put into the sink: kernel redirects plus our copies.
     let owed_to_sink = counters.redirected_bytes + d.copied;
-    let backlog = owed_to_sink.saturating_sub(sink.written());
+    let sink_written = sink.written().saturating_sub(d.sink_base);
+    let backlog = owed_to_sink.saturating_sub(sink_written);
 
     if counters.passed_bytes > 0 || d.diverted {
         tracing::trace!(
             redirected = counters.redirected_bytes,
             passed = counters.passed_bytes,
             copied = d.copied,
-            written = sink.written(),
+            written = sink_written,
             backlog,
             "direction on the userspace path"
         );
