@@ -288,22 +288,13 @@ fn pin_maps(
         map.pin(dir.join(name))
             .with_context(|| format!("pinning {name} under {}", dir.display()))
     };
-    pin(names::SOCKS, socks_data(socks))?;
-    pin(names::LINKS, links_data(links))?;
-    pin(names::COUNTERS, counters_data(counters))?;
+    pin(names::SOCKS, map_data(socks))?;
+    pin(names::LINKS, map_data(links))?;
+    pin(names::COUNTERS, map_data(counters))?;
     Ok(())
 }
 
-fn socks_data(map: &SockHash<MapData, u64>) -> &MapData {
-    use aya::maps::IterableMap as _;
-    map.map()
-}
-fn links_data(map: &HashMap<MapData, u64, PeerLink>) -> &MapData {
-    use aya::maps::IterableMap as _;
-    map.map()
-}
-fn counters_data(map: &HashMap<MapData, u64, SockCounters>) -> &MapData {
-    use aya::maps::IterableMap as _;
+fn map_data<K: aya::Pod, V>(map: &impl aya::maps::IterableMap<K, V>) -> &MapData {
     map.map()
 }
 
