@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -42,6 +42,19 @@ pub struct Frontend {
     /// TCP keepalive idle seconds towards both peers (0: off).
     #[serde(default = "default_keepalive")]
     pub tcp_keepalive_secs: u32,
+    /// mode "http": PEM certificate chain devices are shown.
+    pub tls_cert: Option<PathBuf>,
+    /// mode "http": PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// mode "http": open client connections at most (more wait in the accept queue).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// mode "http": time for the TLS handshake and for each request's headers.
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout_ms: u64,
+    /// mode "http": request head size at most; larger heads get 431.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
@@ -61,6 +74,66 @@ pub struct Backend {
     pub servers: Vec<ServerConfig>,
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_ms: u64,
+    /// HTTP backends: the hub's name, sent as `Host` (default: the first server's host).
+    pub host: Option<String>,
+    /// HTTP backends: TLS server name (SNI and certificate check), if not `host`. IoT Hub
+    /// also answers as `<hub>.device.azure-devices.net` for TLS 1.3.
+    pub tls_server_name: Option<String>,
+    /// HTTP backends: extra trusted CA certificates (PEM) besides the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// HTTP backends: time the hub gets to answer a request's headers (then 504).
+    #[serde(default = "default_response_timeout")]
+    pub response_timeout_ms: u64,
+}
+
+impl Frontend {
+    /// A frontend with every setting at its default.
+    pub fn new(name: &str, bind: SocketAddr, mode: Mode, backend: &str) -> Self {
+        Self {
+            name: name.into(),
+            bind,
+            mode,
+            backend: Some(backend.into()),
+            sni_routes: BTreeMap::new(),
+            idle_timeout_secs: default_idle_timeout(),
+            max_lag_bytes: default_max_lag(),
+            client_hello_timeout_ms: default_client_hello_timeout(),
+            tcp_keepalive_secs: default_keepalive(),
+            tls_cert: None,
+            tls_key: None,
+            max_connections: default_max_connections(),
+            header_read_timeout_ms: default_header_read_timeout(),
+            max_header_bytes: default_max_header_bytes(),
+        }
+    }
+}
+
+impl Backend {
+    /// A backend of one server (`host:port`) with every setting at its default.
+    pub fn new(name: &str, address: &str) -> Self {
+        Self {
+            name: name.into(),
+            servers: vec![ServerConfig {
+                address: address.into(),
+                weight: default_weight(),
+            }],
+            connect_timeout_ms: default_connect_timeout(),
+            host: None,
+            tls_server_name: None,
+            ca_file: None,
+            response_timeout_ms: default_response_timeout(),
+        }
+    }
+
+    /// The name HTTP requests are addressed to: `host`, else the first server's host.
+    pub fn http_host(&self) -> Option<String> {
+        if let Some(host) = &self.host {
+            return Some(host.clone());
+        }
+        let (host, _port) = self.servers.first()?.address.rsplit_once(':')?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        (!host.is_empty()).then(|| host.to_owned())
+    }
 }
 
 #[derive(Debug, Deserialize, Clone, PartialEq)]
@@ -93,6 +166,18 @@ fn default_connect_timeout() -> u64 {
 }
 fn default_weight() -> u32 {
     1
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_header_read_timeout() -> u64 {
+    10_000
+}
+fn default_max_header_bytes() -> usize {
+    64 << 10
+}
+fn default_response_timeout() -> u64 {
+    60_000
 }
 
 /// Idle timeouts shorter than 1.5x the longest MQTT keep-alive drop healthy devices.
@@ -199,15 +284,60 @@ impl Config {
                     f.name
                 ));
             }
-            if f.mode == Mode::Http {
-                return invalid(format!(
-                    "frontend {:?}: mode \"http\" is not available in this build yet",
-                    f.name
-                ));
+            match f.mode {
+                Mode::Http => self.validate_http_frontend(f)?,
+                Mode::Splice => {
+                    if f.tls_cert.is_some() || f.tls_key.is_some() {
+                        return invalid(format!(
+                            "frontend {:?}: tls_cert/tls_key only apply to mode \"http\" (splice passes TLS through untouched)",
+                            f.name
+                        ));
+                    }
+                }
             }
         }
         if self.frontends.is_empty() {
             return invalid("no frontends configured".into());
+        }
+        Ok(())
+    }
+
+    fn validate_http_frontend(&self, f: &Frontend) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(format!("frontend {:?}: {m}", f.name)));
+        if f.tls_cert.is_none() || f.tls_key.is_none() {
+            return invalid("mode \"http\" terminates TLS and needs tls_cert and tls_key".into());
+        }
+        if !f.sni_routes.is_empty() {
+            return invalid("sni_routes apply to splice frontends only".into());
+        }
+        if f.max_connections == 0 {
+            return invalid("max_connections must be > 0".into());
+        }
+        if !(8192..=1 << 20).contains(&f.max_header_bytes) {
+            return invalid("max_header_bytes must be between 8192 and 1048576".into());
+        }
+        if f.header_read_timeout_ms == 0 {
+            return invalid("header_read_timeout_ms must be > 0".into());
+        }
+        let Some(backend) = self
+            .backends
+            .iter()
+            .find(|b| f.backend.as_deref() == Some(b.name.as_str()))
+        else {
+            return invalid("mode \"http\" needs a backend".into());
+        };
+        let Some(host) = backend.http_host() else {
+            return invalid(format!("backend {:?} needs a host name", backend.name));
+        };
+        for name in std::iter::once(&host).chain(backend.tls_server_name.as_ref()) {
+            if http::HeaderValue::from_str(name).is_err()
+                || rustls_pki_types::ServerName::try_from(name.as_str()).is_err()
+            {
+                return invalid(format!(
+                    "backend {:?}: {name:?} is not a valid host name",
+                    backend.name
+                ));
+            }
         }
         Ok(())
     }
@@ -226,32 +356,33 @@ impl Config {
             .collect()
     }
 
-    /// The Azure IoT Hub layout for `--hub NAME`: MQTT and AMQP over TLS spliced to the hub.
-    pub fn for_hub(hub: &str, bind_ip: std::net::IpAddr) -> Self {
-        let splice = |name: &str, port: u16| Frontend {
-            name: name.into(),
-            bind: SocketAddr::new(bind_ip, port),
-            mode: Mode::Splice,
-            backend: Some(name.into()),
-            sni_routes: BTreeMap::new(),
-            idle_timeout_secs: default_idle_timeout(),
-            max_lag_bytes: default_max_lag(),
-            client_hello_timeout_ms: default_client_hello_timeout(),
-            tcp_keepalive_secs: default_keepalive(),
+    /// The Azure IoT Hub layout for `--hub NAME`: MQTT and AMQP over TLS spliced to the
+    /// hub; with a certificate, 443 terminated with `Host` rewrite and WebSockets too.
+    pub fn for_hub(
+        hub: &str,
+        bind_ip: std::net::IpAddr,
+        https: Option<(PathBuf, PathBuf)>,
+    ) -> Self {
+        let frontend = |name: &str, port: u16, mode: Mode| {
+            Frontend::new(name, SocketAddr::new(bind_ip, port), mode, name)
         };
-        let backend = |name: &str, port: u16| Backend {
-            name: name.into(),
-            servers: vec![ServerConfig {
-                address: format!("{hub}:{port}"),
-                weight: 1,
-            }],
-            connect_timeout_ms: default_connect_timeout(),
-        };
-        Self {
+        let backend = |name: &str, port: u16| Backend::new(name, &format!("{hub}:{port}"));
+        let mut config = Self {
             instance: default_instance(),
-            frontends: vec![splice("mqtt", 8883), splice("amqp", 5671)],
+            frontends: vec![
+                frontend("mqtt", 8883, Mode::Splice),
+                frontend("amqp", 5671, Mode::Splice),
+            ],
             backends: vec![backend("mqtt", 8883), backend("amqp", 5671)],
+        };
+        if let Some((cert, key)) = https {
+            let mut https = frontend("https", 443, Mode::Http);
+            https.tls_cert = Some(cert);
+            https.tls_key = Some(key);
+            config.frontends.push(https);
+            config.backends.push(backend("https", 443));
         }
+        config
     }
 }
 
@@ -328,11 +459,59 @@ servers = [{ address = "a.azure-devices.net:8883", weight = 2 }]
 
     #[test]
     fn hub_shortcut_is_valid() {
-        let c = Config::for_hub("myhub.azure-devices.net", "0.0.0.0".parse().unwrap());
+        let c = Config::for_hub("myhub.azure-devices.net", "0.0.0.0".parse().unwrap(), None);
         c.validate().unwrap();
         assert_eq!(
             c.backends[0].servers[0].address,
             "myhub.azure-devices.net:8883"
         );
+        let c = Config::for_hub(
+            "myhub.azure-devices.net",
+            "0.0.0.0".parse().unwrap(),
+            Some(("c.pem".into(), "k.pem".into())),
+        );
+        c.validate().unwrap();
+        assert_eq!(c.frontends[2].mode, Mode::Http);
+        assert_eq!(
+            c.backends[2].http_host().as_deref(),
+            Some("myhub.azure-devices.net")
+        );
+    }
+
+    #[test]
+    fn http_frontends_need_a_certificate_and_splice_ones_refuse_it() {
+        let http = GOOD.replace(
+            "[frontend.sni_routes]\n\"a.azure-devices.net\" = \"hub\"\n",
+            "mode = \"http\"\n",
+        );
+        let err = Config::parse(&http, "x").unwrap_err().to_string();
+        assert!(err.contains("needs tls_cert and tls_key"), "{err}");
+        let with_cert = http.replace(
+            "mode = \"http\"\n",
+            "mode = \"http\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n",
+        );
+        Config::parse(&with_cert, "x").unwrap();
+        let splice_with_cert = GOOD.replace(
+            "backend = \"hub\"\n[frontend",
+            "backend = \"hub\"\ntls_cert = \"c.pem\"\n[frontend",
+        );
+        let err = Config::parse(&splice_with_cert, "x")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("only apply to mode"), "{err}");
+    }
+
+    #[test]
+    fn http_host_comes_from_the_first_server_unless_set() {
+        let c = Config::parse(GOOD, "x").unwrap();
+        assert_eq!(
+            c.backends[0].http_host().as_deref(),
+            Some("a.azure-devices.net")
+        );
+        let mut b = c.backends[0].clone();
+        b.servers[0].address = "[2001:db8::1]:443".into();
+        assert_eq!(b.http_host().as_deref(), Some("2001:db8::1"));
+        b.host = Some("hub.example".into());
+        assert_eq!(b.http_host().as_deref(), Some("hub.example"));
     }
 }

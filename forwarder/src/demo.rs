@@ -2,13 +2,12 @@
 //! loopback) behind a spliced frontend, so a fresh machine sees the kernel path work
 //! without an Azure account.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpListener;
 
-use crate::config::{Backend, Config, Frontend, Mode, ServerConfig};
+use crate::config::{Backend, Config, Frontend, Mode};
 
 pub const DEMO_PORT: u16 = 18883;
 
@@ -27,25 +26,9 @@ pub async fn start() -> anyhow::Result<Config> {
         }
     });
     let bind = SocketAddr::from(([127, 0, 0, 1], DEMO_PORT));
-    let frontend = Frontend {
-        name: "demo".into(),
-        bind,
-        mode: Mode::Splice,
-        backend: Some("echo".into()),
-        sni_routes: BTreeMap::new(),
-        idle_timeout_secs: 900,
-        max_lag_bytes: 32 << 20,
-        client_hello_timeout_ms: 10_000,
-        tcp_keepalive_secs: 120,
-    };
-    let backend = Backend {
-        name: "echo".into(),
-        servers: vec![ServerConfig {
-            address: echo_addr.to_string(),
-            weight: 1,
-        }],
-        connect_timeout_ms: 2_000,
-    };
+    let frontend = Frontend::new("demo", bind, Mode::Splice, "echo");
+    let mut backend = Backend::new("echo", &echo_addr.to_string());
+    backend.connect_timeout_ms = 2_000;
     tracing::info!(
         "demo: a stand-in upstream (echo) is behind 127.0.0.1:{DEMO_PORT}; try `echo hello | socat - TCP:127.0.0.1:{DEMO_PORT}` \
          (bytes are spliced in the kernel, and echoed back). Ctrl-C stops."

@@ -3,6 +3,7 @@ pub mod agent;
 pub mod config;
 pub mod demo;
 pub mod ebpf;
+pub mod http;
 pub mod l4;
 pub mod metrics;
 pub mod sys;

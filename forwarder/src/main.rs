@@ -11,7 +11,7 @@ use tokio::signal::unix::{SignalKind, signal};
 #[derive(Parser)]
 #[command(
     version,
-    about = "eBPF-accelerated forwarder for Azure IoT Hub (MQTT/AMQP passthrough spliced in the kernel)"
+    about = "eBPF-accelerated forwarder for Azure IoT Hub: MQTT/AMQP passthrough spliced in the kernel, HTTPS/WebSocket terminated with the Host rewritten"
 )]
 struct Cli {
     /// Log as JSON lines instead of human-readable text.
@@ -28,9 +28,17 @@ enum Command {
         /// Configuration file (TOML); see forwarder.example.toml.
         #[arg(short, long, conflicts_with = "hub")]
         config: Option<PathBuf>,
-        /// IoT Hub host name: splice MQTT 8883 and AMQP 5671 to it (X.509 devices keep working).
+        /// IoT Hub host name: splice MQTT 8883 and AMQP 5671 to it (X.509 devices keep
+        /// working); with --cert and --key also terminate 443 (HTTPS, MQTT/AMQP over
+        /// WebSocket) with the Host rewritten to the hub.
         #[arg(long)]
         hub: Option<String>,
+        /// PEM certificate chain devices see on 443 (with --hub).
+        #[arg(long, requires_all = ["hub", "key"])]
+        cert: Option<PathBuf>,
+        /// PEM private key of --cert.
+        #[arg(long, requires_all = ["hub", "cert"])]
+        key: Option<PathBuf>,
         /// Address the --hub frontends bind to.
         #[arg(long, default_value = "0.0.0.0", requires = "hub")]
         bind_ip: std::net::IpAddr,
@@ -79,13 +87,15 @@ async fn main() -> anyhow::Result<()> {
         Command::Run {
             config,
             hub,
+            cert,
+            key,
             bind_ip,
             no_ebpf,
             drain_secs,
         } => {
             let config = match (config, hub) {
                 (Some(path), _) => Config::load(&path)?,
-                (None, Some(hub)) => Config::for_hub(&hub, bind_ip),
+                (None, Some(hub)) => Config::for_hub(&hub, bind_ip, cert.zip(key)),
                 (None, None) => forwarder::demo::start().await?,
             };
             config.validate()?;

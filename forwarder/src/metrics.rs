@@ -52,6 +52,41 @@ counters!(L4Metrics {
     userspace_payload_bytes,
 });
 
+counters!(HttpMetrics {
+    /// TCP connections accepted.
+    accepted,
+    /// Connections open now (TLS and HTTP; upgraded sessions are counted apart).
+    active,
+    /// Times the accept loop waited because `max_connections` were open.
+    at_capacity,
+    /// Client TLS handshakes that failed or timed out.
+    tls_handshake_failed,
+    /// Requests received (each HTTP/1.1 request or HTTP/2 stream).
+    requests,
+    /// Responses relayed from the upstream, any status.
+    responses_relayed,
+    /// 502: no upstream server could be reached (refused, DNS, TLS or certificate).
+    upstream_unreachable,
+    /// 504: the upstream did not connect or answer in time.
+    upstream_timeout,
+    /// 400: the client sent a request hyper could not parse.
+    bad_request,
+    /// 431: request headers over the configured size.
+    headers_too_large,
+    /// Connections closed because request headers did not arrive in time.
+    header_timeout,
+    /// WebSocket upgrades joined after the upstream's 101.
+    websocket_upgrades,
+    /// Upgraded sessions open now.
+    websockets_active,
+    /// Upgraded sessions closed by the idle timeout.
+    websocket_idle_timeouts,
+    /// Bytes client -> upstream on upgraded sessions.
+    websocket_bytes_up,
+    /// Bytes upstream -> client on upgraded sessions.
+    websocket_bytes_down,
+});
+
 pub fn add(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
 }
