@@ -64,7 +64,10 @@ pub async fn start(
     options: &RunOptions,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<(Vec<Running>, Option<Arc<Datapath>>)> {
-    let datapath = if options.no_ebpf {
+    let splices = config.frontends.iter().any(|f| f.mode == Mode::Splice);
+    let datapath = if !splices {
+        None
+    } else if options.no_ebpf {
         tracing::warn!("eBPF disabled by flag: every connection is copied in userspace");
         None
     } else {

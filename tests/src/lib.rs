@@ -1,6 +1,10 @@
 //! Shared helpers for the integration tests: privilege checks, payloads, hashing,
 //! and TCP pairs on loopback with ephemeral ports.
 
+pub mod hub;
+pub mod peers;
+pub mod pki;
+
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::thread;
