@@ -8,7 +8,7 @@ use aya_ebpf::{
     maps::{HashMap, SockHash},
     programs::SkBuffContext,
 };
-use aya_log_ebpf::warn;
+use aya_log_ebpf::{info, warn};
 use forwarder_common::{MAX_SPLICED_SOCKETS, MODE_KERNEL, PeerLink, SockCounters};
 
 #[map(name = "FWD_SOCKS")]
@@ -43,11 +43,24 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
     // SAFETY: plain helper call without arguments.
     counters.last_active_ns = unsafe { bpf_ktime_get_ns() };
 
-    // Once a byte has gone to userspace, every later byte must too, or the order breaks.
+    // Once a byte has gone to userspace, every later byte must too, or the order breaks
+    // (until userspace has copied them all and moves the mark).
     if let Some(link) = link
         && link.mode == MODE_KERNEL
-        && counters.passed_bytes == 0
+        && counters.passed_bytes == link.passed_mark
     {
+        if counters.redirected_bytes.saturating_add(len) > link.redirect_limit {
+            // The peer is not draining: the kernel gives redirects no backpressure, so stop
+            // here and let this socket's receive queue (and TCP's window) hold the sender.
+            counters.over_budget += 1;
+            counters.passed_bytes += len;
+            counters.passed_segments += 1;
+            info!(
+                &ctx,
+                "splice: socket {} spent its lag budget; passing to userspace", cookie
+            );
+            return SK_PASS;
+        }
         let mut peer = link.peer_cookie;
         if SOCKS.redirect_skb(&ctx, &mut peer, 0) == SK_PASS as i64 {
             counters.redirected_bytes += len;

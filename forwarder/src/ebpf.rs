@@ -11,7 +11,7 @@ use aya::maps::{HashMap, MapData, MapError, SockHash};
 use aya::programs::SkSkb;
 use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfLoader};
-use forwarder_common::{MODE_KERNEL, MODE_USERSPACE, PeerLink, SockCounters, names};
+use forwarder_common::{MODE_KERNEL, PeerLink, SockCounters, names};
 
 use crate::sys;
 
@@ -146,10 +146,14 @@ impl Datapath {
     /// queued. So no byte meets a verdict while its peer is missing from the map, except
     /// after a FIN (which ignores the mark); the verdict then passes it to userspace and
     /// `SockCounters::passed_bytes` says so.
+    ///
+    /// `lag_budget` bounds what the kernel redirects ahead of what each peer has sent on
+    /// (`NO_LIMIT` for none); keep it current with `set_redirect_limit`.
     pub fn splice(
         &self,
         client: BorrowedFd<'_>,
         upstream: BorrowedFd<'_>,
+        lag_budget: u64,
     ) -> Result<SplicedPair, SpliceError> {
         let pair = SplicedPair {
             client: sys::socket_cookie(client).map_err(SpliceError::Io)?,
@@ -158,7 +162,7 @@ impl Datapath {
         for fd in [client, upstream] {
             sys::set_rcvlowat(fd, libc::c_int::MAX).map_err(SpliceError::Io)?;
         }
-        let result = self.insert_pair(pair, client, upstream);
+        let result = self.insert_pair(pair, client, upstream, lag_budget);
         // Release whatever the mark held back: through the verdict if inserted, or to the
         // userspace path if not.
         for fd in [client, upstream] {
@@ -172,6 +176,7 @@ impl Datapath {
         pair: SplicedPair,
         client: BorrowedFd<'_>,
         upstream: BorrowedFd<'_>,
+        lag_budget: u64,
     ) -> Result<(), SpliceError> {
         let mut maps = self.maps();
         let sides = [
@@ -183,6 +188,8 @@ impl Datapath {
         for (cookie, peer_cookie, _) in sides {
             let link = PeerLink {
                 peer_cookie,
+                redirect_limit: lag_budget,
+                passed_mark: 0,
                 mode: MODE_KERNEL,
                 _pad: 0,
             };
@@ -227,18 +234,31 @@ impl Datapath {
             })
     }
 
-    /// Sends `cookie`'s later bytes to userspace instead of the peer (used when the peer
-    /// falls behind). Sticky by design: see `SockCounters::passed_bytes`.
-    pub fn divert_to_userspace(&self, cookie: u64, peer_cookie: u64) -> io::Result<()> {
+    /// Moves `cookie`'s lag budget: the verdict redirects while its `redirected_bytes`
+    /// stays at or below `limit` and its `passed_bytes` equals `passed_mark`.
+    pub fn set_redirect_limit(
+        &self,
+        cookie: u64,
+        peer_cookie: u64,
+        limit: u64,
+        passed_mark: u64,
+    ) -> io::Result<()> {
         let link = PeerLink {
             peer_cookie,
-            mode: MODE_USERSPACE,
+            redirect_limit: limit,
+            passed_mark,
+            mode: MODE_KERNEL,
             _pad: 0,
         };
         self.maps()
             .links
             .insert(cookie, link, 0)
             .map_err(io::Error::other)
+    }
+
+    /// Every socket's counters (cookie, counters): for the CLI and the tests.
+    pub fn all_counters(&self) -> Vec<(u64, SockCounters)> {
+        self.maps().counters.iter().filter_map(Result::ok).collect()
     }
 
     /// Takes a pair out of the kernel path and forgets its counters. Closing a socket

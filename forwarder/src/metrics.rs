@@ -31,8 +31,11 @@ counters!(L4Metrics {
     fallback_not_established,
     /// ... of which because eBPF is off (flag) or failed in another way.
     fallback_other,
-    /// Spliced directions moved to userspace because a peer fell behind (lag bound).
+    /// Times a spliced direction paused on the userspace path because its peer fell a
+    /// whole lag budget behind (the kernel gives redirects no backpressure).
     diverted_slow_peer,
+    /// Times such a direction caught up and went back to the kernel path.
+    resumed_kernel,
     /// Upstream connect failed or timed out on every server.
     upstream_connect_failed,
     /// TLS ClientHello named a host with no route and no default backend.

@@ -28,7 +28,11 @@ fn kernel_splice_carries_64_mib_each_way_with_matching_counters() {
     std::thread::sleep(Duration::from_millis(50));
 
     let pair = datapath
-        .splice(proxy_client_side.as_fd(), proxy_upstream_side.as_fd())
+        .splice(
+            proxy_client_side.as_fd(),
+            proxy_upstream_side.as_fd(),
+            forwarder_common::NO_LIMIT,
+        )
         .expect("splice both sockets in the kernel");
 
     let mut got = vec![0u8; 37];

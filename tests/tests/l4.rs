@@ -447,6 +447,16 @@ fn assert_no_leaks(proxy: &Proxy) {
     }
 }
 
+/// Bytes in a socket's receive queue (FIONREAD).
+fn bytes_waiting(stream: &TcpStream) -> u64 {
+    use std::os::fd::AsRawFd as _;
+    let mut queued: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the pointer, which outlives the call.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &mut queued) };
+    assert_eq!(rc, 0, "FIONREAD failed");
+    u64::try_from(queued).unwrap_or(0)
+}
+
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
@@ -557,6 +567,32 @@ async fn slow_upstream_is_bounded_then_resumes() {
     let dp = proxy.datapath.as_ref().unwrap();
     let (socks, _, _) = dp.entry_counts();
     assert_eq!(socks, 2);
+    // The budget is enforced per segment in the verdict: what the kernel took in beyond
+    // what reached the upstream is at most the budget, plus the forwarder's send buffer
+    // (flow-controlled by TCP), plus one segment.
+    let counters = dp.all_counters();
+    let redirected = counters
+        .iter()
+        .map(|(_, c)| c.redirected_bytes)
+        .max()
+        .unwrap();
+    assert_eq!(counters.iter().map(|(_, c)| c.over_budget).sum::<u64>(), 1);
+    let at_upstream = bytes_waiting(&upstream);
+    let send_buffer_max: u64 = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .unwrap()
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let overshoot = redirected.saturating_sub(at_upstream);
+    println!(
+        "redirected {redirected} B, at the upstream {at_upstream} B: {overshoot} B in between"
+    );
+    assert!(
+        overshoot <= (4 << 20) + send_buffer_max + (256 << 10),
+        "the kernel queued {overshoot} bytes for a stalled upstream (budget 4 MiB)"
+    );
     let tcp_mem_pages: u64 = std::fs::read_to_string("/proc/net/sockstat")
         .unwrap()
         .lines()

@@ -171,7 +171,7 @@ pub async fn handle_connection(
     if let (true, Some(datapath)) = (frontend.kernel, datapath) {
         let written_before =
             session::WrittenBefore::measure(&client, &upstream).unwrap_or_default();
-        match datapath.splice(client.as_fd(), upstream.as_fd()) {
+        match datapath.splice(client.as_fd(), upstream.as_fd(), frontend.session.max_lag) {
             Ok(pair) => {
                 metrics::add(&metrics.kernel_spliced, 1);
                 tracing::debug!(%upstream_addr, cookie = pair.client, "spliced in the kernel");

@@ -1,8 +1,9 @@
 //! One connection after it has been spliced in the kernel. The kernel moves the bytes;
 //! this task only watches: it forwards a FIN as a half-close once the peer's redirect
 //! backlog is flushed, propagates resets, enforces the idle timeout from the kernel's
-//! own activity stamps, bounds the backlog of a peer that stops reading, and copies the
-//! (rare) bytes the kernel handed to userspace instead of redirecting.
+//! own activity stamps, keeps each direction's lag budget (enforced by the verdict) moving
+//! with what the peer has sent on, and copies the (rare) bytes the kernel handed to
+//! userspace instead of redirecting.
 
 use std::io;
 use std::os::fd::AsFd;
@@ -18,6 +19,9 @@ use crate::sys;
 
 /// How often to look at the counters while bytes flow; doubled up to `MAX_TICK` while idle.
 const MIN_TICK: Duration = Duration::from_millis(20);
+/// While a direction moves more than a quarter of its lag budget per tick: the budget is
+/// refreshed often enough that a fast, healthy flow never runs into a stale limit.
+const FAST_TICK: Duration = Duration::from_millis(2);
 const MAX_TICK: Duration = Duration::from_secs(2);
 /// While userspace waits for a peer's kernel backlog to drain before copying.
 const COPY_TICK: Duration = Duration::from_millis(2);
@@ -37,8 +41,14 @@ struct Direction<'a> {
     copied: u64,
     /// Bytes the kernel redirected, as of the last look.
     redirected: u64,
-    /// Moved to the userspace path because `sink` fell behind.
+    /// On the userspace path because `sink` fell behind (until it catches up).
     diverted: bool,
+    /// The redirect limit last written for `src` (see `PeerLink::redirect_limit`).
+    limit: u64,
+    /// The passed-bytes mark last written for `src` (see `PeerLink::passed_mark`).
+    passed_mark: u64,
+    /// `SockCounters::over_budget` as of the last divert we noticed.
+    over_budget_seen: u64,
     /// `sink`'s written count before the splice: nothing we sent, but it can include the
     /// SYN (bytes_acked counts it on connected sockets).
     sink_base: u64,
@@ -51,6 +61,7 @@ impl<'a> Direction<'a> {
         src_cookie: u64,
         sink_cookie: u64,
         sink_base: u64,
+        limit: u64,
     ) -> Self {
         Self {
             src,
@@ -62,6 +73,9 @@ impl<'a> Direction<'a> {
             copied: 0,
             redirected: 0,
             diverted: false,
+            limit,
+            passed_mark: 0,
+            over_budget_seen: 0,
             sink_base,
         }
     }
@@ -107,6 +121,7 @@ pub async fn run(
             pair.client,
             pair.upstream,
             written_before.upstream,
+            options.max_lag,
         ),
         Direction::new(
             &upstream,
@@ -114,6 +129,7 @@ pub async fn run(
             pair.upstream,
             pair.client,
             written_before.client,
+            options.max_lag,
         ),
     ];
     let mut tick = MIN_TICK;
@@ -185,9 +201,12 @@ pub async fn run(
         }
 
         let progress: u64 = dirs.iter().map(|d| d.redirected + d.copied).sum();
+        let moved = progress.saturating_sub(last_progress);
         tick = if needs_copy {
             COPY_TICK
-        } else if progress != last_progress {
+        } else if moved > options.max_lag / 4 {
+            FAST_TICK
+        } else if moved > 0 {
             MIN_TICK
         } else {
             (tick * 2)
@@ -203,7 +222,7 @@ pub async fn run(
         bytes_up: dirs[0].redirected + dirs[0].copied,
         bytes_down: dirs[1].redirected + dirs[1].copied,
         userspace_bytes: dirs[0].copied + dirs[1].copied,
-        diverted: dirs.iter().any(|d| d.diverted),
+        diverted: dirs.iter().any(|d| d.over_budget_seen > 0),
         end,
     };
     if matches!(report.end, End::Reset) {
@@ -262,7 +281,20 @@ async fn step(
     let sink_written = sink.written().saturating_sub(d.sink_base);
     let backlog = owed_to_sink.saturating_sub(sink_written);
 
-    if counters.passed_bytes > 0 || d.diverted {
+    if counters.over_budget > d.over_budget_seen {
+        // The verdict found the sink behind by the whole budget and stopped redirecting:
+        // this direction goes through userspace, where TCP flow control holds the sender,
+        // until the sink catches up.
+        d.over_budget_seen = counters.over_budget;
+        d.diverted = true;
+        metrics::add(&metrics.diverted_slow_peer, 1);
+        tracing::debug!(
+            backlog,
+            max_lag = options.max_lag,
+            "peer fell behind; direction paused on the userspace path"
+        );
+    }
+    if counters.passed_bytes != d.passed_mark || d.diverted {
         tracing::trace!(
             redirected = counters.redirected_bytes,
             passed = counters.passed_bytes,
@@ -276,23 +308,25 @@ async fn step(
             let n = copy_ready_bytes(d).await?;
             outcome.copied = n;
             metrics::add(&metrics.userspace_payload_bytes, n);
+            if !d.eof && d.diverted {
+                let n = try_resume(datapath, d, options, metrics).await?;
+                outcome.copied += n;
+                metrics::add(&metrics.userspace_payload_bytes, n);
+            }
         }
         // Passed bytes not yet copied (we wait for the backlog, or for more to read).
-        outcome.waiting_to_copy = counters.passed_bytes > d.copied && !d.eof;
-        if backlog > 0 {
-            outcome.waiting_to_copy = true;
+        outcome.waiting_to_copy =
+            (counters.passed_bytes > d.copied && !d.eof) || backlog > 0 || d.diverted;
+    } else {
+        // Move the budget along with what the sink has sent on; skip small moves to save
+        // map updates. Our own copies are in `sink_written` too, hence the subtraction.
+        let limit = sink_written
+            .saturating_sub(d.copied)
+            .saturating_add(options.max_lag);
+        if limit >= d.limit.saturating_add(options.max_lag / 8) {
+            datapath.set_redirect_limit(d.src_cookie, d.sink_cookie, limit, d.passed_mark)?;
+            d.limit = limit;
         }
-    } else if backlog > options.max_lag {
-        // The sink stopped reading and the kernel would queue without limit: from now on
-        // this direction goes through userspace, where TCP flow control applies.
-        datapath.divert_to_userspace(d.src_cookie, d.sink_cookie)?;
-        d.diverted = true;
-        metrics::add(&metrics.diverted_slow_peer, 1);
-        tracing::warn!(
-            backlog,
-            max_lag = options.max_lag,
-            "peer fell behind; direction moved to the userspace path"
-        );
     }
 
     if d.eof {
@@ -314,6 +348,49 @@ async fn step(
         }
     }
     Ok(outcome)
+}
+
+/// Hands a paused direction back to the kernel once everything userspace owes the sink
+/// is written. The verdict must not run while we decide: `SO_RCVLOWAT = INT_MAX` holds
+/// new bytes in the receive queue (as in the first hand-over); we copy what was passed,
+/// check that no verdict ran meanwhile, move the mark, and release the hold. Returns the
+/// bytes copied.
+async fn try_resume(
+    datapath: &Datapath,
+    d: &mut Direction<'_>,
+    options: &SessionOptions,
+    metrics: &L4Metrics,
+) -> io::Result<u64> {
+    sys::set_rcvlowat(d.src.as_fd(), libc::c_int::MAX)?;
+    let result = async {
+        let before = datapath.counters(d.src_cookie)?;
+        let copied = copy_ready_bytes(d).await?;
+        let after = datapath.counters(d.src_cookie)?;
+        let sink_written = sys::tcp_bytes(d.sink.as_fd())?
+            .written()
+            .saturating_sub(d.sink_base);
+        let flushed = sink_written >= after.redirected_bytes + d.copied;
+        // A FIN (it ignores the hold) or a verdict between our looks: not now.
+        if d.eof || after.passed_bytes != before.passed_bytes || !flushed {
+            return Ok::<u64, io::Error>(copied);
+        }
+        let limit = sink_written
+            .saturating_sub(d.copied)
+            .saturating_add(options.max_lag);
+        datapath.set_redirect_limit(d.src_cookie, d.sink_cookie, limit, after.passed_bytes)?;
+        d.limit = limit;
+        d.passed_mark = after.passed_bytes;
+        d.diverted = false;
+        metrics::add(&metrics.resumed_kernel, 1);
+        tracing::debug!("peer caught up; direction back on the kernel path");
+        Ok(copied)
+    }
+    .await;
+    // Release the hold: bytes that arrived meanwhile meet the verdict now, in order.
+    let released = sys::set_rcvlowat(d.src.as_fd(), 1);
+    let copied = result?;
+    released?;
+    Ok(copied)
 }
 
 /// Reads what userspace may read from `src` now and writes it all to `sink`.
