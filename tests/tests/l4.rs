@@ -447,6 +447,14 @@ fn assert_no_leaks(proxy: &Proxy) {
     }
 }
 
+fn max_redirected(dp: &Datapath) -> u64 {
+    dp.all_counters()
+        .iter()
+        .map(|(_, c)| c.redirected_bytes)
+        .max()
+        .unwrap_or(0)
+}
+
 /// Bytes in a socket's receive queue (FIONREAD).
 fn bytes_waiting(stream: &TcpStream) -> u64 {
     use std::os::fd::AsRawFd as _;
@@ -533,8 +541,9 @@ async fn no_leaks_after_10000_sequential_and_1000_concurrent() {
 }
 
 /// An upstream that stops reading must not make the kernel queue without limit: the
-/// direction moves to the userspace path (TCP flow control), the client is throttled,
-/// and when the upstream reads again every byte arrives in order.
+/// verdict stops at the lag budget and the direction pauses on the userspace path (TCP
+/// flow control), the client is throttled; when the upstream reads again every byte
+/// arrives in order, and once it has caught up the direction is back in the kernel.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_upstream_is_bounded_then_resumes() {
     let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -547,8 +556,14 @@ async fn slow_upstream_is_bounded_then_resumes() {
     let expected = sha256(&payload);
     let mut client = TcpStream::connect(proxy.addr).await.unwrap();
     let (mut upstream, _) = server.accept().await.unwrap();
+    // The client sends 192 MiB, then (once the upstream has caught up and the direction is
+    // back in the kernel) the last 64 MiB.
+    let (caught_up, wait_for_catch_up) = tokio::sync::oneshot::channel::<()>();
+    let first_part = 192 << 20;
     let writer = tokio::spawn(async move {
-        client.write_all(&payload).await.unwrap();
+        client.write_all(&payload[..first_part]).await.unwrap();
+        wait_for_catch_up.await.unwrap();
+        client.write_all(&payload[first_part..]).await.unwrap();
         client.shutdown().await.unwrap();
         client
     });
@@ -618,6 +633,8 @@ async fn slow_upstream_is_bounded_then_resumes() {
     let mut got = Vec::new();
     let mut buf = vec![0u8; 1 << 20];
     let resumed = Instant::now();
+    let mut caught_up = Some(caught_up);
+    let mut redirected_at_resume = None;
     loop {
         match tokio::time::timeout(Duration::from_secs(10), upstream.read(&mut buf)).await {
             Ok(Ok(0)) => break,
@@ -631,6 +648,19 @@ async fn slow_upstream_is_bounded_then_resumes() {
                 proxy.metrics.snapshot()
             ),
         }
+        if got.len() == first_part
+            && let Some(caught_up) = caught_up.take()
+        {
+            // The sender has paused and the upstream holds everything: the direction
+            // must go back to the kernel path by itself.
+            let m = proxy.metrics.clone();
+            eventually("the direction resumes on the kernel path", || {
+                get(&m.resumed_kernel) >= 1
+            })
+            .await;
+            redirected_at_resume = Some(max_redirected(dp));
+            caught_up.send(()).unwrap();
+        }
     }
     println!("resumed and finished in {:?}", resumed.elapsed());
     let _client = writer.await.unwrap();
@@ -638,5 +668,13 @@ async fn slow_upstream_is_bounded_then_resumes() {
     assert!(
         sha256(&got) == expected,
         "bytes after the stall arrived out of order or changed"
+    );
+    // After the resume the last part went through the kernel again.
+    let redirected_after = max_redirected(dp) - redirected_at_resume.unwrap();
+    println!("redirected in the kernel after the resume: {redirected_after} B");
+    assert!(
+        redirected_after > 0,
+        "nothing was redirected after the resume: {:?}",
+        proxy.metrics.snapshot()
     );
 }

@@ -350,10 +350,12 @@ async fn step(
     Ok(outcome)
 }
 
-/// Hands a paused direction back to the kernel once everything userspace owes the sink
-/// is written. The verdict must not run while we decide: `SO_RCVLOWAT = INT_MAX` holds
-/// new bytes in the receive queue (as in the first hand-over); we copy what was passed,
-/// check that no verdict ran meanwhile, move the mark, and release the hold. Returns the
+/// Hands a paused direction back to the kernel once userspace has copied every byte the
+/// verdict passed. `SO_RCVLOWAT = INT_MAX` makes verdicts rare while we decide (as in the
+/// first hand-over), but memory pressure can still run one, so the rule is: read the
+/// passed count, find the queue empty, read the count again; only if it did not move is
+/// every passed byte copied, and the mark may move to it. A verdict after that passes
+/// again (the count is past the mark), so order holds whatever the timing. Returns the
 /// bytes copied.
 async fn try_resume(
     datapath: &Datapath,
@@ -361,29 +363,40 @@ async fn try_resume(
     options: &SessionOptions,
     metrics: &L4Metrics,
 ) -> io::Result<u64> {
+    const ATTEMPTS: usize = 64;
     sys::set_rcvlowat(d.src.as_fd(), libc::c_int::MAX)?;
+    let mut buf = vec![0u8; COPY_BUF];
     let result = async {
-        let before = datapath.counters(d.src_cookie)?;
-        let copied = copy_ready_bytes(d).await?;
-        let after = datapath.counters(d.src_cookie)?;
-        let sink_written = sys::tcp_bytes(d.sink.as_fd())?
-            .written()
-            .saturating_sub(d.sink_base);
-        let flushed = sink_written >= after.redirected_bytes + d.copied;
-        // A FIN (it ignores the hold) or a verdict between our looks: not now.
-        if d.eof || after.passed_bytes != before.passed_bytes || !flushed {
-            return Ok::<u64, io::Error>(copied);
+        let mut copied = 0u64;
+        for _ in 0..ATTEMPTS {
+            let passed_before = datapath.counters(d.src_cookie)?.passed_bytes;
+            match copy_once(d, &mut buf).await? {
+                Read::Copied(n) => {
+                    copied += n;
+                    continue;
+                }
+                Read::Eof => return Ok(copied),
+                Read::Empty => {}
+            }
+            let after = datapath.counters(d.src_cookie)?;
+            if after.passed_bytes != passed_before {
+                continue;
+            }
+            let sink_written = sys::tcp_bytes(d.sink.as_fd())?
+                .written()
+                .saturating_sub(d.sink_base);
+            let limit = sink_written
+                .saturating_sub(d.copied)
+                .saturating_add(options.max_lag);
+            datapath.set_redirect_limit(d.src_cookie, d.sink_cookie, limit, after.passed_bytes)?;
+            d.limit = limit;
+            d.passed_mark = after.passed_bytes;
+            d.diverted = false;
+            metrics::add(&metrics.resumed_kernel, 1);
+            tracing::debug!("peer caught up; direction back on the kernel path");
+            break;
         }
-        let limit = sink_written
-            .saturating_sub(d.copied)
-            .saturating_add(options.max_lag);
-        datapath.set_redirect_limit(d.src_cookie, d.sink_cookie, limit, after.passed_bytes)?;
-        d.limit = limit;
-        d.passed_mark = after.passed_bytes;
-        d.diverted = false;
-        metrics::add(&metrics.resumed_kernel, 1);
-        tracing::debug!("peer caught up; direction back on the kernel path");
-        Ok(copied)
+        Ok::<u64, io::Error>(copied)
     }
     .await;
     // Release the hold: bytes that arrived meanwhile meet the verdict now, in order.
@@ -393,23 +406,37 @@ async fn try_resume(
     Ok(copied)
 }
 
+enum Read {
+    Copied(u64),
+    Empty,
+    Eof,
+}
+
+/// One read from `src` (without waiting), written in full to `sink`.
+async fn copy_once(d: &mut Direction<'_>, buf: &mut [u8]) -> io::Result<Read> {
+    match sys::recv_now(d.src.as_fd(), buf) {
+        Ok(0) => {
+            d.eof = true;
+            Ok(Read::Eof)
+        }
+        Ok(n) => {
+            write_all(d.sink, &buf[..n]).await?;
+            d.copied += n as u64;
+            Ok(Read::Copied(n as u64))
+        }
+        Err(err) if err.kind() == io::ErrorKind::WouldBlock => Ok(Read::Empty),
+        Err(err) => Err(err),
+    }
+}
+
 /// Reads what userspace may read from `src` now and writes it all to `sink`.
 async fn copy_ready_bytes(d: &mut Direction<'_>) -> io::Result<u64> {
     let mut buf = vec![0u8; COPY_BUF];
     let mut total = 0u64;
     loop {
-        match sys::recv_now(d.src.as_fd(), &mut buf) {
-            Ok(0) => {
-                d.eof = true;
-                return Ok(total);
-            }
-            Ok(n) => {
-                write_all(d.sink, &buf[..n]).await?;
-                d.copied += n as u64;
-                total += n as u64;
-            }
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(total),
-            Err(err) => return Err(err),
+        match copy_once(d, &mut buf).await? {
+            Read::Copied(n) => total += n,
+            Read::Empty | Read::Eof => return Ok(total),
         }
     }
 }
