@@ -6,3 +6,4 @@ pub mod ebpf;
 pub mod l4;
 pub mod metrics;
 pub mod sys;
+pub mod xdp;
