@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests: privilege checks, payloads, hashing,
 //! and TCP pairs on loopback with ephemeral ports.
 
+pub mod netns;
+
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::thread;
