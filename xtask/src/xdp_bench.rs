@@ -25,7 +25,7 @@ const DEST: [u8; 4] = [10, 201, 0, 1];
 const PORT: u16 = 18883;
 const INSTANCE: &str = "xdpbench";
 const ROUNDS: usize = 3;
-const SECONDS: u64 = 4;
+const SECONDS: u64 = 3;
 
 /// Deletes the bench namespaces (and with them the veth pair) on drop.
 struct Namespaces;
@@ -102,17 +102,35 @@ pub fn run() -> anyhow::Result<()> {
     crate::setup::ensure_packages(&["nftables"])?;
     crate::build(true)?;
     let _namespaces = Namespaces::create()?;
-    let filters: [(&str, &str, Option<&str>); 3] = [
-        ("XDP guard", "generic XDP on veth", None),
-        ("nftables", "netdev ingress", Some(NFT_INGRESS)),
-        ("nftables", "inet prerouting (raw)", Some(NFT_PREROUTING)),
+    let filters: [(&str, &str, Filter); 5] = [
+        ("none", "SYNs reach TCP (closed port: RST)", Filter::None),
+        ("XDP guard", "generic (skb) XDP", Filter::Xdp("generic")),
+        ("nftables", "netdev ingress", Filter::Nft(NFT_INGRESS)),
+        (
+            "nftables",
+            "inet prerouting, priority raw",
+            Filter::Nft(NFT_PREROUTING),
+        ),
+        (
+            "XDP guard",
+            "native XDP (veth driver), for reference",
+            Filter::Xdp("native"),
+        ),
     ];
     let mut results: Vec<Vec<Sample>> = vec![Vec::new(); filters.len()];
     for round in 0..ROUNDS {
         for (i, (name, hook, nft)) in filters.iter().enumerate() {
             let sample = match nft {
-                None => measure_xdp()?,
-                Some(ruleset) => measure_nft(ruleset)?,
+                Filter::Xdp(mode) => measure_xdp(mode)?,
+                Filter::Nft(ruleset) => measure_nft(ruleset)?,
+                Filter::None => {
+                    let (sent, elapsed) = blast()?;
+                    let sent_pps = sent as f64 / elapsed;
+                    Sample {
+                        sent_pps,
+                        dropped_pps: 0.0,
+                    }
+                }
             };
             eprintln!(
                 "xdp-bench: round {} {name} ({hook}): sent {:.0} pps, dropped {:.0} pps",
@@ -130,7 +148,7 @@ pub fn run() -> anyhow::Result<()> {
         output(Command::new("uname").arg("-r"))?.trim()
     );
     println!();
-    println!("| filter | hook | dropped pps | sent pps |");
+    println!("| filter | where | dropped pps | sent pps |");
     println!("|---|---|---|---|");
     for ((name, hook, _), samples) in filters.iter().zip(&results) {
         let dropped: Vec<f64> = samples.iter().map(|s| s.dropped_pps).collect();
@@ -142,6 +160,15 @@ pub fn run() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+enum Filter {
+    /// No filter: the baseline the filters save work against.
+    None,
+    /// The agent's guard in this `[xdp] mode`.
+    Xdp(&'static str),
+    /// An nftables ruleset with the same match.
+    Nft(&'static str),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -160,8 +187,8 @@ fn summary(values: &[f64]) -> String {
     }
 }
 
-/// Runs the agent with only the guard (generic mode, deny the sender) and counts its drops.
-fn measure_xdp() -> anyhow::Result<Sample> {
+/// Runs the agent with the guard in `mode`, denying the sender, and counts its drops.
+fn measure_xdp(mode: &str) -> anyhow::Result<Sample> {
     let config = std::env::temp_dir().join("forwarder-xdp-bench.toml");
     std::fs::write(
         &config,
@@ -176,7 +203,7 @@ name = "none"
 servers = [{{ address = "127.0.0.1:9" }}]
 [xdp]
 interfaces = ["{FWD_IF}"]
-mode = "generic"
+mode = "{mode}"
 deny = ["10.201.0.2/32"]
 "#
         ),
