@@ -180,7 +180,7 @@ fn take_token(source: &[u8; 16], settings: &XdpSettings) -> bool {
             last_ns: now,
         };
         // If the insert fails the source simply starts again with a full bucket next time.
-        let _ = BUCKETS.insert(source, &fresh, 0);
+        let _ = BUCKETS.insert(source, fresh, 0);
         return true;
     };
     // SAFETY: the pointer comes from a successful lookup; see the race note above.
