@@ -443,3 +443,29 @@ deny = ["{PEER2_V4}/32"]
         "{err:#}"
     );
 }
+
+/// A driver without native XDP (a bridge) gets generic mode, next to a veth in native mode;
+/// both detach when the guard drops.
+#[test]
+fn falls_back_to_generic_mode_where_the_driver_has_no_xdp() {
+    require_root();
+    let pair = VethPair::new();
+    let bridge = format!("br{}", unique());
+    ip(&["-n", &pair.fwd_ns, "link", "add", &bridge, "type", "bridge"]);
+    ip(&["-n", &pair.fwd_ns, "link", "set", &bridge, "up"]);
+    let guard = start(
+        &pair,
+        XdpConfig {
+            interfaces: vec![pair.fwd_if.clone(), bridge.clone()],
+            ..Default::default()
+        },
+    );
+    let modes: Vec<_> = guard.attached().iter().map(|a| a.mode).collect();
+    assert_eq!(modes, [AttachedMode::Native, AttachedMode::Generic]);
+    let bridge_link = ip(&["-n", &pair.fwd_ns, "-j", "link", "show", "dev", &bridge]);
+    assert!(bridge_link.contains("xdp_guard"), "{bridge_link}");
+    drop(guard);
+    assert_no_xdp(&pair);
+    let bridge_link = ip(&["-n", &pair.fwd_ns, "-j", "link", "show", "dev", &bridge]);
+    assert!(!bridge_link.contains("\"xdp\""), "{bridge_link}");
+}
