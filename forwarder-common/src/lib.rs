@@ -16,6 +16,25 @@ pub mod names {
     pub const VERDICT: &str = "splice_verdict";
     /// Where the agent pins its maps: `<PIN_ROOT>/<instance>/<map name>`.
     pub const PIN_ROOT: &str = "/sys/fs/bpf/forwarder";
+
+    /// The XDP ingress guard program (in its own object, see `forwarder::xdp`).
+    pub const XDP_GUARD: &str = "xdp_guard";
+    /// HashMap: TCP port (host order) -> 1. Only TCP to these ports is judged.
+    pub const XDP_PORTS: &str = "XDP_PORTS";
+    /// LpmTrie: IPv4 prefix -> 1. Sources allowed when the allow-list is on.
+    pub const XDP_ALLOW_V4: &str = "XDP_ALLOW_V4";
+    /// LpmTrie: IPv4 prefix -> 1. Sources always dropped.
+    pub const XDP_DENY_V4: &str = "XDP_DENY_V4";
+    /// LpmTrie: IPv6 prefix -> 1.
+    pub const XDP_ALLOW_V6: &str = "XDP_ALLOW_V6";
+    /// LpmTrie: IPv6 prefix -> 1.
+    pub const XDP_DENY_V6: &str = "XDP_DENY_V6";
+    /// Array of one [`super::XdpSettings`], written by userspace only.
+    pub const XDP_SETTINGS: &str = "XDP_SETTINGS";
+    /// LruHashMap: source address (IPv4 mapped into IPv6) -> [`super::SynBucket`].
+    pub const XDP_SYN_BUCKETS: &str = "XDP_SYN_BUCKETS";
+    /// PerCpuArray: [`super::xdp_reason`] index -> packets.
+    pub const XDP_STATS: &str = "XDP_STATS";
 }
 
 /// Upper bound of sockets (two per spliced connection) the maps hold.
@@ -74,10 +93,92 @@ pub struct SockCounters {
 }
 const _: () = assert!(core::mem::size_of::<SockCounters>() == 48);
 
+/// Ports the XDP guard can protect (one per frontend).
+pub const XDP_MAX_PORTS: u32 = 256;
+/// Prefixes per allow or deny list and address family.
+pub const XDP_MAX_RULES: u32 = 16_384;
+/// Sources whose SYN rate is tracked at once; the least recently seen are evicted.
+pub const XDP_MAX_SOURCES: u32 = 65_536;
+/// Upper bound of `XdpSettings::syn_rate_per_sec` and `syn_burst`, so the token
+/// arithmetic (in nano-tokens) cannot overflow a u64.
+pub const XDP_MAX_SYN_RATE: u64 = 1_000_000;
+/// Refill at most this much idle time at once (1000 s): with the rate bound above,
+/// `elapsed * rate` stays below 2^63.
+pub const XDP_MAX_REFILL_NS: u64 = 1_000_000_000_000;
+/// One SYN costs this many nano-tokens: integer token-bucket arithmetic without division.
+pub const XDP_NANOS_PER_TOKEN: u64 = 1_000_000_000;
+
+/// Why the XDP guard passed or dropped a packet: the index into `XDP_STATS`.
+pub mod xdp_reason {
+    /// TCP to a protected port from an acceptable source, within its SYN rate.
+    pub const PASSED: u32 = 0;
+    /// Source matched the deny-list.
+    pub const DROPPED_DENY: u32 = 1;
+    /// The allow-list is on and the source is not on it.
+    pub const DROPPED_NOT_ALLOWED: u32 = 2;
+    /// A SYN beyond the source's token bucket.
+    pub const DROPPED_SYN_RATE: u32 = 3;
+    /// TCP to a port no frontend listens on: not judged.
+    pub const PASSED_OTHER_PORT: u32 = 4;
+    /// Not TCP over IPv4/IPv6 (ARP, ICMP, UDP, IPv6 with extension headers, fragments).
+    pub const PASSED_NOT_TCP: u32 = 5;
+    /// Too short to hold the headers it announces: left for the stack to reject.
+    pub const PASSED_MALFORMED: u32 = 6;
+    /// Entries in `XDP_STATS`.
+    pub const COUNT: u32 = 7;
+    /// Names for display, by index.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "passed",
+        "dropped_deny",
+        "dropped_not_allowed",
+        "dropped_syn_rate",
+        "passed_other_port",
+        "passed_not_tcp",
+        "passed_malformed",
+    ];
+
+    /// Whether the packet counted under `reason` was dropped.
+    pub const fn is_drop(reason: u32) -> bool {
+        matches!(
+            reason,
+            DROPPED_DENY | DROPPED_NOT_ALLOWED | DROPPED_SYN_RATE
+        )
+    }
+}
+
+/// The XDP guard's settings. Owned by userspace: the kernel only reads entry 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct XdpSettings {
+    /// Tokens (SYNs) added per second to each source's bucket.
+    pub syn_rate_per_sec: u64,
+    /// Bucket size; 0 turns the SYN limit off.
+    pub syn_burst: u64,
+    /// Non-zero: sources that match no allow prefix (of either family) are dropped.
+    pub allow_list_on: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<XdpSettings>() == 24);
+
+/// One source's SYN token bucket. Owned by the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SynBucket {
+    /// Tokens left, in units of 1/`XDP_NANOS_PER_TOKEN` SYN.
+    pub nano_tokens: u64,
+    /// `bpf_ktime_get_ns()` of the last refill.
+    pub last_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<SynBucket>() == 16);
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: both are repr(C), made only of integers, with no implicit padding.
     unsafe impl aya::Pod for super::PeerLink {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SockCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::XdpSettings {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SynBucket {}
 }

@@ -239,6 +239,8 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let (running, datapath) = start(&config, &options, shutdown.clone()).await?;
+    // Attached once the frontends are bound, so their ports are known; detached on drop.
+    let xdp = crate::xdp::start_for(&config, running.iter().map(|r| r.addr))?;
     let mut report = tokio::time::interval(Duration::from_secs(30));
     report.tick().await;
     loop {
@@ -254,6 +256,7 @@ pub async fn run(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     log_stats(&running);
+    drop(xdp);
     drop(datapath);
     Ok(())
 }

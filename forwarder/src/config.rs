@@ -17,6 +17,42 @@ pub struct Config {
     pub frontends: Vec<Frontend>,
     #[serde(default, rename = "backend")]
     pub backends: Vec<Backend>,
+    /// The XDP ingress guard; absent: no XDP program is attached.
+    #[serde(default)]
+    pub xdp: Option<XdpConfig>,
+}
+
+/// `[xdp]`: the XDP ingress guard on the listening interfaces (see `crate::xdp`).
+#[derive(Debug, Deserialize, Clone, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct XdpConfig {
+    pub interfaces: Vec<String>,
+    /// Take an interface over from another XDP program instead of refusing to start.
+    #[serde(default)]
+    pub replace: bool,
+    #[serde(default)]
+    pub mode: XdpAttach,
+    /// CIDR prefixes; once any is set, sources matching none are dropped.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// CIDR prefixes always dropped (checked before the allow-list).
+    #[serde(default)]
+    pub deny: Vec<String>,
+    #[serde(default)]
+    pub syn_rate_per_sec: u64,
+    /// SYNs a source may send at once; 0 turns the SYN limit off.
+    #[serde(default)]
+    pub syn_burst: u64,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpAttach {
+    /// Native (driver) mode, falling back to generic where the driver lacks XDP.
+    #[default]
+    Auto,
+    Native,
+    Generic,
 }
 
 #[derive(Debug, Deserialize, Clone, PartialEq)]
@@ -299,6 +335,9 @@ impl Config {
         if self.frontends.is_empty() {
             return invalid("no frontends configured".into());
         }
+        if let Some(xdp) = &self.xdp {
+            crate::xdp::validate(xdp).map_err(ConfigError::Invalid)?;
+        }
         Ok(())
     }
 
@@ -374,6 +413,7 @@ impl Config {
                 frontend("amqp", 5671, Mode::Splice),
             ],
             backends: vec![backend("mqtt", 8883), backend("amqp", 5671)],
+            xdp: None,
         };
         if let Some((cert, key)) = https {
             let mut https = frontend("https", 443, Mode::Http);
@@ -455,6 +495,30 @@ servers = [{ address = "a.azure-devices.net:8883", weight = 2 }]
         )
         .unwrap();
         assert_eq!(c.warnings().len(), 1);
+    }
+
+    #[test]
+    fn xdp_table_parses_and_bad_cidrs_are_rejected() {
+        let with_xdp = format!(
+            "{GOOD}\n[xdp]\ninterfaces = [\"eth0\"]\ndeny = [\"192.0.2.0/24\"]\nsyn_rate_per_sec = 50\nsyn_burst = 100\n"
+        );
+        let c = Config::parse(&with_xdp, "x").unwrap();
+        let xdp = c.xdp.unwrap();
+        assert_eq!(
+            (xdp.mode, xdp.replace, xdp.syn_burst),
+            (XdpAttach::Auto, false, 100)
+        );
+        let err = Config::parse(&with_xdp.replace("192.0.2.0/24", "192.0.2.1/24"), "x")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("xdp.deny[0]") && err.contains("host bits"),
+            "{err}"
+        );
+        let err = Config::parse(&format!("{with_xdp}bogus = 1\n"), "x")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bogus"), "{err}");
     }
 
     #[test]

@@ -37,5 +37,6 @@ pub async fn start() -> anyhow::Result<Config> {
         instance: "demo".into(),
         frontends: vec![frontend],
         backends: vec![backend],
+        xdp: None,
     })
 }

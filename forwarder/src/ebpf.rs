@@ -319,7 +319,7 @@ fn map_data<K: aya::Pod, V>(map: &impl aya::maps::IterableMap<K, V>) -> &MapData
 }
 
 /// Mounts bpffs on /sys/fs/bpf if nothing is mounted there (a fresh machine has none).
-fn ensure_bpffs() -> anyhow::Result<()> {
+pub(crate) fn ensure_bpffs() -> anyhow::Result<()> {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     if mounts
         .lines()

@@ -54,6 +54,11 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Change or read the running agent's XDP ingress guard (allow|deny add|del, list, stats).
+    Xdp {
+        #[command(subcommand)]
+        command: forwarder::xdp::cli::XdpCommand,
+    },
 }
 
 fn init_logging(json: bool) {
@@ -72,6 +77,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_json);
     match cli.command {
+        Command::Xdp { command } => forwarder::xdp::cli::run(command, &mut std::io::stdout()),
         Command::Check { config } => {
             let config = Config::load(&config)?;
             for w in config.warnings() {

@@ -2,6 +2,7 @@
 //! and TCP pairs on loopback with ephemeral ports.
 
 pub mod hub;
+pub mod netns;
 pub mod peers;
 pub mod pki;
 

@@ -89,6 +89,7 @@ impl Setup {
             instance: "https-test".into(),
             frontends: vec![frontend],
             backends: vec![backend],
+            xdp: None,
         };
         config.validate().expect("test config is valid");
         config

@@ -97,6 +97,7 @@ async fn main() -> anyhow::Result<()> {
         instance: "http-rough".into(),
         frontends: vec![frontend],
         backends: vec![backend],
+        xdp: None,
     };
     let (_stop, stopped) = tokio::sync::watch::channel(false);
     let (running, _) = agent::start(&config, &RunOptions::default(), stopped).await?;

@@ -1,0 +1,418 @@
+//! Two network namespaces joined by a veth pair, made and removed per test, plus what the
+//! XDP tests do inside them: listen, connect from a chosen source, and send a fixed count
+//! of raw TCP SYN frames (so drop counters can be checked against packets really sent).
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The forwarder's side (`fwd` namespace) and the clients' side (`peer` namespace).
+pub const FWD_V4: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
+pub const PEER_V4: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
+/// A second client address on the peer side.
+pub const PEER2_V4: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 3);
+pub const FWD_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 1);
+pub const PEER_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 2);
+pub const PEER2_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 3);
+pub const FWD_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x20, 0x01];
+pub const PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x20, 0x02];
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A unique suffix per test and process: `<pid>x<counter>`.
+pub fn unique() -> String {
+    format!(
+        "{}x{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Two namespaces and a veth pair between them; dropping it deletes both namespaces
+/// (which destroys the veth pair and everything in them).
+pub struct VethPair {
+    pub fwd_ns: String,
+    pub peer_ns: String,
+    /// Interface in `fwd_ns`: the XDP guard attaches here.
+    pub fwd_if: String,
+    /// Interface in `peer_ns`.
+    pub peer_if: String,
+}
+
+pub fn ip(args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("running ip (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl VethPair {
+    pub fn new() -> Self {
+        let id = unique();
+        let pair = Self {
+            fwd_ns: format!("fxf{id}"),
+            peer_ns: format!("fxp{id}"),
+            fwd_if: format!("vf{id}"),
+            peer_if: format!("vp{id}"),
+        };
+        assert!(pair.fwd_if.len() <= 15, "interface name too long");
+        let (f, p) = (pair.fwd_ns.as_str(), pair.peer_ns.as_str());
+        ip(&["netns", "add", f]);
+        ip(&["netns", "add", p]);
+        let mac = |m: [u8; 6]| {
+            m.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        };
+        let (fmac, pmac) = (mac(FWD_MAC), mac(PEER_MAC));
+        #[rustfmt::skip]
+        ip(&["link", "add", "name", &pair.fwd_if, "address", &fmac, "netns", f, "type", "veth",
+             "peer", "name", &pair.peer_if, "address", &pmac, "netns", p]);
+        let v4 = |a: Ipv4Addr| format!("{a}/24");
+        let v6 = |a: Ipv6Addr| format!("{a}/64");
+        for (ns, dev, addrs) in [
+            (f, &pair.fwd_if, vec![v4(FWD_V4), v6(FWD_V6)]),
+            (
+                p,
+                &pair.peer_if,
+                vec![v4(PEER_V4), v4(PEER2_V4), v6(PEER_V6), v6(PEER2_V6)],
+            ),
+        ] {
+            for addr in addrs {
+                let mut args = vec!["-n", ns, "addr", "add", &addr, "dev", dev];
+                if addr.contains(':') {
+                    args.push("nodad");
+                }
+                ip(&args);
+            }
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+        }
+        pair
+    }
+
+    /// `ip -j link show` of the forwarder-side interface (shows any XDP program on it).
+    pub fn fwd_link_json(&self) -> String {
+        ip(&[
+            "-n",
+            &self.fwd_ns,
+            "-j",
+            "link",
+            "show",
+            "dev",
+            &self.fwd_if,
+        ])
+    }
+}
+
+impl Default for VethPair {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for VethPair {
+    fn drop(&mut self) {
+        for ns in [&self.fwd_ns, &self.peer_ns] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Runs `f` on a thread that has joined network namespace `ns` (sockets it creates, and
+/// interface names it resolves, belong to that namespace).
+pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    spawn_in_ns(ns, f)
+        .join()
+        .expect("namespace thread panicked")
+}
+
+/// Connects from `source` (an address of the namespace) to `dest` within `timeout`.
+pub fn connect_from(
+    ns: &str,
+    source: IpAddr,
+    dest: SocketAddr,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    in_ns(ns, move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async move {
+            let socket = match source {
+                IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+            };
+            socket.bind(SocketAddr::new(source, 0))?;
+            let stream = tokio::time::timeout(timeout, socket.connect(dest))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+            let stream = stream.into_std()?;
+            stream.set_nonblocking(false)?;
+            Ok(stream)
+        })
+    })
+}
+
+/// Connects from `source`, writes a line, and expects it echoed back.
+pub fn echo_round_trip(ns: &str, source: IpAddr, dest: SocketAddr) -> io::Result<()> {
+    let mut stream = connect_from(ns, source, dest, Duration::from_secs(3))?;
+    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let message = format!("hello from {source}\n");
+    stream.write_all(message.as_bytes())?;
+    let mut got = vec![0u8; message.len()];
+    stream.read_exact(&mut got)?;
+    assert_eq!(got, message.as_bytes(), "echo differs");
+    Ok(())
+}
+
+/// An echo server on `addr` in namespace `ns`; stops and joins on drop.
+pub struct EchoServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl EchoServer {
+    pub fn start(ns: &str, addr: SocketAddr) -> Self {
+        let listener: TcpListener = in_ns(ns, move || {
+            TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"))
+        });
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut stream, _)) => {
+                        let _ = stream.set_nonblocking(false);
+                        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                        thread::spawn(move || {
+                            let mut buf = [0u8; 4096];
+                            while let Ok(n) = stream.read(&mut buf) {
+                                if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        });
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sends `count` TCP SYN frames from `source` to `dest` out of `ifname` in namespace `ns`
+/// (AF_PACKET, so exactly these frames and nothing else), source ports counting up from
+/// 20000. Paced in small batches so the veth ring never overflows: every frame reaches XDP.
+pub fn send_syns(ns: &str, ifname: &str, source: IpAddr, dest: SocketAddr, count: u32) {
+    let ifname = ifname.to_string();
+    in_ns(ns, move || {
+        // SAFETY: plain socket creation; the fd is owned below.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+        assert!(fd >= 0, "AF_PACKET socket: {}", io::Error::last_os_error());
+        // SAFETY: fd was just created and is owned by nothing else.
+        let socket: std::os::fd::OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
+        let name = std::ffi::CString::new(ifname.clone()).expect("interface name");
+        // SAFETY: valid NUL-terminated string.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert!(ifindex != 0, "no interface {ifname}");
+        // SAFETY: sockaddr_ll is plain data; zero is a valid start.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = ifindex as i32;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&FWD_MAC);
+        for i in 0..count {
+            let frame = syn_frame(source, dest, 20_000 + (i % 40_000) as u16);
+            // SAFETY: frame and addr outlive the call; lengths are theirs.
+            let sent = unsafe {
+                libc::sendto(
+                    socket.as_raw_fd(),
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&raw const addr).cast(),
+                    size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            assert_eq!(
+                sent,
+                frame.len() as isize,
+                "sendto: {}",
+                io::Error::last_os_error()
+            );
+            if i % 16 == 15 {
+                thread::sleep(Duration::from_millis(1));
+            }
+        }
+    });
+}
+
+/// An Ethernet frame holding a TCP SYN with valid IP and TCP checksums.
+pub fn syn_frame(source: IpAddr, dest: SocketAddr, sport: u16) -> Vec<u8> {
+    let mut tcp = Vec::with_capacity(20);
+    tcp.extend_from_slice(&sport.to_be_bytes());
+    tcp.extend_from_slice(&dest.port().to_be_bytes());
+    tcp.extend_from_slice(&0x1000_0000u32.wrapping_add(u32::from(sport)).to_be_bytes());
+    tcp.extend_from_slice(&0u32.to_be_bytes());
+    tcp.extend_from_slice(&[0x50, 0x02]); // 20-byte header, SYN
+    tcp.extend_from_slice(&64240u16.to_be_bytes());
+    tcp.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
+    let mut frame = Vec::with_capacity(74);
+    frame.extend_from_slice(&FWD_MAC);
+    frame.extend_from_slice(&PEER_MAC);
+    match (source, dest.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut pseudo = Vec::new();
+            pseudo.extend_from_slice(&s.octets());
+            pseudo.extend_from_slice(&d.octets());
+            pseudo.extend_from_slice(&[0, 6, 0, 20]);
+            let sum = checksum(&[&pseudo, &tcp]);
+            tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+            frame.extend_from_slice(&[0x08, 0x00]);
+            let mut hdr = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0];
+            hdr.extend_from_slice(&s.octets());
+            hdr.extend_from_slice(&d.octets());
+            let sum = checksum(&[&hdr]);
+            hdr[10..12].copy_from_slice(&sum.to_be_bytes());
+            frame.extend_from_slice(&hdr);
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let mut pseudo = Vec::new();
+            pseudo.extend_from_slice(&s.octets());
+            pseudo.extend_from_slice(&d.octets());
+            pseudo.extend_from_slice(&[0, 0, 0, 20, 0, 0, 0, 6]);
+            let sum = checksum(&[&pseudo, &tcp]);
+            tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+            frame.extend_from_slice(&[0x86, 0xdd]);
+            frame.extend_from_slice(&[0x60, 0, 0, 0, 0, 20, 6, 64]);
+            frame.extend_from_slice(&s.octets());
+            frame.extend_from_slice(&d.octets());
+        }
+        _ => panic!("source and destination must be the same address family"),
+    }
+    frame.extend_from_slice(&tcp);
+    frame
+}
+
+fn checksum(parts: &[&[u8]]) -> u16 {
+    let mut sum = 0u32;
+    for part in parts {
+        for chunk in part.chunks(2) {
+            let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
+            sum += u32::from(word);
+        }
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Polls `probe` until it returns true or `limit` passes; returns the last answer.
+pub fn wait_until(limit: Duration, mut probe: impl FnMut() -> bool) -> bool {
+    let started = Instant::now();
+    loop {
+        if probe() {
+            return true;
+        }
+        if started.elapsed() > limit {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Loads a two-instruction XDP program (`return XDP_PASS`) by raw bpf(2), pins it at
+/// `pin`, and attaches it to `ifname` in `ns` in generic mode through netlink (iproute2),
+/// the way another tool would: the "other program" the guard must not silently replace.
+pub fn attach_foreign_xdp(ns: &str, ifname: &str, pin: &str) {
+    // r0 = 2 (XDP_PASS); exit
+    let insns: [u64; 2] = [
+        u64::from_le_bytes([0xb7, 0, 0, 0, 2, 0, 0, 0]),
+        u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
+    ];
+    let license = b"GPL\0";
+    // bpf_attr for BPF_PROG_LOAD: prog_type, insn_cnt, insns, license, then zeros.
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&6u32.to_ne_bytes()); // BPF_PROG_TYPE_XDP
+    attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
+    attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+    // SAFETY: attr is a zero-padded bpf_attr whose pointers outlive the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 5, attr.as_ptr(), attr.len()) }; // BPF_PROG_LOAD
+    assert!(fd >= 0, "BPF_PROG_LOAD: {}", io::Error::last_os_error());
+    let path = std::ffi::CString::new(pin).expect("pin path");
+    let mut attr = [0u8; 128];
+    attr[0..8].copy_from_slice(&(path.as_ptr() as u64).to_ne_bytes());
+    attr[8..12].copy_from_slice(&(fd as u32).to_ne_bytes());
+    // SAFETY: as above; BPF_OBJ_PIN = 6.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 6, attr.as_ptr(), attr.len()) };
+    assert_eq!(rc, 0, "BPF_OBJ_PIN {pin}: {}", io::Error::last_os_error());
+    // SAFETY: fd is ours; the pin keeps the program alive.
+    unsafe { libc::close(fd as i32) };
+    // Not `ip -n`: that remounts /sys in a private mount namespace, hiding the pin.
+    let (ifname, pin) = (ifname.to_string(), pin.to_string());
+    in_ns(ns, move || {
+        ip(&["link", "set", "dev", &ifname, "xdpgeneric", "pinned", &pin])
+    });
+}
+
+/// Like [`in_ns`] but returns at once: for long-running work (an agent) in a namespace.
+pub fn spawn_in_ns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> thread::JoinHandle<T> {
+    let path = format!("/run/netns/{ns}");
+    thread::spawn(move || {
+        let file = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+        // SAFETY: setns on a valid namespace fd; it changes only this thread.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", io::Error::last_os_error());
+        f()
+    })
+}
+
+/// Mounts bpffs on /sys/fs/bpf if nothing is mounted there (for pins made by tests).
+pub fn ensure_bpffs() {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    if !mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
+        let status = Command::new("mount")
+            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+            .status()
+            .expect("running mount");
+        assert!(status.success(), "mounting bpffs on /sys/fs/bpf failed");
+    }
+}

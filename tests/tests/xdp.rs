@@ -1,0 +1,471 @@
+//! XDP ingress guard: real program on a real veth pair between two namespaces made by
+//! each test. Clients in the peer namespace; the guard and the listeners in the forwarder
+//! namespace. Raw SYN frames with a fixed count let every drop counter be checked against
+//! the packets actually sent.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use forwarder::config::{XdpAttach, XdpConfig};
+use forwarder::xdp::cli::{Output, RuleAction, Target, XdpCommand};
+use forwarder::xdp::{AttachedMode, Cidr, List, XdpGuard};
+use forwarder_common::xdp_reason::{
+    DROPPED_DENY, DROPPED_NOT_ALLOWED, DROPPED_SYN_RATE, PASSED, PASSED_NOT_TCP, PASSED_OTHER_PORT,
+};
+use forwarder_tests::netns::*;
+use forwarder_tests::require_root;
+
+/// The forwarder's (protected) port and a port no frontend uses.
+const PORT: u16 = 18883;
+const OTHER_PORT: u16 = 18080;
+/// An unprotected port with no listener: SYNs there get a RST, and the peer answers
+/// nothing, so the counter sees exactly the frames sent.
+const CLOSED_PORT: u16 = 18081;
+const REFUSED_IN: Duration = Duration::from_millis(1500);
+
+fn to(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+fn cidr(text: &str) -> Cidr {
+    text.parse().expect("test CIDR")
+}
+
+fn config(pair: &VethPair) -> XdpConfig {
+    XdpConfig {
+        interfaces: vec![pair.fwd_if.clone()],
+        ..Default::default()
+    }
+}
+
+/// Starts the guard in the forwarder namespace, protecting `PORT`. Never falls back.
+fn start(pair: &VethPair, config: XdpConfig) -> XdpGuard {
+    in_ns(&pair.fwd_ns, move || {
+        XdpGuard::start(&config, &[PORT], None)
+    })
+    .unwrap_or_else(|err| panic!("the XDP guard must load and attach: {err:#}"))
+}
+
+fn stat(guard: &XdpGuard, reason: u32) -> u64 {
+    guard.stats().expect("reading XDP stats").get(reason)
+}
+
+/// Waits for counter `reason` to reach `expected` (XDP on veth runs in softirq, a little
+/// after the send returns), then checks it did not overshoot.
+fn assert_stat_reaches(guard: &XdpGuard, reason: u32, expected: u64) {
+    wait_until(Duration::from_secs(3), || stat(guard, reason) >= expected);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(stat(guard, reason), expected, "counter {reason}");
+}
+
+fn assert_refused(pair: &VethPair, source: IpAddr, dest: SocketAddr) {
+    let err = connect_from(&pair.peer_ns, source, dest, REFUSED_IN)
+        .expect_err("this source must not get a connection");
+    assert_eq!(
+        err.kind(),
+        io::ErrorKind::TimedOut,
+        "dropped, not reset: {err}"
+    );
+}
+
+fn assert_no_xdp(pair: &VethPair) {
+    let link = pair.fwd_link_json();
+    assert!(
+        !link.contains("\"xdp\""),
+        "an XDP program is still attached: {link}"
+    );
+}
+
+#[test]
+fn denied_source_cannot_connect_and_every_dropped_syn_is_counted_native_and_generic() {
+    require_root();
+    let pair = VethPair::new();
+    let _server = EchoServer::start(&pair.fwd_ns, to(std::net::Ipv6Addr::UNSPECIFIED, PORT));
+    let dest = to(FWD_V4, PORT);
+    for (mode, expected) in [
+        (XdpAttach::Auto, AttachedMode::Native),
+        (XdpAttach::Generic, AttachedMode::Generic),
+    ] {
+        let guard = start(
+            &pair,
+            XdpConfig {
+                deny: vec![format!("{PEER2_V4}/32")],
+                mode,
+                ..config(&pair)
+            },
+        );
+        assert_eq!(
+            guard.attached()[0].mode,
+            expected,
+            "veth supports native XDP"
+        );
+
+        send_syns(&pair.peer_ns, &pair.peer_if, PEER2_V4.into(), dest, 50);
+        assert_stat_reaches(&guard, DROPPED_DENY, 50);
+        assert_eq!(stat(&guard, PASSED), 0);
+
+        // A real connect: at least its first SYN is dropped, and no RST comes back.
+        assert_refused(&pair, PEER2_V4.into(), dest);
+        assert!(stat(&guard, DROPPED_DENY) > 50);
+        echo_round_trip(&pair.peer_ns, PEER_V4.into(), dest)
+            .expect("a source not on the deny-list connects");
+        assert!(stat(&guard, PASSED) > 0);
+
+        drop(guard);
+        assert_no_xdp(&pair);
+        echo_round_trip(&pair.peer_ns, PEER2_V4.into(), dest)
+            .expect("after detach the denied source connects again");
+    }
+}
+
+#[test]
+fn allowed_source_connects_and_the_allow_list_drops_everyone_else() {
+    require_root();
+    let pair = VethPair::new();
+    let _server = EchoServer::start(&pair.fwd_ns, to(std::net::Ipv6Addr::UNSPECIFIED, PORT));
+    let mut guard = start(
+        &pair,
+        XdpConfig {
+            allow: vec![format!("{PEER_V4}/32")],
+            ..config(&pair)
+        },
+    );
+    let dest = to(FWD_V4, PORT);
+    echo_round_trip(&pair.peer_ns, PEER_V4.into(), dest).expect("the allowed source connects");
+    assert!(stat(&guard, PASSED) > 0);
+
+    send_syns(&pair.peer_ns, &pair.peer_if, PEER2_V4.into(), dest, 30);
+    assert_stat_reaches(&guard, DROPPED_NOT_ALLOWED, 30);
+    // The allow-list covers both families: an IPv6 source not on it is dropped too.
+    send_syns(
+        &pair.peer_ns,
+        &pair.peer_if,
+        PEER_V6.into(),
+        to(FWD_V6, PORT),
+        10,
+    );
+    assert_stat_reaches(&guard, DROPPED_NOT_ALLOWED, 40);
+    assert_refused(&pair, PEER2_V4.into(), dest);
+    assert_eq!(stat(&guard, DROPPED_DENY), 0);
+
+    // Emptying the allow-list at run time turns it off.
+    let removed = guard
+        .maps()
+        .remove(List::Allow, cidr(&format!("{PEER_V4}/32")))
+        .expect("remove allow rule");
+    assert!(removed);
+    echo_round_trip(&pair.peer_ns, PEER2_V4.into(), dest)
+        .expect("with the allow-list empty every source connects");
+}
+
+#[test]
+fn syn_flood_from_one_source_is_limited_while_a_second_source_connects() {
+    require_root();
+    let pair = VethPair::new();
+    let _server = EchoServer::start(&pair.fwd_ns, to(std::net::Ipv6Addr::UNSPECIFIED, PORT));
+    let guard = start(
+        &pair,
+        XdpConfig {
+            syn_rate_per_sec: 1,
+            syn_burst: 5,
+            ..config(&pair)
+        },
+    );
+    let dest = to(FWD_V4, PORT);
+    let started = std::time::Instant::now();
+    send_syns(&pair.peer_ns, &pair.peer_if, PEER2_V4.into(), dest, 100);
+    // Burst 5 plus 1 token per second of sending.
+    let refill = started.elapsed().as_secs() + 1;
+    wait_until(Duration::from_secs(3), || {
+        stat(&guard, DROPPED_SYN_RATE) >= 95 - refill
+    });
+    let dropped = stat(&guard, DROPPED_SYN_RATE);
+    assert!(
+        (95 - refill..=95).contains(&dropped),
+        "100 SYNs at burst 5: {dropped} dropped"
+    );
+
+    echo_round_trip(&pair.peer_ns, PEER_V4.into(), dest)
+        .expect("a second source has its own bucket and connects");
+    // The flooding source is still limited.
+    send_syns(&pair.peer_ns, &pair.peer_if, PEER2_V4.into(), dest, 20);
+    wait_until(Duration::from_secs(3), || {
+        stat(&guard, DROPPED_SYN_RATE) >= dropped + 18
+    });
+    assert!(stat(&guard, DROPPED_SYN_RATE) >= dropped + 18);
+}
+
+#[test]
+fn ipv6_sources_are_denied_and_allowed_by_prefix() {
+    require_root();
+    let pair = VethPair::new();
+    let _server = EchoServer::start(&pair.fwd_ns, to(std::net::Ipv6Addr::UNSPECIFIED, PORT));
+    let mut guard = start(
+        &pair,
+        XdpConfig {
+            deny: vec!["fd00:200::3/128".into()],
+            ..config(&pair)
+        },
+    );
+    let dest = to(FWD_V6, PORT);
+    send_syns(&pair.peer_ns, &pair.peer_if, PEER2_V6.into(), dest, 40);
+    assert_stat_reaches(&guard, DROPPED_DENY, 40);
+    assert_refused(&pair, PEER2_V6.into(), dest);
+    echo_round_trip(&pair.peer_ns, PEER_V6.into(), dest).expect("::2 is not denied");
+
+    // An IPv6 allow prefix turns the allow-list on for both families.
+    guard
+        .maps()
+        .add(List::Allow, cidr("fd00:200::/126"))
+        .expect("add allow rule");
+    echo_round_trip(&pair.peer_ns, PEER_V6.into(), dest).expect("::2 is allowed");
+    let before = stat(&guard, DROPPED_NOT_ALLOWED);
+    send_syns(
+        &pair.peer_ns,
+        &pair.peer_if,
+        PEER_V4.into(),
+        to(FWD_V4, PORT),
+        10,
+    );
+    assert_stat_reaches(&guard, DROPPED_NOT_ALLOWED, before + 10);
+    // Deny wins over allow: ::3 is inside the allowed /126 but still denied.
+    let denied = stat(&guard, DROPPED_DENY);
+    send_syns(&pair.peer_ns, &pair.peer_if, PEER2_V6.into(), dest, 5);
+    assert_stat_reaches(&guard, DROPPED_DENY, denied + 5);
+}
+
+#[test]
+fn non_forwarder_ports_and_non_tcp_traffic_pass_untouched() {
+    require_root();
+    let pair = VethPair::new();
+    let any = std::net::Ipv6Addr::UNSPECIFIED;
+    let _protected = EchoServer::start(&pair.fwd_ns, to(any, PORT));
+    let _other = EchoServer::start(&pair.fwd_ns, to(any, OTHER_PORT));
+    let guard = start(
+        &pair,
+        XdpConfig {
+            deny: vec!["0.0.0.0/0".into(), "::/0".into()],
+            ..config(&pair)
+        },
+    );
+    send_syns(
+        &pair.peer_ns,
+        &pair.peer_if,
+        PEER_V4.into(),
+        to(FWD_V4, CLOSED_PORT),
+        25,
+    );
+    send_syns(
+        &pair.peer_ns,
+        &pair.peer_if,
+        PEER_V6.into(),
+        to(FWD_V6, CLOSED_PORT),
+        25,
+    );
+    assert_stat_reaches(&guard, PASSED_OTHER_PORT, 50);
+    echo_round_trip(&pair.peer_ns, PEER_V4.into(), to(FWD_V4, OTHER_PORT))
+        .expect("IPv4 to a port no frontend uses is untouched");
+    echo_round_trip(&pair.peer_ns, PEER_V6.into(), to(FWD_V6, OTHER_PORT))
+        .expect("IPv6 to a port no frontend uses is untouched");
+    assert_eq!(
+        stat(&guard, DROPPED_DENY),
+        0,
+        "nothing to other ports is dropped"
+    );
+    // ARP and neighbour discovery went through (the connects needed them).
+    assert!(stat(&guard, PASSED_NOT_TCP) > 0);
+    // While the protected port is closed to everyone.
+    assert_refused(&pair, PEER_V4.into(), to(FWD_V4, PORT));
+    assert_refused(&pair, PEER_V6.into(), to(FWD_V6, PORT));
+    assert!(stat(&guard, DROPPED_DENY) >= 2);
+}
+
+#[test]
+fn an_interface_held_by_another_program_is_refused_unless_replace() {
+    require_root();
+    ensure_bpffs();
+    let pair = VethPair::new();
+    let pin = format!("/sys/fs/bpf/forwarder-test-{}", unique());
+    attach_foreign_xdp(&pair.fwd_ns, &pair.fwd_if, &pin);
+    let _ = std::fs::remove_file(&pin);
+    assert!(
+        pair.fwd_link_json().contains("\"xdp\""),
+        "foreign program attached"
+    );
+
+    let try_start = |replace: bool| {
+        let config = XdpConfig {
+            replace,
+            ..config(&pair)
+        };
+        in_ns(&pair.fwd_ns, move || {
+            XdpGuard::start(&config, &[PORT], None)
+        })
+    };
+    let err = try_start(false)
+        .err()
+        .expect("must refuse a held interface");
+    let message = format!("{err:#}");
+    assert!(
+        message.contains("already has an XDP program") && message.contains("replace = true"),
+        "{message}"
+    );
+    assert!(
+        pair.fwd_link_json().contains("\"xdp\""),
+        "foreign program untouched"
+    );
+
+    let guard = try_start(true).expect("replace takes a netlink-attached program's place");
+    assert_eq!(guard.attached()[0].mode, AttachedMode::Native);
+    assert!(pair.fwd_link_json().contains("xdp_guard"));
+
+    // A guard holding the interface through a BPF link cannot be displaced, even with replace.
+    assert!(try_start(false).is_err());
+    let err = try_start(true)
+        .err()
+        .expect("a BPF link is its owner's to remove");
+    assert!(format!("{err:#}").contains("BPF link"), "{err:#}");
+    assert!(
+        pair.fwd_link_json().contains("xdp_guard"),
+        "first guard still attached"
+    );
+    drop(guard);
+    assert_no_xdp(&pair);
+}
+
+/// The agent attaches the guard from `[xdp]`, protects its frontends' ports, pins the maps
+/// for the CLI, applies CLI changes at once, and detaches and unpins when it stops.
+#[test]
+fn agent_attaches_from_config_and_the_cli_changes_rules_while_it_runs() {
+    require_root();
+    let pair = VethPair::new();
+    let instance = format!("xdpt{}", unique());
+    let _upstream = EchoServer::start(&pair.fwd_ns, to(std::net::Ipv4Addr::LOCALHOST, 19000));
+    let toml = format!(
+        r#"
+instance = "{instance}"
+[[frontend]]
+name = "mqtt"
+bind = "0.0.0.0:{PORT}"
+backend = "up"
+idle_timeout_secs = 600
+[[backend]]
+name = "up"
+servers = [{{ address = "127.0.0.1:19000" }}]
+[xdp]
+interfaces = ["{}"]
+deny = ["{PEER2_V4}/32"]
+"#,
+        pair.fwd_if
+    );
+    let config = forwarder::config::Config::parse(&toml, "test").expect("valid config");
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let agent = spawn_in_ns(&pair.fwd_ns, move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let options = forwarder::agent::RunOptions {
+            no_ebpf: false,
+            drain_deadline: Some(Duration::from_secs(1)),
+        };
+        runtime.block_on(forwarder::agent::run(config, options, stopped))
+    });
+    let pins = forwarder::ebpf::pin_dir_for(&instance);
+    assert!(
+        wait_until(Duration::from_secs(20), || pins
+            .join("XDP_SETTINGS")
+            .exists()),
+        "the agent did not pin the XDP maps in {}",
+        pins.display()
+    );
+    let dest = to(FWD_V4, PORT);
+    echo_round_trip(&pair.peer_ns, PEER_V4.into(), dest).expect("through the forwarder");
+    assert_refused(&pair, PEER2_V4.into(), dest);
+
+    let cli = |command: XdpCommand| {
+        let mut out = Vec::new();
+        forwarder::xdp::cli::run(command, &mut out).expect("forwarder xdp ...");
+        String::from_utf8(out).expect("utf-8 output")
+    };
+    let target = || Target {
+        instance: instance.clone(),
+    };
+    let json = |t| Output {
+        target: t,
+        json: true,
+    };
+    let stats = cli(XdpCommand::Stats(json(target())));
+    assert!(!stats.contains("\"dropped_deny\":0"), "{stats}");
+    let list = cli(XdpCommand::List(json(target())));
+    assert!(
+        list.contains(&format!("\"ports\":[{PORT}]")) && list.contains("10.200.0.3/32"),
+        "{list}"
+    );
+
+    let out = cli(XdpCommand::Deny {
+        action: RuleAction::Del {
+            cidr: cidr(&format!("{PEER2_V4}/32")),
+            target: target(),
+        },
+    });
+    assert!(out.contains("removed"), "{out}");
+    echo_round_trip(&pair.peer_ns, PEER2_V4.into(), dest).expect("no longer denied");
+
+    let out = cli(XdpCommand::Allow {
+        action: RuleAction::Add {
+            cidr: cidr(&format!("{PEER_V4}/32")),
+            target: target(),
+        },
+    });
+    assert!(out.contains("allow-list is on"), "{out}");
+    assert_refused(&pair, PEER2_V4.into(), dest);
+    echo_round_trip(&pair.peer_ns, PEER_V4.into(), dest).expect("on the allow-list");
+    let text = cli(XdpCommand::Stats(Output {
+        target: target(),
+        json: false,
+    }));
+    assert!(text.contains("dropped_not_allowed"), "{text}");
+
+    stop.send(true).expect("stop the agent");
+    agent
+        .join()
+        .expect("agent thread")
+        .expect("the agent exits cleanly");
+    assert!(!pins.exists(), "pins removed on exit");
+    assert_no_xdp(&pair);
+    let mut out = Vec::new();
+    let err = forwarder::xdp::cli::run(XdpCommand::Stats(json(target())), &mut out)
+        .expect_err("no agent, no pins");
+    assert!(
+        format!("{err:#}").contains("no XDP guard maps are pinned"),
+        "{err:#}"
+    );
+}
+
+/// A driver without native XDP (a bridge) gets generic mode, next to a veth in native mode;
+/// both detach when the guard drops.
+#[test]
+fn falls_back_to_generic_mode_where_the_driver_has_no_xdp() {
+    require_root();
+    let pair = VethPair::new();
+    let bridge = format!("br{}", unique());
+    ip(&["-n", &pair.fwd_ns, "link", "add", &bridge, "type", "bridge"]);
+    ip(&["-n", &pair.fwd_ns, "link", "set", &bridge, "up"]);
+    let guard = start(
+        &pair,
+        XdpConfig {
+            interfaces: vec![pair.fwd_if.clone(), bridge.clone()],
+            ..Default::default()
+        },
+    );
+    let modes: Vec<_> = guard.attached().iter().map(|a| a.mode).collect();
+    assert_eq!(modes, [AttachedMode::Native, AttachedMode::Generic]);
+    let bridge_link = ip(&["-n", &pair.fwd_ns, "-j", "link", "show", "dev", &bridge]);
+    assert!(bridge_link.contains("xdp_guard"), "{bridge_link}");
+    drop(guard);
+    assert_no_xdp(&pair);
+    let bridge_link = ip(&["-n", &pair.fwd_ns, "-j", "link", "show", "dev", &bridge]);
+    assert!(!bridge_link.contains("\"xdp\""), "{bridge_link}");
+}
