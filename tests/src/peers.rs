@@ -5,10 +5,25 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub struct KillOnDrop(pub Child);
+/// A peer process started in its own process group; dropping it kills the whole group
+/// (wrapper scripts such as rabbitmq-server leave the real server as a child).
+pub struct KillOnDrop(Child);
+
+impl KillOnDrop {
+    /// Starts `command` as the leader of a new process group.
+    pub fn spawn(command: &mut Command) -> std::io::Result<Self> {
+        use std::os::unix::process::CommandExt as _;
+        command.process_group(0).spawn().map(Self)
+    }
+}
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.0.id()) {
+            // SAFETY: kill(2) with a negative pid signals the group we created; no memory
+            // is involved.
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -34,14 +49,13 @@ pub fn wait_for_port(port: u16, what: &str) {
 
 /// Starts `program` with `args`, output discarded; killed on drop.
 pub fn spawn(program: &str, args: &[&std::ffi::OsStr]) -> KillOnDrop {
-    KillOnDrop(
+    KillOnDrop::spawn(
         Command::new(program)
             .args(args)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {program} (installed by cargo xtask setup): {e}")),
+            .stderr(Stdio::null()),
     )
+    .unwrap_or_else(|e| panic!("starting {program} (installed by cargo xtask setup): {e}"))
 }
 
 /// mosquitto with the given listener lines (as root, so any port and file works).

@@ -2,165 +2,58 @@
 //! through the forwarder, verifying the broker's certificate end to end (the forwarder
 //! never terminates TLS on this path).
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use forwarder::ebpf::{Datapath, LoadOptions};
-use forwarder::l4::upstream::{Pool, Server};
-use forwarder::l4::{L4Frontend, SessionOptions, serve};
-use forwarder::metrics::{L4Metrics, get};
+use forwarder::agent::{self, FrontendMetrics, RunOptions};
+use forwarder::config::{Backend, Config, Frontend, Mode};
+use forwarder::metrics::get;
+use forwarder_tests::peers::{self, free_port, scratch_dir};
+use forwarder_tests::pki::TestCa;
 use forwarder_tests::require_root;
-use tokio::net::TcpListener;
 
 const MESSAGES: usize = 10_000;
-
-struct KillOnDrop(Child);
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA and a broker certificate for 127.0.0.1, made with the real openssl.
-fn make_pki(dir: &Path) {
-    let d = |f: &str| dir.join(f);
-    run(Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=forwarder test CA",
-        ])
-        .arg("-keyout")
-        .arg(d("ca.key"))
-        .arg("-out")
-        .arg(d("ca.pem")));
-    run(Command::new("openssl")
-        .args([
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=127.0.0.1",
-        ])
-        .arg("-keyout")
-        .arg(d("server.key"))
-        .arg("-out")
-        .arg(d("server.csr")));
-    std::fs::write(d("ext.cnf"), "subjectAltName=IP:127.0.0.1,DNS:hub.test\n").unwrap();
-    run(Command::new("openssl")
-        .args(["x509", "-req", "-days", "2", "-CAcreateserial"])
-        .arg("-in")
-        .arg(d("server.csr"))
-        .arg("-CA")
-        .arg(d("ca.pem"))
-        .arg("-CAkey")
-        .arg(d("ca.key"))
-        .arg("-extfile")
-        .arg(d("ext.cnf"))
-        .arg("-out")
-        .arg(d("server.pem")));
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_for_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "mosquitto did not start listening on {port}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mosquitto_over_tls_through_the_kernel_splice_loses_nothing() {
     require_root();
-    let dir = std::env::temp_dir().join(format!("fwd-mqtt-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    make_pki(&dir);
+    let dir = scratch_dir("mqtt");
+    let pki = TestCa::new(&dir);
+    let broker_leaf = pki.issue("broker", &["127.0.0.1", "hub.test"]);
     let broker_port = free_port();
-    let conf = dir.join("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "user root\nlistener {broker_port} 127.0.0.1\ncafile {ca}\ncertfile {cert}\nkeyfile {key}\nallow_anonymous true\nmax_inflight_messages 0\nmax_queued_messages 0\n",
-            ca = dir.join("ca.pem").display(),
-            cert = dir.join("server.pem").display(),
-            key = dir.join("server.key").display(),
+    let _broker = peers::mosquitto(
+        &dir,
+        &format!(
+            "listener {broker_port} 127.0.0.1\ncafile {ca}\ncertfile {cert}\nkeyfile {key}",
+            ca = pki.ca_pem.display(),
+            cert = broker_leaf.cert.display(),
+            key = broker_leaf.key.display(),
         ),
-    )
-    .unwrap();
-    let _broker = KillOnDrop(
-        Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto is installed by cargo xtask setup"),
+        broker_port,
     );
-    wait_for_port(broker_port);
 
-    let datapath = Arc::new(Datapath::load(&LoadOptions::default()).expect("eBPF must load"));
-    let pool = Arc::new(Pool::new(
-        "broker",
-        vec![Server {
-            address: format!("127.0.0.1:{broker_port}"),
-            weight: 1,
-        }],
-        Duration::from_secs(2),
-    ));
-    let frontend = Arc::new(L4Frontend {
-        name: "mqtt".into(),
-        sni_routes: Default::default(),
-        default_backend: Some(pool),
-        session: SessionOptions::default(),
-        kernel: true,
-        client_hello_timeout: Duration::from_secs(5),
-        keepalive: None,
-    });
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let proxy_port = listener.local_addr().unwrap().port().to_string();
-    let metrics = Arc::new(L4Metrics::default());
+    let config = Config {
+        instance: format!("mqtt-{}", std::process::id()),
+        frontends: vec![Frontend::new(
+            "mqtt",
+            "127.0.0.1:0".parse().unwrap(),
+            Mode::Splice,
+            "broker",
+        )],
+        backends: vec![Backend::new("broker", &format!("127.0.0.1:{broker_port}"))],
+        xdp: None,
+    };
     let (_stop, stopped) = tokio::sync::watch::channel(false);
-    tokio::spawn(serve(
-        listener,
-        frontend,
-        Some(datapath.clone()),
-        metrics.clone(),
-        stopped,
-    ));
+    let (running, datapath) = agent::start(&config, &RunOptions::default(), stopped)
+        .await
+        .expect("agent starts with eBPF");
+    let datapath = datapath.expect("the kernel path must be loaded");
+    let FrontendMetrics::L4(metrics) = &running[0].metrics else {
+        panic!("not a splice frontend");
+    };
+    let proxy_port = running[0].addr.port().to_string();
 
-    let ca = dir.join("ca.pem");
+    let ca = pki.ca_pem.clone();
     let tls = |cmd: &mut Command| {
         cmd.args([
             "-h",

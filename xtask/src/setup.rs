@@ -15,6 +15,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "haproxy",
     "socat",
     "iperf3",
+    // A real AMQP 1.0 broker (amqp1_0 plugin built in) and a real AMQP 1.0 client.
+    "rabbitmq-server",
+    "python3-qpid-proton",
 ];
 
 pub fn is_root() -> bool {
