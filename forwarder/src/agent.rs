@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -105,8 +104,7 @@ pub async fn start(
         .collect();
     let mut running = Vec::new();
     for f in &config.frontends {
-        let listener = TcpListener::bind(f.bind)
-            .await
+        let listener = crate::listener::bind(f.bind)
             .with_context(|| format!("frontend {}: binding {}", f.name, f.bind))?;
         let addr = listener.local_addr()?;
         let metrics = match f.mode {

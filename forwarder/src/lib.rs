@@ -5,6 +5,7 @@ pub mod demo;
 pub mod ebpf;
 pub mod http;
 pub mod l4;
+pub mod listener;
 pub mod metrics;
 pub mod sys;
 pub mod xdp;

@@ -32,6 +32,15 @@ fn datapath() -> Arc<Datapath> {
 }
 
 async fn start_proxy(upstream: &str, kernel: bool, session: SessionOptions) -> Proxy {
+    start_proxy_with_connect_timeout(upstream, kernel, session, Duration::from_secs(2)).await
+}
+
+async fn start_proxy_with_connect_timeout(
+    upstream: &str,
+    kernel: bool,
+    session: SessionOptions,
+    connect_timeout: Duration,
+) -> Proxy {
     let datapath = kernel.then(datapath);
     let pool = Arc::new(Pool::new(
         "test",
@@ -39,7 +48,7 @@ async fn start_proxy(upstream: &str, kernel: bool, session: SessionOptions) -> P
             address: upstream.to_string(),
             weight: 1,
         }],
-        Duration::from_secs(2),
+        connect_timeout,
     ));
     let frontend = Arc::new(L4Frontend {
         name: "test".into(),
@@ -50,7 +59,7 @@ async fn start_proxy(upstream: &str, kernel: bool, session: SessionOptions) -> P
         client_hello_timeout: Duration::from_secs(5),
         keepalive: None,
     });
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = forwarder::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_addr().unwrap();
     let metrics = Arc::new(L4Metrics::default());
     let (stop, rx) = watch::channel(false);
@@ -473,7 +482,11 @@ fn open_fds() -> usize {
 /// map entries, no descriptors and no connection tasks behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_leaks_after_10000_sequential_and_1000_concurrent() {
-    let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // A deep accept queue: 1,000 connects arrive at once, and under a loaded CI machine
+    // the echo task may accept them slower than they come (a full queue drops SYNs).
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let server = socket.listen(4096).unwrap();
     let server_addr = server.local_addr().unwrap().to_string();
     // Echo upstream: every connection gets its bytes back, then EOF.
     tokio::spawn(async move {
@@ -486,7 +499,14 @@ async fn no_leaks_after_10000_sequential_and_1000_concurrent() {
             });
         }
     });
-    let proxy = start_proxy(&server_addr, true, SessionOptions::default()).await;
+    // This test is about leaks, not about upstream capacity: give connects time.
+    let proxy = start_proxy_with_connect_timeout(
+        &server_addr,
+        true,
+        SessionOptions::default(),
+        Duration::from_secs(15),
+    )
+    .await;
     let baseline_fds = open_fds();
 
     async fn one(addr: std::net::SocketAddr, i: u32) {
