@@ -12,6 +12,12 @@ pub mod names {
     pub const LINKS: &str = "FWD_LINKS";
     /// HashMap: socket cookie -> [`super::SockCounters`], written by the kernel only.
     pub const COUNTERS: &str = "FWD_COUNTERS";
+    /// HashMap: client socket cookie -> [`super::ConnInfo`], written by userspace only:
+    /// what `forwarder conns` lists.
+    pub const CONNS: &str = "FWD_CONNS";
+    /// HashMap: [`super::StatKey`] -> u64, written by userspace only (every second): what
+    /// `forwarder stats` shows.
+    pub const STATS: &str = "FWD_STATS";
     /// The sk_skb stream verdict program that splices a socket to its peer.
     pub const VERDICT: &str = "splice_verdict";
     /// Where the agent pins its maps: `<PIN_ROOT>/<instance>/<map name>`.
@@ -93,6 +99,53 @@ pub struct SockCounters {
 }
 const _: () = assert!(core::mem::size_of::<SockCounters>() == 48);
 
+/// `ConnInfo::path`: bytes move in the kernel (sockmap redirect).
+pub const PATH_KERNEL: u8 = 0;
+/// `ConnInfo::path`: bytes are copied by the agent (fallback).
+pub const PATH_USERSPACE: u8 = 1;
+
+/// Longest frontend or counter name the inspection maps keep (NUL-padded).
+pub const NAME_LEN: usize = 32;
+
+/// One connection of an L4 frontend, for `forwarder conns`. Written by the agent when the
+/// connection starts (and, for the userspace path, its byte counts every second); removed
+/// when it ends. Kernel-path byte counts and activity come from `FWD_COUNTERS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnInfo {
+    /// IPv6, or IPv4-mapped IPv6 (::ffff:a.b.c.d).
+    pub client_addr: [u8; 16],
+    pub upstream_addr: [u8; 16],
+    pub client_port: u16,
+    pub upstream_port: u16,
+    /// `PATH_KERNEL` or `PATH_USERSPACE`.
+    pub path: u8,
+    pub _pad: [u8; 3],
+    /// Cookie of the agent's upstream socket (key of its `FWD_COUNTERS` entry).
+    pub upstream_cookie: u64,
+    /// CLOCK_MONOTONIC when the connection was accepted.
+    pub started_ns: u64,
+    /// Userspace path only: bytes client -> upstream, upstream -> client, last activity.
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub last_active_ns: u64,
+    /// Frontend name, NUL-padded.
+    pub frontend: [u8; NAME_LEN],
+}
+const _: () = assert!(core::mem::size_of::<ConnInfo>() == 112);
+
+/// Key of one counter of one frontend in `FWD_STATS`: both names NUL-padded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatKey {
+    pub frontend: [u8; NAME_LEN],
+    pub counter: [u8; NAME_LEN],
+}
+const _: () = assert!(core::mem::size_of::<StatKey>() == 64);
+
+/// Entries `FWD_STATS` holds: frontends x counters.
+pub const MAX_STATS: u32 = 8192;
+
 /// Ports the XDP guard can protect (one per frontend).
 pub const XDP_MAX_PORTS: u32 = 256;
 /// Prefixes per allow or deny list and address family.
@@ -173,6 +226,10 @@ const _: () = assert!(core::mem::size_of::<SynBucket>() == 16);
 
 #[cfg(feature = "user")]
 mod pod {
+    // SAFETY: repr(C), made only of integers and byte arrays, padding explicit.
+    unsafe impl aya::Pod for super::ConnInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::StatKey {}
     // SAFETY: both are repr(C), made only of integers, with no implicit padding.
     unsafe impl aya::Pod for super::PeerLink {}
     // SAFETY: as above.

@@ -9,7 +9,9 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use aya_log_ebpf::{info, warn};
-use forwarder_common::{MAX_SPLICED_SOCKETS, MODE_KERNEL, PeerLink, SockCounters};
+use forwarder_common::{
+    ConnInfo, MAX_SPLICED_SOCKETS, MAX_STATS, MODE_KERNEL, PeerLink, SockCounters, StatKey,
+};
 
 #[map(name = "FWD_SOCKS")]
 static SOCKS: SockHash<u64> = SockHash::with_max_entries(MAX_SPLICED_SOCKETS, 0);
@@ -19,6 +21,14 @@ static LINKS: HashMap<u64, PeerLink> = HashMap::with_max_entries(MAX_SPLICED_SOC
 
 #[map(name = "FWD_COUNTERS")]
 static COUNTERS: HashMap<u64, SockCounters> = HashMap::with_max_entries(MAX_SPLICED_SOCKETS, 0);
+
+// Inspection maps: written by the agent only, read by `forwarder conns|stats`. They live
+// in this object so they are created and pinned with the data path.
+#[map(name = "FWD_CONNS")]
+static CONNS: HashMap<u64, ConnInfo> = HashMap::with_max_entries(MAX_SPLICED_SOCKETS, 0);
+
+#[map(name = "FWD_STATS")]
+static STATS: HashMap<StatKey, u64> = HashMap::with_max_entries(MAX_STATS, 0);
 
 #[stream_verdict]
 pub fn splice_verdict(ctx: SkBuffContext) -> u32 {

@@ -20,6 +20,9 @@ pub struct Config {
     /// The XDP ingress guard; absent: no XDP program is attached.
     #[serde(default)]
     pub xdp: Option<XdpConfig>,
+    /// Address of the admin HTTP server (Prometheus text at /metrics); absent: off.
+    #[serde(default)]
+    pub admin: Option<SocketAddr>,
 }
 
 /// `[xdp]`: the XDP ingress guard on the listening interfaces (see `crate::xdp`).
@@ -414,6 +417,7 @@ impl Config {
             ],
             backends: vec![backend("mqtt", 8883), backend("amqp", 5671)],
             xdp: None,
+            admin: None,
         };
         if let Some((cert, key)) = https {
             let mut https = frontend("https", 443, Mode::Http);

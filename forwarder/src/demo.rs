@@ -38,5 +38,6 @@ pub async fn start() -> anyhow::Result<Config> {
         frontends: vec![frontend],
         backends: vec![backend],
         xdp: None,
+        admin: None,
     })
 }

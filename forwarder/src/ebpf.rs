@@ -11,7 +11,7 @@ use aya::maps::{HashMap, MapData, MapError, SockHash};
 use aya::programs::SkSkb;
 use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfLoader};
-use forwarder_common::{MODE_KERNEL, PeerLink, SockCounters, names};
+use forwarder_common::{ConnInfo, MODE_KERNEL, NAME_LEN, PeerLink, SockCounters, StatKey, names};
 
 use crate::sys;
 
@@ -50,6 +50,8 @@ struct Maps {
     socks: SockHash<MapData, u64>,
     links: HashMap<MapData, u64, PeerLink>,
     counters: HashMap<MapData, u64, SockCounters>,
+    conns: HashMap<MapData, u64, ConnInfo>,
+    stats: HashMap<MapData, StatKey, u64>,
 }
 
 /// Where to put the maps so `forwarder conns|stats|maps` can read them while we run.
@@ -93,6 +95,8 @@ impl Datapath {
         let links: HashMap<MapData, u64, PeerLink> = take(&mut ebpf, names::LINKS)?.try_into()?;
         let counters: HashMap<MapData, u64, SockCounters> =
             take(&mut ebpf, names::COUNTERS)?.try_into()?;
+        let conns: HashMap<MapData, u64, ConnInfo> = take(&mut ebpf, names::CONNS)?.try_into()?;
+        let stats: HashMap<MapData, StatKey, u64> = take(&mut ebpf, names::STATS)?.try_into()?;
 
         let verdict: &mut SkSkb = ebpf
             .program_mut(names::VERDICT)
@@ -107,7 +111,16 @@ impl Datapath {
 
         let pin_dir = options.pin_dir.clone();
         if let Some(dir) = &pin_dir {
-            pin_maps(dir, &socks, &links, &counters)?;
+            pin_maps(
+                dir,
+                &[
+                    (names::SOCKS, map_data(&socks)),
+                    (names::LINKS, map_data(&links)),
+                    (names::COUNTERS, map_data(&counters)),
+                    (names::CONNS, map_data(&conns)),
+                    (names::STATS, map_data(&stats)),
+                ],
+            )?;
         }
         Ok(Self {
             ebpf: Mutex::new(ebpf),
@@ -115,6 +128,8 @@ impl Datapath {
                 socks,
                 links,
                 counters,
+                conns,
+                stats,
             }),
             pin_dir,
         })
@@ -256,6 +271,47 @@ impl Datapath {
             .map_err(io::Error::other)
     }
 
+    /// Lists a connection for `forwarder conns` (keyed by the client socket's cookie).
+    /// Also used to refresh a userspace connection's byte counts.
+    pub fn register_conn(&self, client_cookie: u64, info: &ConnInfo) -> io::Result<()> {
+        self.maps()
+            .conns
+            .insert(client_cookie, info, 0)
+            .map_err(io::Error::other)
+    }
+
+    pub fn forget_conn(&self, client_cookie: u64) {
+        let _ = self.maps().conns.remove(&client_cookie);
+    }
+
+    /// Publishes one frontend's counters for `forwarder stats`.
+    pub fn publish_stats(&self, frontend: &str, counters: &[(&str, u64)]) -> io::Result<()> {
+        let mut maps = self.maps();
+        for (name, value) in counters {
+            let key = StatKey {
+                frontend: padded_name(frontend),
+                counter: padded_name(name),
+            };
+            maps.stats.insert(key, value, 0).map_err(io::Error::other)?;
+        }
+        Ok(())
+    }
+
+    /// Drops a removed frontend's counters from `FWD_STATS`.
+    pub fn forget_stats(&self, frontend: &str) {
+        let name = padded_name(frontend);
+        let mut maps = self.maps();
+        let keys: Vec<StatKey> = maps
+            .stats
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.frontend == name)
+            .collect();
+        for key in keys {
+            let _ = maps.stats.remove(&key);
+        }
+    }
+
     /// Every socket's counters (cookie, counters): for the CLI and the tests.
     pub fn all_counters(&self) -> Vec<(u64, SockCounters)> {
         self.maps().counters.iter().filter_map(Result::ok).collect()
@@ -291,12 +347,7 @@ impl Drop for Datapath {
     }
 }
 
-fn pin_maps(
-    dir: &Path,
-    socks: &SockHash<MapData, u64>,
-    links: &HashMap<MapData, u64, PeerLink>,
-    counters: &HashMap<MapData, u64, SockCounters>,
-) -> anyhow::Result<()> {
+fn pin_maps(dir: &Path, maps: &[(&str, &MapData)]) -> anyhow::Result<()> {
     ensure_bpffs()?;
     if dir.exists() {
         // Left by an agent that crashed: its maps are not ours and nothing uses them.
@@ -304,13 +355,10 @@ fn pin_maps(
             .with_context(|| format!("removing stale pins in {}", dir.display()))?;
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let pin = |name: &str, map: &MapData| {
+    for (name, map) in maps {
         map.pin(dir.join(name))
-            .with_context(|| format!("pinning {name} under {}", dir.display()))
-    };
-    pin(names::SOCKS, map_data(socks))?;
-    pin(names::LINKS, map_data(links))?;
-    pin(names::COUNTERS, map_data(counters))?;
+            .with_context(|| format!("pinning {name} under {}", dir.display()))?;
+    }
     Ok(())
 }
 
@@ -333,6 +381,21 @@ pub(crate) fn ensure_bpffs() -> anyhow::Result<()> {
         .context("running mount -t bpf")?;
     anyhow::ensure!(status.success(), "mounting bpffs on /sys/fs/bpf failed");
     Ok(())
+}
+
+/// A name as the inspection maps store it: NUL-padded, cut at `NAME_LEN` bytes.
+pub fn padded_name(name: &str) -> [u8; NAME_LEN] {
+    let mut out = [0u8; NAME_LEN];
+    let bytes = name.as_bytes();
+    let n = bytes.len().min(NAME_LEN);
+    out[..n].copy_from_slice(&bytes[..n]);
+    out
+}
+
+/// The name back from its NUL-padded form.
+pub fn name_from_bytes(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
 /// The pin directory of an agent instance.

@@ -1,5 +1,7 @@
 //! Listening sockets for frontends: a deep accept queue (bursts of reconnecting devices
-//! after a hub or network blip arrive together) and SO_REUSEADDR for quick restarts.
+//! after a hub or network blip arrive together), SO_REUSEADDR for quick restarts, and
+//! SO_REUSEPORT so a reload can open the new listener before closing the old one, and
+//! several agents on one host can share a port (as HAProxy does by default).
 
 use std::io;
 use std::net::SocketAddr;
@@ -16,6 +18,7 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
         TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
     socket.bind(addr)?;
     socket.listen(BACKLOG)
 }

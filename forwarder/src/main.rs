@@ -6,6 +6,8 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use forwarder::agent::{self, RunOptions};
 use forwarder::config::Config;
+use forwarder::inspect::Pinned;
+use std::io::stdout;
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
@@ -54,11 +56,27 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Open connections of a running agent: client, upstream, bytes, age, idle, path.
+    Conns(Inspect),
+    /// Counters of a running agent per frontend (and the XDP guard's).
+    Stats(Inspect),
+    /// Every pinned map of a running agent, entry by entry.
+    Maps(Inspect),
     /// Change or read the running agent's XDP ingress guard (allow|deny add|del, list, stats).
     Xdp {
         #[command(subcommand)]
         command: forwarder::xdp::cli::XdpCommand,
     },
+}
+
+#[derive(clap::Args)]
+struct Inspect {
+    /// The agent instance (maps pinned in /sys/fs/bpf/forwarder/<instance>; the demo's is "demo").
+    #[arg(long, default_value = "default")]
+    instance: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 fn init_logging(json: bool) {
@@ -77,6 +95,15 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_json);
     match cli.command {
+        Command::Conns(i) => {
+            forwarder::inspect::print_conns(&Pinned::open(&i.instance)?, i.json, &mut stdout())
+        }
+        Command::Stats(i) => {
+            forwarder::inspect::print_stats(&Pinned::open(&i.instance)?, i.json, &mut stdout())
+        }
+        Command::Maps(i) => {
+            forwarder::inspect::print_maps(&Pinned::open(&i.instance)?, i.json, &mut stdout())
+        }
         Command::Xdp { command } => forwarder::xdp::cli::run(command, &mut std::io::stdout()),
         Command::Check { config } => {
             let config = Config::load(&config)?;
@@ -99,12 +126,22 @@ async fn main() -> anyhow::Result<()> {
             no_ebpf,
             drain_secs,
         } => {
-            let config = match (config, hub) {
-                (Some(path), _) => Config::load(&path)?,
+            let config_path = config;
+            let config = match (&config_path, hub) {
+                (Some(path), _) => Config::load(path)?,
                 (None, Some(hub)) => Config::for_hub(&hub, bind_ip, cert.zip(key)),
                 (None, None) => forwarder::demo::start().await?,
             };
             config.validate()?;
+            let (reload, reloads) = tokio::sync::mpsc::channel(1);
+            let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!("SIGHUP: reloading the configuration");
+                    // A reload already queued covers this one too.
+                    let _ = reload.try_send(());
+                }
+            });
             let (stop, stopped) = tokio::sync::watch::channel(false);
             let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
             let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -118,8 +155,9 @@ async fn main() -> anyhow::Result<()> {
             let options = RunOptions {
                 no_ebpf,
                 drain_deadline: Some(std::time::Duration::from_secs(drain_secs)),
+                config_path,
             };
-            agent::run(config, options, stopped).await
+            agent::run(config, options, stopped, reloads).await
         }
     }
 }

@@ -130,6 +130,7 @@ async fn amqp_1_0_over_tls_through_the_kernel_splice_loses_nothing() {
         frontends: vec![frontend],
         backends: vec![Backend::new("hub", &format!("127.0.0.1:{tls_port}"))],
         xdp: None,
+        admin: None,
     };
     let (_stop, stopped) = watch::channel(false);
     let (running, datapath) = agent::start(&config, &RunOptions::default(), stopped)

@@ -90,6 +90,7 @@ impl Setup {
             frontends: vec![frontend],
             backends: vec![backend],
             xdp: None,
+            admin: None,
         };
         config.validate().expect("test config is valid");
         config

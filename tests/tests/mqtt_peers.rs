@@ -42,6 +42,7 @@ async fn mosquitto_over_tls_through_the_kernel_splice_loses_nothing() {
         )],
         backends: vec![Backend::new("broker", &format!("127.0.0.1:{broker_port}"))],
         xdp: None,
+        admin: None,
     };
     let (_stop, stopped) = tokio::sync::watch::channel(false);
     let (running, datapath) = agent::start(&config, &RunOptions::default(), stopped)

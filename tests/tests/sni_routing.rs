@@ -86,6 +86,7 @@ async fn one_port_routes_two_hubs_by_sni_and_refuses_unknown_names() {
             Backend::new("hub-b", &format!("127.0.0.1:{port_b}")),
         ],
         xdp: None,
+        admin: None,
     };
     config.validate().expect("valid config");
     let (_stop, stopped) = watch::channel(false);

@@ -367,10 +367,12 @@ deny = ["{PEER2_V4}/32"]
             .build()
             .expect("runtime");
         let options = forwarder::agent::RunOptions {
-            no_ebpf: false,
             drain_deadline: Some(Duration::from_secs(1)),
+            ..Default::default()
         };
-        runtime.block_on(forwarder::agent::run(config, options, stopped))
+        // No reloads in this test: the sender side is dropped at once.
+        let (_, reloads) = tokio::sync::mpsc::channel(1);
+        runtime.block_on(forwarder::agent::run(config, options, stopped, reloads))
     });
     let pins = forwarder::ebpf::pin_dir_for(&instance);
     assert!(

@@ -11,6 +11,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
+use crate::l4::registry::Registration;
 use crate::l4::{End, Path, SessionOptions, SessionReport};
 use crate::metrics::{self, L4Metrics};
 use crate::sys;
@@ -22,6 +23,7 @@ pub async fn run(
     upstream: TcpStream,
     options: &SessionOptions,
     metrics: &L4Metrics,
+    mut registration: Option<&mut Registration<'_>>,
 ) -> SessionReport {
     let last_io = AtomicU64::new(sys::monotonic_ns());
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
@@ -40,7 +42,15 @@ pub async fn run(
             (options.idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
         loop {
             tokio::time::sleep(period).await;
-            if sys::monotonic_ns().saturating_sub(last_io.load(Ordering::Relaxed)) > idle_ns {
+            let last = last_io.load(Ordering::Relaxed);
+            if let Some(registration) = registration.as_mut() {
+                registration.update(
+                    up.load(Ordering::Relaxed),
+                    down.load(Ordering::Relaxed),
+                    last,
+                );
+            }
+            if sys::monotonic_ns().saturating_sub(last) > idle_ns {
                 return;
             }
         }

@@ -4,6 +4,7 @@
 //! the ClientHello's server name.
 
 pub mod copy;
+pub mod registry;
 pub mod session;
 pub mod sni;
 pub mod upstream;
@@ -168,6 +169,10 @@ pub async fn handle_connection(
         }
     }
 
+    // Listed for `forwarder conns` while it lives (needs the maps, not the splice).
+    let mut registration = datapath.and_then(|dp| {
+        registry::Registration::new(dp, &frontend.name, &client, &upstream, frontend.kernel)
+    });
     if let (true, Some(datapath)) = (frontend.kernel, datapath) {
         let written_before =
             session::WrittenBefore::measure(&client, &upstream).unwrap_or_default();
@@ -201,7 +206,17 @@ pub async fn handle_connection(
         metrics::add(&metrics.fallback_other, 1);
     }
     metrics::add(&metrics.userspace, 1);
-    let report = copy::run(client, upstream, &frontend.session, metrics).await;
+    if let Some(registration) = registration.as_mut() {
+        registration.set_userspace();
+    }
+    let report = copy::run(
+        client,
+        upstream,
+        &frontend.session,
+        metrics,
+        registration.as_mut(),
+    )
+    .await;
     Some(finish(report, metrics))
 }
 

@@ -98,6 +98,7 @@ async fn main() -> anyhow::Result<()> {
         frontends: vec![frontend],
         backends: vec![backend],
         xdp: None,
+        admin: None,
     };
     let (_stop, stopped) = tokio::sync::watch::channel(false);
     let (running, _) = agent::start(&config, &RunOptions::default(), stopped).await?;

@@ -61,6 +61,7 @@ async fn forwarder(
         )],
         backends: vec![Backend::new("echo", &upstream.to_string())],
         xdp: None,
+        admin: None,
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let options = RunOptions {

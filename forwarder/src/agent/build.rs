@@ -1,0 +1,123 @@
+//! Turns configuration into running parts: upstream pools, L4 and HTTP frontends.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{Config, Frontend};
+use crate::http::connector::UpstreamConnector;
+use crate::http::proxy::Proxy;
+use crate::http::{self, HttpFrontend, Limits};
+use crate::l4::upstream::{Pool, Server};
+use crate::l4::{Keepalive, L4Frontend, SessionOptions};
+use crate::metrics::HttpMetrics;
+
+/// One pool per backend, by name.
+pub fn pools(config: &Config) -> HashMap<String, Arc<Pool>> {
+    config
+        .backends
+        .iter()
+        .map(|b| {
+            let servers = b
+                .servers
+                .iter()
+                .map(|s| Server {
+                    address: s.address.clone(),
+                    weight: s.weight,
+                })
+                .collect();
+            let pool = Pool::new(
+                b.name.clone(),
+                servers,
+                Duration::from_millis(b.connect_timeout_ms),
+            );
+            (b.name.clone(), Arc::new(pool))
+        })
+        .collect()
+}
+
+pub fn l4_frontend(f: &Frontend, pools: &HashMap<String, Arc<Pool>>, kernel: bool) -> L4Frontend {
+    let pool = |name: &String| pools.get(name.as_str()).cloned();
+    L4Frontend {
+        name: f.name.clone(),
+        sni_routes: f
+            .sni_routes
+            .iter()
+            .filter_map(|(host, b)| Some((host.to_ascii_lowercase(), pool(b)?)))
+            .collect(),
+        default_backend: f.backend.as_ref().and_then(pool),
+        session: SessionOptions {
+            idle_timeout: Duration::from_secs(f.idle_timeout_secs),
+            max_lag: f.max_lag_bytes,
+        },
+        kernel,
+        client_hello_timeout: Duration::from_millis(f.client_hello_timeout_ms),
+        keepalive: (f.tcp_keepalive_secs > 0).then_some(Keepalive {
+            idle: f.tcp_keepalive_secs,
+            interval: 30,
+            probes: 4,
+        }),
+    }
+}
+
+pub fn http_frontend(
+    config: &Config,
+    f: &Frontend,
+    pools: &HashMap<String, Arc<Pool>>,
+    metrics: Arc<HttpMetrics>,
+) -> anyhow::Result<HttpFrontend> {
+    let name = &f.name;
+    let (Some(cert), Some(key), Some(backend_name)) = (&f.tls_cert, &f.tls_key, &f.backend) else {
+        anyhow::bail!("frontend {name}: mode http needs tls_cert, tls_key and backend");
+    };
+    let backend = config
+        .backends
+        .iter()
+        .find(|b| &b.name == backend_name)
+        .with_context(|| format!("frontend {name}: unknown backend {backend_name}"))?;
+    let pool = pools
+        .get(backend_name.as_str())
+        .cloned()
+        .with_context(|| format!("frontend {name}: unknown backend {backend_name}"))?;
+    let host = backend
+        .http_host()
+        .with_context(|| format!("backend {backend_name}: no host name"))?;
+    let server_name = backend
+        .tls_server_name
+        .clone()
+        .unwrap_or_else(|| host.clone());
+    let server_tls = http::tls::server_config(cert, key)
+        .with_context(|| format!("frontend {name}: TLS certificate"))?;
+    let client_tls = http::tls::client_config(backend.ca_file.as_deref())
+        .with_context(|| format!("backend {backend_name}: trusted roots"))?;
+    let server_name = rustls_pki_types::ServerName::try_from(server_name.clone())
+        .with_context(|| format!("backend {backend_name}: bad TLS server name {server_name:?}"))?;
+    let connect_timeout = Duration::from_millis(backend.connect_timeout_ms);
+    let connector = UpstreamConnector::new(pool, client_tls, server_name, connect_timeout);
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_timer(TokioTimer::new())
+        .build(connector);
+    Ok(HttpFrontend {
+        name: name.clone(),
+        tls: TlsAcceptor::from(server_tls),
+        proxy: Arc::new(Proxy {
+            frontend: name.clone(),
+            hub_host: http::header_value(&host)
+                .with_context(|| format!("backend {backend_name}: bad host {host:?}"))?,
+            client,
+            response_timeout: Duration::from_millis(backend.response_timeout_ms),
+            upgraded_idle_timeout: Duration::from_secs(f.idle_timeout_secs),
+            metrics,
+        }),
+        limits: Limits {
+            max_connections: f.max_connections,
+            header_read_timeout: Duration::from_millis(f.header_read_timeout_ms),
+            max_header_bytes: f.max_header_bytes,
+        },
+    })
+}

@@ -1,0 +1,348 @@
+//! The running agent: loads the eBPF data path, binds every frontend, serves until told
+//! to stop (reloading its configuration on request), then drains open connections with a
+//! deadline and removes its pins.
+
+mod build;
+mod reload;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::{Backend, Config, Frontend, Mode};
+use crate::ebpf::{Datapath, LoadOptions, pin_dir_for};
+use crate::l4::upstream::Pool;
+use crate::metrics::{HttpMetrics, L4Metrics, get};
+use crate::{http, l4};
+
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Serve every connection in userspace (no eBPF splice). Counted as `userspace`.
+    pub no_ebpf: bool,
+    /// How long open connections may take to finish after a stop request.
+    pub drain_deadline: Option<Duration>,
+    /// Where the configuration came from: what a reload reads again.
+    pub config_path: Option<PathBuf>,
+}
+
+/// A frontend that is bound and serving.
+pub struct Running {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub metrics: FrontendMetrics,
+    /// Its configuration and its backends': what a reload compares.
+    spec: Spec,
+    /// Stops this frontend's listener (its open connections go on).
+    stop: Arc<watch::Sender<bool>>,
+    task: JoinHandle<()>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct Spec {
+    frontend: Frontend,
+    backends: Vec<Backend>,
+}
+
+impl Spec {
+    fn of(config: &Config, frontend: &Frontend) -> Self {
+        let used: Vec<&String> = frontend
+            .backend
+            .iter()
+            .chain(frontend.sni_routes.values())
+            .collect();
+        Self {
+            frontend: frontend.clone(),
+            backends: config
+                .backends
+                .iter()
+                .filter(|b| used.contains(&&b.name))
+                .cloned()
+                .collect(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub enum FrontendMetrics {
+    L4(Arc<L4Metrics>),
+    Http(Arc<HttpMetrics>),
+}
+
+impl FrontendMetrics {
+    /// Connections (and upgraded sessions) still open: what a drain waits for.
+    pub fn open(&self) -> u64 {
+        match self {
+            Self::L4(m) => get(&m.active),
+            Self::Http(m) => get(&m.active) + get(&m.websockets_active),
+        }
+    }
+
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        match self {
+            Self::L4(m) => m.snapshot(),
+            Self::Http(m) => m.snapshot(),
+        }
+    }
+
+    fn for_mode(mode: Mode) -> Self {
+        match mode {
+            Mode::Splice => Self::L4(Arc::default()),
+            Mode::Http => Self::Http(Arc::default()),
+        }
+    }
+
+    fn same_kind(&self, mode: Mode) -> bool {
+        matches!(
+            (self, mode),
+            (Self::L4(_), Mode::Splice) | (Self::Http(_), Mode::Http)
+        )
+    }
+}
+
+/// Loads the eBPF object: needed for the splice, and for the inspection maps
+/// (`forwarder conns|stats`) of every agent. Only a splice makes a failure fatal.
+fn load_datapath(config: &Config, options: &RunOptions) -> anyhow::Result<Option<Arc<Datapath>>> {
+    let splices = config.frontends.iter().any(|f| f.mode == Mode::Splice);
+    let load = LoadOptions {
+        pin_dir: Some(pin_dir_for(&config.instance)),
+    };
+    match Datapath::load(&load) {
+        Ok(datapath) => {
+            let datapath = Arc::new(datapath);
+            spawn_ebpf_logger(&datapath);
+            Ok(Some(datapath))
+        }
+        Err(err) if splices && !options.no_ebpf => Err(err),
+        Err(err) => {
+            tracing::warn!(
+                "eBPF maps unavailable ({err:#}): serving without `forwarder conns|stats` inspection"
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// Binds everything and starts serving; returns once listening (the work runs in tasks).
+pub async fn start(
+    config: &Config,
+    options: &RunOptions,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<(Vec<Running>, Option<Arc<Datapath>>)> {
+    let datapath = load_datapath(config, options)?;
+    if options.no_ebpf {
+        tracing::warn!("eBPF splice disabled by flag: every connection is copied in userspace");
+    }
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
+    let pools = build::pools(config);
+    let mut running = Vec::new();
+    for f in &config.frontends {
+        let metrics = FrontendMetrics::for_mode(f.mode);
+        running
+            .push(start_frontend(config, f, &pools, &datapath, options, metrics, &shutdown).await?);
+    }
+    Ok((running, datapath))
+}
+
+/// Binds one frontend and spawns its accept loop.
+async fn start_frontend(
+    config: &Config,
+    f: &Frontend,
+    pools: &std::collections::HashMap<String, Arc<Pool>>,
+    datapath: &Option<Arc<Datapath>>,
+    options: &RunOptions,
+    metrics: FrontendMetrics,
+    shutdown: &watch::Receiver<bool>,
+) -> anyhow::Result<Running> {
+    let listener = crate::listener::bind(f.bind)
+        .with_context(|| format!("frontend {}: binding {}", f.name, f.bind))?;
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = frontend_stop(shutdown.clone());
+    let task = match &metrics {
+        FrontendMetrics::L4(m) => {
+            let kernel = datapath.is_some() && !options.no_ebpf;
+            let frontend = build::l4_frontend(f, pools, kernel);
+            tracing::info!(frontend = %f.name, %addr, kernel, "listening (L4 passthrough)");
+            tokio::spawn(l4::serve(
+                listener,
+                Arc::new(frontend),
+                datapath.clone(),
+                m.clone(),
+                stopped,
+            ))
+        }
+        FrontendMetrics::Http(m) => {
+            let frontend = build::http_frontend(config, f, pools, m.clone())?;
+            tracing::info!(frontend = %f.name, %addr, "listening (HTTPS terminated, Host rewritten)");
+            tracing::warn!(
+                frontend = %f.name,
+                "this frontend terminates TLS: device client certificates (X.509) cannot reach the hub \
+                 through it. X.509 devices must use the passthrough ports (MQTT 8883, AMQP 5671)"
+            );
+            tokio::spawn(http::serve(
+                listener,
+                Arc::new(frontend),
+                m.clone(),
+                stopped,
+            ))
+        }
+    };
+    Ok(Running {
+        name: f.name.clone(),
+        addr,
+        metrics,
+        spec: Spec::of(config, f),
+        stop,
+        task,
+    })
+}
+
+/// A stop signal for one frontend: set by a reload that removes or replaces it, or by
+/// the agent's own stop (or when the agent's stop sender is gone).
+fn frontend_stop(
+    mut shutdown: watch::Receiver<bool>,
+) -> (Arc<watch::Sender<bool>>, watch::Receiver<bool>) {
+    let (stop, stopped) = watch::channel(false);
+    let stop = Arc::new(stop);
+    let forward = stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => {}
+            () = forward.closed() => return,
+        }
+        let _ = forward.send(true);
+    });
+    (stop, stopped)
+}
+
+/// Serves until `shutdown` turns true, then drains. Each message on `reload` reads the
+/// configuration file again and applies the difference without dropping connections.
+pub async fn run(
+    config: Config,
+    options: RunOptions,
+    mut shutdown: watch::Receiver<bool>,
+    mut reload: mpsc::Receiver<()>,
+) -> anyhow::Result<()> {
+    let (mut running, datapath) = start(&config, &options, shutdown.clone()).await?;
+    // Attached once the frontends are bound, so their ports are known; detached on drop.
+    let mut xdp = crate::xdp::start_for(&config, running.iter().map(|r| r.addr))?;
+    let admin = match config.admin {
+        Some(addr) => {
+            let registry = Arc::new(crate::admin::Registry::new(pin_dir_for(&config.instance)));
+            let listener =
+                crate::admin::bind(addr).with_context(|| format!("admin: binding {addr}"))?;
+            tracing::info!(%addr, "admin: Prometheus metrics at /metrics");
+            tokio::spawn(crate::admin::serve(
+                listener,
+                registry.clone(),
+                shutdown.clone(),
+            ));
+            Some(registry)
+        }
+        None => None,
+    };
+    let register = |running: &[Running]| {
+        if let Some(admin) = &admin {
+            admin.set(
+                running
+                    .iter()
+                    .map(|r| (r.name.clone(), r.metrics.clone()))
+                    .collect(),
+            );
+        }
+    };
+    register(&running);
+    let mut config = config;
+    let mut report = tokio::time::interval(Duration::from_secs(30));
+    report.tick().await;
+    let mut publish = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            Some(()) = reload.recv() => {
+                match reload::apply(&config, &options, &mut running, &datapath, &shutdown).await {
+                    Ok(new_config) => {
+                        if let Some(guard) = xdp.as_mut()
+                            && let Err(err) = guard.maps().set_ports(&running.iter().map(|r| r.addr.port()).collect::<Vec<_>>())
+                        {
+                            tracing::warn!(%err, "reload: XDP protected ports not updated");
+                        }
+                        if new_config.admin != config.admin {
+                            tracing::warn!("reload: a new admin address takes effect at the next start");
+                        }
+                        register(&running);
+                        config = new_config;
+                    }
+                    Err(err) => tracing::error!("reload refused, still serving the previous configuration: {err:#}"),
+                }
+            }
+            _ = publish.tick() => publish_stats(&running, datapath.as_deref()),
+            _ = report.tick() => log_stats(&running),
+        }
+    }
+    let deadline = options.drain_deadline.unwrap_or(Duration::from_secs(30));
+    tracing::info!(?deadline, "stopped accepting; draining open connections");
+    let started = tokio::time::Instant::now();
+    while running.iter().any(|r| r.metrics.open() > 0) && started.elapsed() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    log_stats(&running);
+    drop(xdp);
+    drop(datapath);
+    Ok(())
+}
+
+/// Counters into the pinned `FWD_STATS` map, for `forwarder stats`.
+fn publish_stats(running: &[Running], datapath: Option<&Datapath>) {
+    let Some(datapath) = datapath else {
+        return;
+    };
+    for r in running {
+        if let Err(err) = datapath.publish_stats(&r.name, &r.metrics.snapshot()) {
+            tracing::debug!(%err, frontend = %r.name, "stats not published");
+        }
+    }
+}
+
+pub fn log_stats(running: &[Running]) {
+    for r in running {
+        let counters = r
+            .metrics
+            .snapshot()
+            .into_iter()
+            .filter(|(_, value)| *value > 0)
+            .map(|(name, value)| format!("{name}={value}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        tracing::info!(frontend = %r.name, "stats: {counters}");
+    }
+}
+
+fn spawn_ebpf_logger(datapath: &Datapath) {
+    let logger = match datapath.logger() {
+        Ok(logger) => logger,
+        Err(err) => {
+            tracing::debug!(%err, "no eBPF log reader");
+            return;
+        }
+    };
+    let mut logger = match crate::sys::async_fd_readable(logger) {
+        Ok(fd) => fd,
+        Err(err) => {
+            tracing::debug!(%err, "eBPF log reader not pollable");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while let Ok(mut guard) = logger.readable_mut().await {
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}

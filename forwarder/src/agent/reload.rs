@@ -1,0 +1,97 @@
+//! SIGHUP: read the configuration again and apply the difference. Frontends whose
+//! settings (and backends) are unchanged keep running untouched; changed ones get a new
+//! listener first (SO_REUSEPORT lets both hold the port for a moment) and then the old
+//! one stops accepting; removed ones stop accepting. Established connections, spliced or
+//! upgraded, belong to their own tasks and are never dropped by a reload.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::sync::watch;
+
+use super::{FrontendMetrics, RunOptions, Running, Spec, start_frontend};
+use crate::config::Config;
+use crate::ebpf::Datapath;
+
+/// Applies the configuration file's current content; returns it. On error nothing has
+/// changed that the error concerns, and the agent goes on with what runs.
+pub(super) async fn apply(
+    current: &Config,
+    options: &RunOptions,
+    running: &mut Vec<Running>,
+    datapath: &Option<Arc<Datapath>>,
+    shutdown: &watch::Receiver<bool>,
+) -> anyhow::Result<Config> {
+    let path = options
+        .config_path
+        .as_ref()
+        .context("this agent was started without -c FILE: there is nothing to reload")?;
+    let next = Config::load(path)?;
+    anyhow::ensure!(
+        next.instance == current.instance,
+        "instance cannot change on reload ({:?} -> {:?}): its pins are in use",
+        current.instance,
+        next.instance
+    );
+    if next.xdp != current.xdp {
+        tracing::warn!(
+            "reload: [xdp] changes take effect at the next start (rules: `forwarder xdp`)"
+        );
+    }
+    for warning in next.warnings() {
+        tracing::warn!("{warning}");
+    }
+    let pools = super::build::pools(&next);
+    let (mut kept, mut started, mut stopped) = (0, 0, 0);
+    let mut next_running = Vec::with_capacity(next.frontends.len());
+    for f in &next.frontends {
+        let spec = Spec::of(&next, f);
+        let old = running.iter().position(|r| r.name == f.name);
+        if let Some(i) = old
+            && running[i].spec == spec
+        {
+            next_running.push(running.remove(i));
+            kept += 1;
+            continue;
+        }
+        // Counters go on under the same name while the kind of frontend stays.
+        let metrics = match old.map(|i| &running[i].metrics) {
+            Some(m) if m.same_kind(f.mode) => m.clone(),
+            _ => FrontendMetrics::for_mode(f.mode),
+        };
+        match start_frontend(&next, f, &pools, datapath, options, metrics, shutdown).await {
+            Ok(new) => {
+                if let Some(i) = old {
+                    stop(running.remove(i)).await;
+                    stopped += 1;
+                }
+                next_running.push(new);
+                started += 1;
+            }
+            Err(err) => {
+                tracing::error!(frontend = %f.name, "reload: not started: {err:#}");
+                if let Some(i) = old {
+                    next_running.push(running.remove(i));
+                }
+            }
+        }
+    }
+    // What is left was removed from the configuration.
+    for old in running.drain(..) {
+        tracing::info!(frontend = %old.name, "reload: frontend removed; open connections go on");
+        if let Some(datapath) = datapath {
+            datapath.forget_stats(&old.name);
+        }
+        stop(old).await;
+        stopped += 1;
+    }
+    *running = next_running;
+    tracing::info!(kept, started, stopped, "configuration reloaded");
+    Ok(next)
+}
+
+/// Stops a frontend's accept loop and waits until its listening socket is closed.
+async fn stop(frontend: Running) {
+    let _ = frontend.stop.send(true);
+    let _ = frontend.task.await;
+}

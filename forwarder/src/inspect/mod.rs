@@ -1,0 +1,289 @@
+//! `forwarder conns|stats|maps`: what a running agent is doing, read from the maps it
+//! pinned under /sys/fs/bpf/forwarder/<instance>/ (no connection to the agent needed).
+
+mod table;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use aya::maps::{HashMap, Map, MapData};
+use forwarder_common::{ConnInfo, PATH_KERNEL, PeerLink, SockCounters, StatKey, names};
+use serde::Serialize;
+
+use crate::ebpf::{name_from_bytes, pin_dir_for};
+use crate::l4::registry::socket_addr;
+use crate::sys;
+use table::Table;
+
+/// The splice maps a running agent pinned.
+pub struct Pinned {
+    dir: PathBuf,
+    conns: HashMap<MapData, u64, ConnInfo>,
+    counters: HashMap<MapData, u64, SockCounters>,
+    links: HashMap<MapData, u64, PeerLink>,
+    stats: HashMap<MapData, StatKey, u64>,
+}
+
+fn open_map(dir: &Path, name: &str) -> anyhow::Result<Map> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening pinned map {}", path.display()))?;
+    Ok(Map::from_map_data(data)?)
+}
+
+impl Pinned {
+    pub fn open(instance: &str) -> anyhow::Result<Self> {
+        let dir = pin_dir_for(instance);
+        if !dir.join(names::CONNS).exists() {
+            anyhow::bail!(
+                "no agent maps are pinned in {}: is `forwarder run` running for instance {instance:?}? \
+                 (the demo's instance is \"demo\"; reading pins needs root)",
+                dir.display()
+            );
+        }
+        Ok(Self {
+            conns: open_map(&dir, names::CONNS)?.try_into()?,
+            counters: open_map(&dir, names::COUNTERS)?.try_into()?,
+            links: open_map(&dir, names::LINKS)?.try_into()?,
+            stats: open_map(&dir, names::STATS)?.try_into()?,
+            dir,
+        })
+    }
+}
+
+/// One row of `forwarder conns`.
+#[derive(Debug, Serialize)]
+pub struct ConnRow {
+    pub frontend: String,
+    pub client: String,
+    pub upstream: String,
+    /// "kernel" or "userspace".
+    pub path: &'static str,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub age_secs: f64,
+    pub idle_secs: f64,
+}
+
+pub fn conns(pinned: &Pinned) -> Vec<ConnRow> {
+    let now = sys::monotonic_ns();
+    let secs = |ns: u64| now.saturating_sub(ns) as f64 / 1e9;
+    let mut rows: Vec<ConnRow> = pinned
+        .conns
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(cookie, info)| {
+            let kernel = info.path == PATH_KERNEL;
+            let (mut up, mut down, mut last) =
+                (info.bytes_up, info.bytes_down, info.last_active_ns);
+            if kernel {
+                // Every byte a socket received met the verdict: redirected or passed.
+                let seen = |c: u64| {
+                    pinned
+                        .counters
+                        .get(&c, 0)
+                        .map(|k| (k.redirected_bytes + k.passed_bytes, k.last_active_ns))
+                        .unwrap_or((0, 0))
+                };
+                let (client, upstream) = (seen(cookie), seen(info.upstream_cookie));
+                up = client.0;
+                down = upstream.0;
+                last = client.1.max(upstream.1).max(info.started_ns);
+            }
+            ConnRow {
+                frontend: name_from_bytes(&info.frontend),
+                client: socket_addr(info.client_addr, info.client_port).to_string(),
+                upstream: socket_addr(info.upstream_addr, info.upstream_port).to_string(),
+                path: if kernel { "kernel" } else { "userspace" },
+                bytes_up: up,
+                bytes_down: down,
+                age_secs: secs(info.started_ns),
+                idle_secs: secs(last),
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| (&a.frontend, &a.client).cmp(&(&b.frontend, &b.client)));
+    rows
+}
+
+/// Counters by frontend, in a stable order.
+pub fn stats(
+    pinned: &Pinned,
+) -> std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>> {
+    let mut out: std::collections::BTreeMap<_, std::collections::BTreeMap<_, _>> =
+        Default::default();
+    for (key, value) in pinned.stats.iter().filter_map(Result::ok) {
+        out.entry(name_from_bytes(&key.frontend))
+            .or_default()
+            .insert(name_from_bytes(&key.counter), value);
+    }
+    out
+}
+
+pub fn print_conns(pinned: &Pinned, json: bool, out: &mut impl Write) -> anyhow::Result<()> {
+    let rows = conns(pinned);
+    if json {
+        writeln!(out, "{}", serde_json::to_string(&rows)?)?;
+        return Ok(());
+    }
+    let mut table = Table::new([
+        "FRONTEND", "CLIENT", "UPSTREAM", "PATH", "UP", "DOWN", "AGE", "IDLE",
+    ]);
+    for r in &rows {
+        table.row([
+            r.frontend.clone(),
+            r.client.clone(),
+            r.upstream.clone(),
+            r.path.to_string(),
+            table::bytes(r.bytes_up),
+            table::bytes(r.bytes_down),
+            table::duration(r.age_secs),
+            table::duration(r.idle_secs),
+        ]);
+    }
+    table.print(out)?;
+    writeln!(out, "{} connection(s)", rows.len())?;
+    Ok(())
+}
+
+pub fn print_stats(pinned: &Pinned, json: bool, out: &mut impl Write) -> anyhow::Result<()> {
+    let stats = stats(pinned);
+    let xdp = crate::xdp::XdpMaps::open_pinned(&pinned.dir)
+        .and_then(|maps| maps.stats())
+        .ok();
+    if json {
+        let mut value = serde_json::json!({ "frontends": stats });
+        if let Some(xdp) = &xdp {
+            let named: serde_json::Map<String, serde_json::Value> = xdp
+                .named()
+                .map(|(n, v)| (n.to_string(), v.into()))
+                .collect();
+            value["xdp"] = named.into();
+        }
+        writeln!(out, "{value}")?;
+        return Ok(());
+    }
+    for (frontend, counters) in &stats {
+        writeln!(out, "frontend {frontend}")?;
+        let mut table = Table::new(["COUNTER", "VALUE"]);
+        for (name, value) in counters {
+            let shown = if name.starts_with("bytes") || name.ends_with("_bytes") {
+                table::bytes(*value)
+            } else {
+                value.to_string()
+            };
+            table.row([format!("  {name}"), shown]);
+        }
+        table.print(out)?;
+    }
+    if let Some(xdp) = xdp {
+        writeln!(out, "xdp")?;
+        let mut table = Table::new(["COUNTER", "PACKETS"]);
+        for (name, value) in xdp.named() {
+            table.row([format!("  {name}"), value.to_string()]);
+        }
+        table.print(out)?;
+    }
+    Ok(())
+}
+
+/// Every pinned map decoded entry by entry (`forwarder maps`).
+pub fn print_maps(pinned: &Pinned, json: bool, out: &mut impl Write) -> anyhow::Result<()> {
+    let links: Vec<_> = pinned.links.iter().filter_map(Result::ok).collect();
+    let counters: Vec<_> = pinned.counters.iter().filter_map(Result::ok).collect();
+    let conns: Vec<_> = pinned.conns.iter().filter_map(Result::ok).collect();
+    let stats: Vec<_> = pinned.stats.iter().filter_map(Result::ok).collect();
+    let sockets = open_map(&pinned.dir, names::SOCKS)
+        .ok()
+        .and_then(|m| aya::maps::SockHash::<MapData, u64>::try_from(m).ok())
+        .map(|m| m.keys().filter_map(Result::ok).collect::<Vec<u64>>())
+        .unwrap_or_default();
+    if json {
+        let value = serde_json::json!({
+            names::SOCKS: sockets,
+            names::LINKS: links.iter().map(|(k, v)| serde_json::json!({
+                "cookie": k, "peer_cookie": v.peer_cookie, "mode": v.mode,
+                "redirect_limit": v.redirect_limit, "passed_mark": v.passed_mark,
+            })).collect::<Vec<_>>(),
+            names::COUNTERS: counters.iter().map(|(k, v)| serde_json::json!({
+                "cookie": k, "redirected_bytes": v.redirected_bytes,
+                "redirected_segments": v.redirected_segments, "passed_bytes": v.passed_bytes,
+                "passed_segments": v.passed_segments, "last_active_ns": v.last_active_ns,
+                "over_budget": v.over_budget,
+            })).collect::<Vec<_>>(),
+            names::CONNS: conns.iter().map(|(k, v)| serde_json::json!({
+                "cookie": k, "frontend": name_from_bytes(&v.frontend),
+                "client": socket_addr(v.client_addr, v.client_port).to_string(),
+                "upstream": socket_addr(v.upstream_addr, v.upstream_port).to_string(),
+                "upstream_cookie": v.upstream_cookie, "path": v.path,
+                "started_ns": v.started_ns, "bytes_up": v.bytes_up, "bytes_down": v.bytes_down,
+            })).collect::<Vec<_>>(),
+            names::STATS: stats.iter().map(|(k, v)| serde_json::json!({
+                "frontend": name_from_bytes(&k.frontend), "counter": name_from_bytes(&k.counter),
+                "value": v,
+            })).collect::<Vec<_>>(),
+        });
+        writeln!(out, "{value}")?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{} ({} sockets): {:?}",
+        names::SOCKS,
+        sockets.len(),
+        sockets
+    )?;
+    writeln!(out, "{} ({} entries)", names::LINKS, links.len())?;
+    for (cookie, l) in &links {
+        writeln!(
+            out,
+            "  {cookie} -> peer {} mode {} redirect_limit {} passed_mark {}",
+            l.peer_cookie, l.mode, l.redirect_limit, l.passed_mark
+        )?;
+    }
+    writeln!(out, "{} ({} entries)", names::COUNTERS, counters.len())?;
+    for (cookie, c) in &counters {
+        writeln!(
+            out,
+            "  {cookie}: redirected {} B / {} segs, passed {} B / {} segs, over_budget {}, last_active_ns {}",
+            c.redirected_bytes,
+            c.redirected_segments,
+            c.passed_bytes,
+            c.passed_segments,
+            c.over_budget,
+            c.last_active_ns
+        )?;
+    }
+    writeln!(out, "{} ({} entries)", names::CONNS, conns.len())?;
+    for (cookie, c) in &conns {
+        writeln!(
+            out,
+            "  {cookie}: {} {} -> {} path {} upstream_cookie {}",
+            name_from_bytes(&c.frontend),
+            socket_addr(c.client_addr, c.client_port),
+            socket_addr(c.upstream_addr, c.upstream_port),
+            c.path,
+            c.upstream_cookie
+        )?;
+    }
+    writeln!(out, "{} ({} entries)", names::STATS, stats.len())?;
+    for (k, v) in &stats {
+        writeln!(
+            out,
+            "  {}/{} = {v}",
+            name_from_bytes(&k.frontend),
+            name_from_bytes(&k.counter)
+        )?;
+    }
+    if let Ok(maps) = crate::xdp::XdpMaps::open_pinned(&pinned.dir) {
+        writeln!(out, "XDP guard maps (see also `forwarder xdp list|stats`)")?;
+        writeln!(out, "  XDP_PORTS: {:?}", maps.ports())?;
+        if let Ok(stats) = maps.stats() {
+            for (name, n) in stats.named() {
+                writeln!(out, "  XDP_STATS/{name} = {n}")?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,290 @@
+//! Operator experience against a real running agent: `conns`, `stats` and `maps` read
+//! from the pinned maps, Prometheus text on the admin address, and a SIGHUP-style reload
+//! that adds, changes and removes frontends while a spliced connection keeps flowing.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use forwarder::agent::{self, RunOptions};
+use forwarder::config::Config;
+use forwarder::inspect::{self, Pinned};
+use forwarder_tests::peers::{free_port, scratch_dir};
+use forwarder_tests::{random_payload, require_root, sha256};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+
+/// An upstream that greets each connection with `banner`, then echoes.
+async fn upstream(banner: &'static [u8]) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = stream.into_split();
+                if w.write_all(banner).await.is_ok()
+                    && tokio::io::copy(&mut r, &mut w).await.is_ok()
+                {
+                    let _ = w.shutdown().await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+struct Agent {
+    stop: watch::Sender<bool>,
+    reload: mpsc::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn start_agent(path: &Path) -> Agent {
+    let config = Config::load(path).expect("valid config");
+    let (stop, stopped) = watch::channel(false);
+    let (reload, reloads) = mpsc::channel(1);
+    let options = RunOptions {
+        config_path: Some(path.to_owned()),
+        drain_deadline: Some(Duration::from_secs(5)),
+        ..Default::default()
+    };
+    let task = tokio::spawn(agent::run(config, options, stopped, reloads));
+    Agent { stop, reload, task }
+}
+
+async fn wait_until(what: &str, mut ok: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ok().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Connects and reads the upstream's banner (3 bytes).
+async fn connect_banner(port: u16) -> std::io::Result<(TcpStream, [u8; 3])> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut banner = [0u8; 3];
+    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut banner))
+        .await
+        .map_err(|_| std::io::Error::other("no banner"))??;
+    Ok((stream, banner))
+}
+
+fn write_config(path: &Path, instance: &str, admin: u16, frontends: &[(&str, u16, SocketAddr)]) {
+    let mut text = format!("instance = \"{instance}\"\nadmin = \"127.0.0.1:{admin}\"\n");
+    for (name, port, upstream) in frontends {
+        text.push_str(&format!(
+            "[[frontend]]\nname = \"{name}\"\nbind = \"127.0.0.1:{port}\"\nbackend = \"{name}\"\n\
+             [[backend]]\nname = \"{name}\"\nservers = [{{ address = \"{upstream}\" }}]\n"
+        ));
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+async fn http_get(port: u16, path: &str) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conns_stats_maps_and_metrics_show_a_live_spliced_connection() {
+    require_root();
+    let dir = scratch_dir("operator-inspect");
+    let instance = format!("inspect-{}", std::process::id());
+    let (port, admin) = (free_port(), free_port());
+    let up = upstream(b"U1:").await;
+    let path = dir.join("forwarder.toml");
+    write_config(&path, &instance, admin, &[("mqtt", port, up)]);
+    let agent = start_agent(&path).await;
+    wait_until("the agent listens", async || {
+        connect_banner(port).await.is_ok()
+    })
+    .await;
+
+    let (mut stream, _) = connect_banner(port).await.unwrap();
+    let payload = random_payload(1 << 20);
+    stream.write_all(&payload).await.unwrap();
+    let mut echoed = vec![0u8; payload.len()];
+    stream.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(sha256(&echoed), sha256(&payload));
+
+    let pinned = Pinned::open(&instance).expect("maps pinned while the agent runs");
+    let client = stream.local_addr().unwrap().to_string();
+    let rows = inspect::conns(&pinned);
+    let row = rows
+        .iter()
+        .find(|r| r.client == client)
+        .unwrap_or_else(|| panic!("{client} not listed: {rows:?}"));
+    assert_eq!(row.frontend, "mqtt");
+    assert_eq!(row.upstream, up.to_string());
+    assert_eq!(row.path, "kernel");
+    assert_eq!(row.bytes_up, payload.len() as u64);
+    assert_eq!(row.bytes_down, payload.len() as u64 + 3, "echo plus banner");
+    let mut json = Vec::new();
+    inspect::print_conns(&pinned, true, &mut json).unwrap();
+    let parsed: serde_json::Value = serde_json::from_slice(&json).expect("conns --json is JSON");
+    assert!(parsed.as_array().is_some_and(|a| !a.is_empty()));
+    let mut table = Vec::new();
+    inspect::print_conns(&pinned, false, &mut table).unwrap();
+    let table = String::from_utf8(table).unwrap();
+    assert!(
+        table.starts_with("FRONTEND") && table.contains(&client),
+        "{table}"
+    );
+
+    // Counters are published every second.
+    wait_until("stats published", async || {
+        inspect::stats(&pinned)
+            .get("mqtt")
+            .is_some_and(|c| c.get("kernel_spliced").copied().unwrap_or(0) >= 2)
+    })
+    .await;
+    let mut maps = Vec::new();
+    inspect::print_maps(&pinned, false, &mut maps).unwrap();
+    let maps = String::from_utf8(maps).unwrap();
+    for name in [
+        "FWD_SOCKS",
+        "FWD_LINKS",
+        "FWD_COUNTERS",
+        "FWD_CONNS",
+        "FWD_STATS",
+    ] {
+        assert!(maps.contains(name), "{name} missing from `maps`:\n{maps}");
+    }
+
+    let metrics = http_get(admin, "/metrics").await;
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    assert!(
+        metrics.contains("forwarder_kernel_spliced_total{frontend=\"mqtt\",mode=\"splice\"} 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("forwarder_active{frontend=\"mqtt\",mode=\"splice\"} 1"));
+
+    drop(stream);
+    agent.stop.send(true).unwrap();
+    agent.task.await.unwrap().unwrap();
+    let err = Pinned::open(&instance).err().expect("pins removed at exit");
+    assert!(
+        err.to_string().contains("no agent maps are pinned"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_adds_changes_and_removes_frontends_without_dropping_a_spliced_connection() {
+    require_root();
+    let dir = scratch_dir("operator-reload");
+    let instance = format!("reload-{}", std::process::id());
+    let (port_a, port_b, admin) = (free_port(), free_port(), free_port());
+    let (up1, up2) = (upstream(b"U1:").await, upstream(b"U2:").await);
+    let path = dir.join("forwarder.toml");
+    write_config(&path, &instance, admin, &[("a", port_a, up1)]);
+    let agent = start_agent(&path).await;
+    wait_until("the agent listens", async || {
+        connect_banner(port_a).await.is_ok()
+    })
+    .await;
+
+    // A live connection through "a" (to U1), spliced, with bytes in flight across the
+    // reloads: the writer keeps sending while the frontends change around it.
+    let (stream, banner) = connect_banner(port_a).await.unwrap();
+    assert_eq!(&banner, b"U1:");
+    let client = stream.local_addr().unwrap().to_string();
+    let (mut r, mut w) = stream.into_split();
+    let payload = random_payload(48 << 20);
+    let expected = sha256(&payload);
+    let (reloaded_tx, mut reloaded) = mpsc::channel::<()>(1);
+    let writer = tokio::spawn(async move {
+        let (first, rest) = payload.split_at(payload.len() / 3);
+        w.write_all(first).await.unwrap();
+        // Hold the rest until both reloads happened.
+        reloaded.recv().await;
+        w.write_all(rest).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(60), r.read_to_end(&mut got))
+            .await
+            .expect("echo finished")
+            .expect("echo read");
+        got
+    });
+
+    // Reload 1: "a" now goes to U2, "b" is new (to U1).
+    write_config(
+        &path,
+        &instance,
+        admin,
+        &[("a", port_a, up2), ("b", port_b, up1)],
+    );
+    agent.reload.send(()).await.unwrap();
+    wait_until("b is served", async || {
+        connect_banner(port_b)
+            .await
+            .is_ok_and(|(_, b)| &b == b"U1:")
+    })
+    .await;
+    wait_until("a goes to U2", async || {
+        connect_banner(port_a)
+            .await
+            .is_ok_and(|(_, b)| &b == b"U2:")
+    })
+    .await;
+
+    // Reload 2: "b" removed.
+    write_config(&path, &instance, admin, &[("a", port_a, up2)]);
+    agent.reload.send(()).await.unwrap();
+    wait_until("b is gone", async || connect_banner(port_b).await.is_err()).await;
+
+    // A broken file is refused and changes nothing.
+    std::fs::write(&path, "instance = \"x\"\n[[frontend]]\nnam = 1\n").unwrap();
+    agent.reload.send(()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        connect_banner(port_a)
+            .await
+            .is_ok_and(|(_, b)| &b == b"U2:")
+    );
+
+    // Still listed, still on the kernel path.
+    let pinned = Pinned::open(&instance).unwrap();
+    let rows = inspect::conns(&pinned);
+    let row = rows
+        .iter()
+        .find(|r| r.client == client)
+        .expect("live connection listed");
+    assert_eq!(row.path, "kernel");
+    assert_eq!(row.frontend, "a");
+
+    reloaded_tx.send(()).await.unwrap();
+    writer.await.unwrap();
+    let got = reader.await.unwrap();
+    assert_eq!(
+        got.len(),
+        48 << 20,
+        "the live connection lost bytes across reloads"
+    );
+    assert!(
+        sha256(&got) == expected,
+        "the live connection's bytes changed"
+    );
+
+    let metrics = http_get(admin, "/metrics").await;
+    assert!(metrics.contains("frontend=\"a\""), "{metrics}");
+    assert!(
+        !metrics.contains("frontend=\"b\""),
+        "removed frontend still reported"
+    );
+    agent.stop.send(true).unwrap();
+    agent.task.await.unwrap().unwrap();
+}
