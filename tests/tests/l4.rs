@@ -639,15 +639,11 @@ async fn slow_upstream_is_bounded_then_resumes() {
                 .map(|v| v.parse().unwrap())
         })
         .unwrap();
+    // Machine-wide, so other tests running in parallel add to it: shown, not asserted
+    // (the per-connection bound above is the assertion).
     println!(
-        "TCP memory while the upstream is stalled: {} KiB",
+        "TCP memory (whole machine) while the upstream is stalled: {} KiB",
         tcp_mem_pages * 4
-    );
-    // Bounded: lag bound + socket buffers, far below the 256 MiB the client tried to send.
-    assert!(
-        tcp_mem_pages * 4096 < 128 << 20,
-        "kernel TCP memory grew to {} MiB",
-        (tcp_mem_pages * 4096) >> 20
     );
 
     let mut got = Vec::new();
