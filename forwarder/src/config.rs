@@ -297,7 +297,8 @@ impl Config {
             if !names.insert(f.name.as_str()) {
                 return invalid(format!("frontend {:?} is defined twice", f.name));
             }
-            if !binds.insert(f.bind) {
+            // Port 0 (an ephemeral port each) never collides.
+            if f.bind.port() != 0 && !binds.insert(f.bind) {
                 return invalid(format!(
                     "frontend {:?}: {} is already bound by another frontend",
                     f.name, f.bind

@@ -80,3 +80,85 @@ pub fn scratch_dir(test: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).expect("create scratch directory");
     dir
 }
+
+/// RabbitMQ with its AMQP 1.0 plugin and one TLS listener, all its state in `dir`.
+/// Dropping it kills the broker and stops Erlang's port mapper (which daemonizes itself)
+/// unless another Erlang node still uses it.
+pub struct Rabbit {
+    process: Option<KillOnDrop>,
+    pub tls_port: u16,
+}
+
+impl Drop for Rabbit {
+    fn drop(&mut self) {
+        drop(self.process.take());
+        // epmd notices the killed node a moment later.
+        for _ in 0..30 {
+            let names = Command::new("epmd").arg("-names").output();
+            let registered = names.map_or(String::new(), |o| {
+                String::from_utf8_lossy(&o.stdout).into_owned()
+            });
+            if !registered.contains("name ") {
+                let _ = Command::new("epmd").arg("-kill").output();
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+pub fn rabbitmq(
+    dir: &Path,
+    ca: &crate::pki::TestCa,
+    leaf: &crate::pki::Leaf,
+) -> anyhow::Result<Rabbit> {
+    let server = Path::new("/usr/lib/rabbitmq/bin/rabbitmq-server");
+    anyhow::ensure!(
+        server.exists(),
+        "rabbitmq-server is not installed (cargo xtask setup installs it)"
+    );
+    let tls_port = free_port();
+    std::fs::write(
+        dir.join("rabbitmq.conf"),
+        format!(
+            "listeners.tcp = none\nlisteners.ssl.default = 127.0.0.1:{tls_port}\n\
+             ssl_options.cacertfile = {}\nssl_options.certfile = {}\nssl_options.keyfile = {}\n\
+             ssl_options.verify = verify_none\nssl_options.fail_if_no_peer_cert = false\n\
+             loopback_users = none\n",
+            ca.ca_pem.display(),
+            leaf.cert.display(),
+            leaf.key.display(),
+        ),
+    )?;
+    std::fs::write(dir.join("enabled_plugins"), "[rabbitmq_amqp1_0].\n")?;
+    // The packaged wrapper drops to the rabbitmq user; the server script itself runs as
+    // us, with every path inside `dir`.
+    let process = KillOnDrop::spawn(
+        Command::new(server)
+            .env("HOME", dir)
+            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env(
+                "RABBITMQ_NODENAME",
+                format!("fwd{}x{}@localhost", std::process::id(), tls_port),
+            )
+            .env("RABBITMQ_DIST_PORT", free_port().to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )?;
+    let rabbit = Rabbit {
+        process: Some(process),
+        tls_port,
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", tls_port)).is_err() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "rabbitmq did not open its TLS listener on {tls_port} within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(rabbit)
+}

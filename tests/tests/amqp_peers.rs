@@ -4,12 +4,11 @@
 //! plaintext), 1,000 messages sent and received back in order.
 
 use std::process::Command;
-use std::time::Duration;
 
 use forwarder::agent::{self, FrontendMetrics, RunOptions};
 use forwarder::config::{Backend, Config, Frontend, Mode};
 use forwarder::metrics::get;
-use forwarder_tests::peers::{KillOnDrop, free_port, scratch_dir};
+use forwarder_tests::peers::{self, scratch_dir};
 use forwarder_tests::pki::TestCa;
 use forwarder_tests::require_root;
 use tokio::sync::watch;
@@ -42,86 +41,14 @@ conn.close()
 print("OK %d" % count)
 "#;
 
-/// The broker's process group, and Erlang's port mapper, which daemonizes itself when the
-/// broker starts: both are stopped when the test ends, however it ends.
-struct Rabbit(Option<KillOnDrop>);
-
-impl Drop for Rabbit {
-    fn drop(&mut self) {
-        drop(self.0.take());
-        // epmd notices the killed node a moment later; then stop it, unless another
-        // Erlang node (not ours) still uses it.
-        for _ in 0..30 {
-            let names = Command::new("epmd").arg("-names").output();
-            let registered = names.map_or(String::new(), |o| {
-                String::from_utf8_lossy(&o.stdout).into_owned()
-            });
-            if !registered.contains("name ") {
-                let _ = Command::new("epmd").arg("-kill").output();
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-fn start_rabbitmq(dir: &std::path::Path, ca: &TestCa, tls_port: u16) -> Rabbit {
-    let broker = ca.issue("broker", &["hub.test", "127.0.0.1"]);
-    let conf = dir.join("rabbitmq.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "listeners.tcp = none\nlisteners.ssl.default = 127.0.0.1:{tls_port}\n\
-             ssl_options.cacertfile = {ca}\nssl_options.certfile = {cert}\nssl_options.keyfile = {key}\n\
-             ssl_options.verify = verify_none\nssl_options.fail_if_no_peer_cert = false\n\
-             loopback_users = none\n",
-            ca = ca.ca_pem.display(),
-            cert = broker.cert.display(),
-            key = broker.key.display(),
-        ),
-    )
-    .expect("write rabbitmq.conf");
-    let plugins = dir.join("enabled_plugins");
-    std::fs::write(&plugins, "[rabbitmq_amqp1_0].\n").expect("write enabled_plugins");
-    let node = format!("fwd{}", std::process::id());
-    // The packaged wrapper drops to the rabbitmq user; the server script itself runs as
-    // us, with every path inside the test's directory.
-    let broker = KillOnDrop::spawn(
-        Command::new("/usr/lib/rabbitmq/bin/rabbitmq-server")
-            .env("HOME", dir)
-            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq"))
-            .env("RABBITMQ_ENABLED_PLUGINS_FILE", &plugins)
-            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
-            .env("RABBITMQ_LOG_BASE", dir.join("log"))
-            .env("RABBITMQ_NODENAME", format!("{node}@localhost"))
-            .env("RABBITMQ_DIST_PORT", free_port().to_string())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null()),
-    )
-    .expect("rabbitmq-server is installed by cargo xtask setup");
-    let broker = Rabbit(Some(broker));
-    wait_for_port_within(tls_port, Duration::from_secs(60));
-    broker
-}
-
-fn wait_for_port_within(port: u16, limit: Duration) {
-    let deadline = std::time::Instant::now() + limit;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "rabbitmq did not open its TLS listener on {port} within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqp_1_0_over_tls_through_the_kernel_splice_loses_nothing() {
     require_root();
     let dir = scratch_dir("amqp");
     let ca = TestCa::new(&dir);
-    let tls_port = free_port();
-    let _broker = start_rabbitmq(&dir, &ca, tls_port);
+    let broker_leaf = ca.issue("broker", &["hub.test", "127.0.0.1"]);
+    let broker = peers::rabbitmq(&dir, &ca, &broker_leaf).expect("RabbitMQ starts");
+    let tls_port = broker.tls_port;
 
     let mut frontend = Frontend::new("amqp", "127.0.0.1:0".parse().unwrap(), Mode::Splice, "hub");
     frontend.idle_timeout_secs = 60;

@@ -38,6 +38,9 @@ enum Task {
     },
     /// Packets per second dropped by the XDP guard vs the same rule in nftables (root).
     XdpBench,
+    /// A newcomer's tour: a local stand-in hub, the forwarder in front, real MQTT, AMQP,
+    /// HTTPS and WebSocket traffic through it, then the `conns` and `stats` tables (root).
+    Demo,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,6 +49,17 @@ fn main() -> anyhow::Result<()> {
         Task::Build { release } => build(release),
         Task::Test { cargo_test_args } => test(&cargo_test_args),
         Task::XdpBench => xdp_bench::run(),
+        Task::Demo => {
+            setup::run()?;
+            run(cargo().args([
+                "run",
+                "--release",
+                "--package",
+                "forwarder-tests",
+                "--bin",
+                "demo",
+            ]))
+        }
         Task::Run { args } => {
             setup::run()?;
             build(true)?;
