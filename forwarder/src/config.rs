@@ -104,6 +104,10 @@ pub enum Mode {
     Splice,
     /// Terminated HTTPS with Host rewrite (443).
     Http,
+    /// Plain TCP in, TLS to the backend out (legacy MQTT on 1883: IoT Hub refuses MQTT
+    /// without TLS). Relayed in userspace: it cannot be spliced, and X.509 devices cannot
+    /// use it.
+    Originate,
 }
 
 #[derive(Debug, Deserialize, Clone, PartialEq)]
@@ -326,6 +330,7 @@ impl Config {
             }
             match f.mode {
                 Mode::Http => self.validate_http_frontend(f)?,
+                Mode::Originate => self.validate_originate_frontend(f)?,
                 Mode::Splice => {
                     if f.tls_cert.is_some() || f.tls_key.is_some() {
                         return invalid(format!(
@@ -345,6 +350,48 @@ impl Config {
         Ok(())
     }
 
+    fn validate_originate_frontend(&self, f: &Frontend) -> Result<(), ConfigError> {
+        let invalid = |m: String| {
+            Err(ConfigError::Invalid(format!(
+                "frontend {:?} (mode \"originate\"): {m}",
+                f.name
+            )))
+        };
+        if f.tls_cert.is_some() || f.tls_key.is_some() || !f.sni_routes.is_empty() {
+            return invalid(
+                "devices connect without TLS here: tls_cert, tls_key and sni_routes do not apply"
+                    .into(),
+            );
+        }
+        self.hub_name_of(f).map(|_| ())
+    }
+
+    /// The backend's host name (what TLS towards it verifies), for http/originate modes.
+    fn hub_name_of(&self, f: &Frontend) -> Result<String, ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(format!("frontend {:?}: {m}", f.name)));
+        let Some(backend) = self
+            .backends
+            .iter()
+            .find(|b| f.backend.as_deref() == Some(b.name.as_str()))
+        else {
+            return invalid("needs a backend".into());
+        };
+        let Some(host) = backend.http_host() else {
+            return invalid(format!("backend {:?} needs a host name", backend.name));
+        };
+        for name in std::iter::once(&host).chain(backend.tls_server_name.as_ref()) {
+            if http::HeaderValue::from_str(name).is_err()
+                || rustls_pki_types::ServerName::try_from(name.as_str()).is_err()
+            {
+                return invalid(format!(
+                    "backend {:?}: {name:?} is not a valid host name",
+                    backend.name
+                ));
+            }
+        }
+        Ok(host)
+    }
+
     fn validate_http_frontend(&self, f: &Frontend) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(format!("frontend {:?}: {m}", f.name)));
         if f.tls_cert.is_none() || f.tls_key.is_none() {
@@ -362,27 +409,7 @@ impl Config {
         if f.header_read_timeout_ms == 0 {
             return invalid("header_read_timeout_ms must be > 0".into());
         }
-        let Some(backend) = self
-            .backends
-            .iter()
-            .find(|b| f.backend.as_deref() == Some(b.name.as_str()))
-        else {
-            return invalid("mode \"http\" needs a backend".into());
-        };
-        let Some(host) = backend.http_host() else {
-            return invalid(format!("backend {:?} needs a host name", backend.name));
-        };
-        for name in std::iter::once(&host).chain(backend.tls_server_name.as_ref()) {
-            if http::HeaderValue::from_str(name).is_err()
-                || rustls_pki_types::ServerName::try_from(name.as_str()).is_err()
-            {
-                return invalid(format!(
-                    "backend {:?}: {name:?} is not a valid host name",
-                    backend.name
-                ));
-            }
-        }
-        Ok(())
+        self.hub_name_of(f).map(|_| ())
     }
 
     /// Settings that work but are known to hurt IoT devices.
@@ -405,6 +432,7 @@ impl Config {
         hub: &str,
         bind_ip: std::net::IpAddr,
         https: Option<(PathBuf, PathBuf)>,
+        extras: HubExtras,
     ) -> Self {
         let frontend = |name: &str, port: u16, mode: Mode| {
             Frontend::new(name, SocketAddr::new(bind_ip, port), mode, name)
@@ -420,6 +448,18 @@ impl Config {
             xdp: None,
             admin: None,
         };
+        if extras.dps {
+            // Devices reach DPS first, on the same ports: route by the TLS server name.
+            for (i, (name, port)) in [("mqtt", 8883), ("amqp", 5671)].into_iter().enumerate() {
+                let dps = format!("dps-{name}");
+                let routes = &mut config.frontends[i].sni_routes;
+                routes.insert(hub.to_ascii_lowercase(), name.into());
+                routes.insert(DPS_HOST.into(), dps.clone());
+                config
+                    .backends
+                    .push(Backend::new(&dps, &format!("{DPS_HOST}:{port}")));
+            }
+        }
         if let Some((cert, key)) = https {
             let mut https = frontend("https", 443, Mode::Http);
             https.tls_cert = Some(cert);
@@ -427,8 +467,26 @@ impl Config {
             config.frontends.push(https);
             config.backends.push(backend("https", 443));
         }
+        if extras.plain_mqtt {
+            // Plain MQTT in, TLS to the hub's 8883 out: IoT Hub refuses MQTT without TLS.
+            let mut plain = frontend("mqtt-plain", 1883, Mode::Originate);
+            plain.backend = Some("mqtt".into());
+            config.frontends.push(plain);
+        }
         config
     }
+}
+
+/// The global Device Provisioning Service endpoint devices contact before their hub.
+pub const DPS_HOST: &str = "global.azure-devices-provisioning.net";
+
+/// Optional parts of the `--hub` layout.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HubExtras {
+    /// Also route the Device Provisioning Service on the passthrough ports (by SNI).
+    pub dps: bool,
+    /// Also accept plain MQTT on 1883 and originate TLS to the hub (legacy devices).
+    pub plain_mqtt: bool,
 }
 
 #[cfg(test)]
@@ -528,7 +586,12 @@ servers = [{ address = "a.azure-devices.net:8883", weight = 2 }]
 
     #[test]
     fn hub_shortcut_is_valid() {
-        let c = Config::for_hub("myhub.azure-devices.net", "0.0.0.0".parse().unwrap(), None);
+        let c = Config::for_hub(
+            "myhub.azure-devices.net",
+            "0.0.0.0".parse().unwrap(),
+            None,
+            HubExtras::default(),
+        );
         c.validate().unwrap();
         assert_eq!(
             c.backends[0].servers[0].address,
@@ -538,11 +601,20 @@ servers = [{ address = "a.azure-devices.net:8883", weight = 2 }]
             "myhub.azure-devices.net",
             "0.0.0.0".parse().unwrap(),
             Some(("c.pem".into(), "k.pem".into())),
+            HubExtras {
+                dps: true,
+                plain_mqtt: true,
+            },
         );
         c.validate().unwrap();
+        assert_eq!(c.frontends[0].sni_routes[DPS_HOST], "dps-mqtt");
+        assert_eq!(c.frontends[1].sni_routes["myhub.azure-devices.net"], "amqp");
+        assert_eq!(c.frontends[3].mode, Mode::Originate);
+        assert_eq!(c.frontends[3].bind.port(), 1883);
         assert_eq!(c.frontends[2].mode, Mode::Http);
+        let https = c.backends.iter().find(|b| b.name == "https").unwrap();
         assert_eq!(
-            c.backends[2].http_host().as_deref(),
+            https.http_host().as_deref(),
             Some("myhub.azure-devices.net")
         );
     }

@@ -9,5 +9,6 @@ pub mod inspect;
 pub mod l4;
 pub mod listener;
 pub mod metrics;
+pub mod relay;
 pub mod sys;
 pub mod xdp;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use forwarder::agent::{self, RunOptions};
-use forwarder::config::Config;
+use forwarder::config::{Config, HubExtras};
 use forwarder::inspect::Pinned;
 use std::io::stdout;
 use tokio::signal::unix::{SignalKind, signal};
@@ -41,6 +41,15 @@ enum Command {
         /// PEM private key of --cert.
         #[arg(long, requires_all = ["hub", "cert"])]
         key: Option<PathBuf>,
+        /// Also forward the Device Provisioning Service (global.azure-devices-provisioning.net)
+        /// on 8883 and 5671, routed by the TLS server name (devices contact DPS first).
+        #[arg(long, requires = "hub")]
+        dps: bool,
+        /// Also accept plain MQTT on 1883 for legacy devices. IoT Hub refuses MQTT without
+        /// TLS, so the forwarder originates TLS to the hub's 8883 itself: this port is
+        /// relayed in userspace and cannot be spliced, and X.509 devices cannot use it.
+        #[arg(long, requires = "hub")]
+        mqtt_1883: bool,
         /// Address the --hub frontends bind to.
         #[arg(long, default_value = "0.0.0.0", requires = "hub")]
         bind_ip: std::net::IpAddr,
@@ -122,6 +131,8 @@ async fn main() -> anyhow::Result<()> {
             hub,
             cert,
             key,
+            dps,
+            mqtt_1883,
             bind_ip,
             no_ebpf,
             drain_secs,
@@ -129,7 +140,15 @@ async fn main() -> anyhow::Result<()> {
             let config_path = config;
             let config = match (&config_path, hub) {
                 (Some(path), _) => Config::load(path)?,
-                (None, Some(hub)) => Config::for_hub(&hub, bind_ip, cert.zip(key)),
+                (None, Some(hub)) => Config::for_hub(
+                    &hub,
+                    bind_ip,
+                    cert.zip(key),
+                    HubExtras {
+                        dps,
+                        plain_mqtt: mqtt_1883,
+                    },
+                ),
                 (None, None) => forwarder::demo::start().await?,
             };
             config.validate()?;

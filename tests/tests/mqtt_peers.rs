@@ -159,3 +159,146 @@ async fn mosquitto_over_tls_through_the_kernel_splice_loses_nothing() {
     assert_eq!(datapath.entry_counts(), (0, 0, 0));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Legacy devices on plain MQTT (1883): IoT Hub refuses MQTT without TLS, so the forwarder
+/// originates TLS to the broker (verifying its certificate for the hub's name) and
+/// relays. A wrong name is refused, never relayed unverified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_mqtt_on_1883_is_carried_over_verified_tls() {
+    require_root();
+    let dir = scratch_dir("mqtt-originate");
+    let pki = TestCa::new(&dir);
+    let broker_leaf = pki.issue("broker", &["hub.test"]);
+    let broker_port = free_port();
+    let _broker = peers::mosquitto(
+        &dir,
+        &format!(
+            "listener {broker_port} 127.0.0.1\ncafile {ca}\ncertfile {cert}\nkeyfile {key}",
+            ca = pki.ca_pem.display(),
+            cert = broker_leaf.cert.display(),
+            key = broker_leaf.key.display(),
+        ),
+        broker_port,
+    );
+    let backend = |name: &str, tls_name: &str| {
+        let mut b = Backend::new(name, &format!("127.0.0.1:{broker_port}"));
+        b.host = Some("hub.test".into());
+        b.tls_server_name = Some(tls_name.into());
+        b.ca_file = Some(pki.ca_pem.clone());
+        b
+    };
+    let config = Config {
+        instance: format!("originate-{}", std::process::id()),
+        frontends: vec![
+            Frontend::new(
+                "plain",
+                "127.0.0.1:0".parse().unwrap(),
+                Mode::Originate,
+                "hub",
+            ),
+            Frontend::new(
+                "wrong",
+                "127.0.0.1:0".parse().unwrap(),
+                Mode::Originate,
+                "wrong",
+            ),
+        ],
+        backends: vec![backend("hub", "hub.test"), backend("wrong", "other.test")],
+        xdp: None,
+        admin: None,
+    };
+    config.validate().expect("valid config");
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    let (running, _datapath) = agent::start(&config, &RunOptions::default(), stopped)
+        .await
+        .expect("agent starts");
+    let plain_port = running[0].addr.port().to_string();
+    let wrong_port = running[1].addr.port().to_string();
+
+    const PLAIN_MESSAGES: usize = 500;
+    let mut sub = Command::new("mosquitto_sub");
+    sub.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &plain_port,
+        "-t",
+        "legacy/#",
+        "-q",
+        "1",
+    ])
+    .args([
+        "-C",
+        &PLAIN_MESSAGES.to_string(),
+        "-W",
+        "30",
+        "-i",
+        "legacy-sub",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let sub = sub.spawn().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut publish = Command::new("mosquitto_pub");
+    publish
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &plain_port,
+            "-t",
+            "legacy/t",
+            "-q",
+            "1",
+        ])
+        .args(["-l", "-i", "legacy-pub"])
+        .stdin(Stdio::piped());
+    let mut publisher = publish.spawn().unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = publisher.stdin.take().unwrap();
+        for i in 0..PLAIN_MESSAGES {
+            writeln!(stdin, "reading {i}").unwrap();
+        }
+    }
+    assert!(publisher.wait().unwrap().success(), "mosquitto_pub failed");
+    let out = tokio::task::spawn_blocking(move || sub.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let expected: Vec<String> = (0..PLAIN_MESSAGES)
+        .map(|i| format!("reading {i}"))
+        .collect();
+    assert_eq!(
+        lines, expected,
+        "messages lost or reordered over originated TLS"
+    );
+
+    // The broker's certificate does not name "other.test": nothing is relayed.
+    let refused = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &wrong_port,
+            "-t",
+            "legacy/t",
+            "-m",
+            "x",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !refused.status.success(),
+        "published through an unverified hub"
+    );
+    let FrontendMetrics::L4(wrong) = &running[1].metrics else {
+        panic!("not an L4 frontend");
+    };
+    assert_eq!(get(&wrong.upstream_connect_failed), 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -12,6 +12,7 @@ use crate::config::{Config, Frontend};
 use crate::http::connector::UpstreamConnector;
 use crate::http::proxy::Proxy;
 use crate::http::{self, HttpFrontend, Limits};
+use crate::l4::originate::OriginateFrontend;
 use crate::l4::upstream::{Pool, Server};
 use crate::l4::{Keepalive, L4Frontend, SessionOptions};
 use crate::metrics::HttpMetrics;
@@ -119,5 +120,51 @@ pub fn http_frontend(
             header_read_timeout: Duration::from_millis(f.header_read_timeout_ms),
             max_header_bytes: f.max_header_bytes,
         },
+    })
+}
+
+/// Plain TCP in, verified TLS to the backend's host out (legacy MQTT on 1883).
+pub fn originate_frontend(
+    config: &Config,
+    f: &Frontend,
+    pools: &HashMap<String, Arc<Pool>>,
+) -> anyhow::Result<OriginateFrontend> {
+    let name = &f.name;
+    let backend_name = f
+        .backend
+        .as_ref()
+        .with_context(|| format!("frontend {name}: mode originate needs a backend"))?;
+    let backend = config
+        .backends
+        .iter()
+        .find(|b| &b.name == backend_name)
+        .with_context(|| format!("frontend {name}: unknown backend {backend_name}"))?;
+    let pool = pools
+        .get(backend_name.as_str())
+        .cloned()
+        .with_context(|| format!("frontend {name}: unknown backend {backend_name}"))?;
+    let host = backend
+        .http_host()
+        .with_context(|| format!("backend {backend_name}: no host name"))?;
+    let server_name = backend.tls_server_name.clone().unwrap_or(host);
+    let mut tls = (*http::tls::client_config(backend.ca_file.as_deref())
+        .with_context(|| format!("backend {backend_name}: trusted roots"))?)
+    .clone();
+    // MQTT over TLS, not HTTP: no ALPN.
+    tls.alpn_protocols.clear();
+    Ok(OriginateFrontend {
+        name: name.clone(),
+        pool,
+        tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+        server_name: rustls_pki_types::ServerName::try_from(server_name.clone()).with_context(
+            || format!("backend {backend_name}: bad TLS server name {server_name:?}"),
+        )?,
+        handshake_timeout: Duration::from_millis(backend.connect_timeout_ms),
+        idle_timeout: Duration::from_secs(f.idle_timeout_secs),
+        keepalive: (f.tcp_keepalive_secs > 0).then_some(Keepalive {
+            idle: f.tcp_keepalive_secs,
+            interval: 30,
+            probes: 4,
+        }),
     })
 }

@@ -91,7 +91,7 @@ impl FrontendMetrics {
 
     fn for_mode(mode: Mode) -> Self {
         match mode {
-            Mode::Splice => Self::L4(Arc::default()),
+            Mode::Splice | Mode::Originate => Self::L4(Arc::default()),
             Mode::Http => Self::Http(Arc::default()),
         }
     }
@@ -99,7 +99,7 @@ impl FrontendMetrics {
     fn same_kind(&self, mode: Mode) -> bool {
         matches!(
             (self, mode),
-            (Self::L4(_), Mode::Splice) | (Self::Http(_), Mode::Http)
+            (Self::L4(_), Mode::Splice | Mode::Originate) | (Self::Http(_), Mode::Http)
         )
     }
 }
@@ -164,8 +164,18 @@ async fn start_frontend(
         .with_context(|| format!("frontend {}: binding {}", f.name, f.bind))?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = frontend_stop(shutdown.clone());
-    let task = match &metrics {
-        FrontendMetrics::L4(m) => {
+    let task = match (&metrics, f.mode) {
+        (FrontendMetrics::L4(m), Mode::Originate) => {
+            let frontend = build::originate_frontend(config, f, pools)?;
+            tracing::info!(frontend = %f.name, %addr, "listening (plain TCP in, TLS to the hub originated here; relayed in userspace, cannot be spliced)");
+            tokio::spawn(l4::originate::serve(
+                listener,
+                Arc::new(frontend),
+                m.clone(),
+                stopped,
+            ))
+        }
+        (FrontendMetrics::L4(m), _) => {
             let kernel = datapath.is_some() && !options.no_ebpf;
             let frontend = build::l4_frontend(f, pools, kernel);
             tracing::info!(frontend = %f.name, %addr, kernel, "listening (L4 passthrough)");
@@ -177,7 +187,7 @@ async fn start_frontend(
                 stopped,
             ))
         }
-        FrontendMetrics::Http(m) => {
+        (FrontendMetrics::Http(m), _) => {
             let frontend = build::http_frontend(config, f, pools, m.clone())?;
             tracing::info!(frontend = %f.name, %addr, "listening (HTTPS terminated, Host rewritten)");
             tracing::warn!(

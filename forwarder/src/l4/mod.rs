@@ -4,6 +4,7 @@
 //! the ClientHello's server name.
 
 pub mod copy;
+pub mod originate;
 pub mod registry;
 pub mod session;
 pub mod sni;

@@ -1,0 +1,102 @@
+//! Plain MQTT (1883) for legacy devices: IoT Hub refuses MQTT without TLS, so this path
+//! cannot be spliced. The agent accepts the plain connection, opens TLS to the hub itself
+//! (SNI and certificate verified) and relays in userspace. Opt-in, and never for X.509
+//! devices (they need their own TLS session with the hub: use the passthrough port).
+
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls_pki_types::ServerName;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_rustls::TlsConnector;
+use tracing::Instrument as _;
+
+use crate::l4::Keepalive;
+use crate::l4::upstream::Pool;
+use crate::metrics::{self, ActiveGuard, L4Metrics};
+use crate::{relay, sys};
+
+pub struct OriginateFrontend {
+    pub name: String,
+    pub pool: Arc<Pool>,
+    pub tls: TlsConnector,
+    /// The hub's name: SNI and the name its certificate must carry.
+    pub server_name: ServerName<'static>,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub keepalive: Option<Keepalive>,
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    frontend: Arc<OriginateFrontend>,
+    metrics: Arc<L4Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (client, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::warn!(frontend = %frontend.name, %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let (frontend, metrics) = (frontend.clone(), metrics.clone());
+        let span = tracing::info_span!("conn", frontend = %frontend.name, client = %peer);
+        tokio::spawn(async move { handle(client, &frontend, &metrics).await }.instrument(span));
+    }
+}
+
+async fn handle(client: TcpStream, frontend: &OriginateFrontend, metrics: &L4Metrics) {
+    let _active = ActiveGuard::new(&metrics.active);
+    metrics::add(&metrics.accepted, 1);
+    metrics::add(&metrics.userspace, 1);
+    let _ = client.set_nodelay(true);
+    let (upstream, server) = match frontend.pool.connect().await {
+        Ok(found) => found,
+        Err(err) => {
+            metrics::add(&metrics.upstream_connect_failed, 1);
+            tracing::warn!(%err, "upstream unreachable; closing client");
+            return;
+        }
+    };
+    if let Some(k) = frontend.keepalive {
+        for s in [&client, &upstream] {
+            let _ = sys::set_keepalive(s.as_fd(), k.idle, k.interval, k.probes);
+        }
+    }
+    let handshake = frontend.tls.connect(frontend.server_name.clone(), upstream);
+    let tls = match tokio::time::timeout(frontend.handshake_timeout, handshake).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(err)) => {
+            metrics::add(&metrics.upstream_connect_failed, 1);
+            tracing::warn!(%server, %err, "TLS to the hub failed (certificate or name?); closing client");
+            return;
+        }
+        Err(_) => {
+            metrics::add(&metrics.upstream_connect_failed, 1);
+            tracing::warn!(%server, "TLS handshake with the hub timed out; closing client");
+            return;
+        }
+    };
+    let relayed = relay::join(client, tls, frontend.idle_timeout).await;
+    if relayed.idle_timeout {
+        metrics::add(&metrics.idle_timeouts, 1);
+    }
+    if relayed.error {
+        metrics::add(&metrics.resets, 1);
+    }
+    metrics::add(&metrics.bytes_up, relayed.bytes_a_to_b);
+    metrics::add(&metrics.bytes_down, relayed.bytes_b_to_a);
+    // Counted as payload the agent handled: this path is userspace by nature.
+    metrics::add(
+        &metrics.userspace_payload_bytes,
+        relayed.bytes_a_to_b + relayed.bytes_b_to_a,
+    );
+}
