@@ -288,3 +288,75 @@ async fn reload_adds_changes_and_removes_frontends_without_dropping_a_spliced_co
     agent.stop.send(true).unwrap();
     agent.task.await.unwrap().unwrap();
 }
+
+/// The `forwarder` binary itself (built by `cargo xtask test` before the tests run).
+fn forwarder_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/forwarder
+    let binary = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("forwarder"))
+        .expect("target directory");
+    assert!(
+        binary.exists(),
+        "{} is missing: build it first (cargo build -p forwarder; cargo xtask test does)",
+        binary.display()
+    );
+    binary
+}
+
+#[test]
+fn the_cli_checks_configs_and_says_clearly_when_no_agent_runs() {
+    require_root();
+    let binary = forwarder_binary();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(&binary)
+            .args(args)
+            .output()
+            .expect("run forwarder");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../forwarder.example.toml");
+    let (ok, text) = run(&["check", "-c", example]);
+    assert!(ok && text.contains("ok: 3 frontend(s)"), "{text}");
+
+    let dir = scratch_dir("operator-cli");
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[frontend]]\nname = \"mqtt\"\nbind = \"0.0.0.0:8883\"\nbackend = \"hub\"\nidle_timout_secs = 60\n",
+    )
+    .unwrap();
+    let (ok, text) = run(&["check", "-c", bad.to_str().unwrap()]);
+    assert!(
+        !ok && text.contains("idle_timout_secs") && text.contains("line 5"),
+        "{text}"
+    );
+    let short = dir.join("short.toml");
+    std::fs::write(
+        &short,
+        "[[frontend]]\nname = \"mqtt\"\nbind = \"0.0.0.0:8883\"\nbackend = \"hub\"\nidle_timeout_secs = 60\n\
+         [[backend]]\nname = \"hub\"\nservers = [{ address = \"h.example:8883\" }]\n",
+    )
+    .unwrap();
+    let (ok, text) = run(&["check", "-c", short.to_str().unwrap()]);
+    assert!(
+        ok && text.contains("warning") && text.contains("idle timeout 60 s"),
+        "{text}"
+    );
+
+    for command in ["conns", "stats", "maps"] {
+        let (ok, text) = run(&[command, "--instance", "no-such-agent"]);
+        assert!(!ok, "{command} succeeded without an agent");
+        assert!(
+            text.contains("no agent maps are pinned"),
+            "{command}: {text}"
+        );
+    }
+}
