@@ -97,6 +97,29 @@ async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Client sends `up` right after connecting and half-closes; the server reads to EOF
+/// (so the FIN came after every byte), then answers `down` and closes. Returns (bytes at
+/// the server, bytes at the client).
+async fn client_first_exchange(
+    server: TcpListener,
+    proxy: &Proxy,
+    up: &[u8],
+    down: Vec<u8>,
+) -> (Vec<u8>, Vec<u8>) {
+    let server_task = tokio::spawn(async move {
+        let (mut s, _) = server.accept().await.unwrap();
+        let got = read_to_end(&mut s).await;
+        s.write_all(&down).await.unwrap();
+        s.shutdown().await.unwrap();
+        got
+    });
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    client.write_all(up).await.unwrap();
+    client.shutdown().await.unwrap();
+    let at_client = read_to_end(&mut client).await;
+    (server_task.await.unwrap(), at_client)
+}
+
 fn paths() -> [bool; 2] {
     [true, false]
 }
@@ -116,19 +139,7 @@ async fn client_first_half_close() {
         .await;
         let up = random_payload(24 << 20);
         let down = random_payload(16 << 20);
-        let down_for_server = down.clone();
-        let server_task = tokio::spawn(async move {
-            let (mut s, _) = server.accept().await.unwrap();
-            let got = read_to_end(&mut s).await;
-            s.write_all(&down_for_server).await.unwrap();
-            s.shutdown().await.unwrap();
-            got
-        });
-        let mut client = TcpStream::connect(proxy.addr).await.unwrap();
-        client.write_all(&up).await.unwrap();
-        client.shutdown().await.unwrap();
-        let at_client = read_to_end(&mut client).await;
-        let at_server = server_task.await.unwrap();
+        let (at_server, at_client) = client_first_exchange(server, &proxy, &up, down.clone()).await;
         assert!(
             sha256(&at_server) == sha256(&up),
             "kernel={kernel}: client->server bytes differ ({} of {})",
@@ -390,19 +401,7 @@ async fn spliced_bytes_never_cross_userspace() {
     .await;
     let up = random_payload(32 << 20);
     let down = random_payload(32 << 20);
-    let down_s = down.clone();
-    let server_task = tokio::spawn(async move {
-        let (mut s, _) = server.accept().await.unwrap();
-        let got = read_to_end(&mut s).await;
-        s.write_all(&down_s).await.unwrap();
-        s.shutdown().await.unwrap();
-        got
-    });
-    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
-    client.write_all(&up).await.unwrap();
-    client.shutdown().await.unwrap();
-    let at_client = read_to_end(&mut client).await;
-    let at_server = server_task.await.unwrap();
+    let (at_server, at_client) = client_first_exchange(server, &proxy, &up, down.clone()).await;
     assert!(sha256(&at_server) == sha256(&up) && sha256(&at_client) == sha256(&down));
     let m = proxy.metrics.clone();
     eventually("connection finished", || get(&m.active) == 0).await;
