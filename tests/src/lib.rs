@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests: privilege checks, payloads, hashing,
 //! and TCP pairs on loopback with ephemeral ports.
 
+pub mod agent;
 pub mod hub;
 pub mod netns;
 pub mod peers;

@@ -73,6 +73,26 @@ pub fn mosquitto(dir: &Path, listeners: &str, port_to_wait_for: u16) -> KillOnDr
     broker
 }
 
+/// mosquitto with one TLS listener on a free port, presenting `leaf`: (broker, port).
+pub fn mosquitto_tls(
+    dir: &Path,
+    ca: &crate::pki::TestCa,
+    leaf: &crate::pki::Leaf,
+) -> (KillOnDrop, u16) {
+    let port = free_port();
+    let broker = mosquitto(
+        dir,
+        &format!(
+            "listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}",
+            ca.ca_pem.display(),
+            leaf.cert.display(),
+            leaf.key.display(),
+        ),
+        port,
+    );
+    (broker, port)
+}
+
 /// A fresh scratch directory for one test.
 pub fn scratch_dir(test: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("fwd-{test}-{}", std::process::id()));

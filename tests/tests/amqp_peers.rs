@@ -5,13 +5,12 @@
 
 use std::process::Command;
 
-use forwarder::agent::{self, FrontendMetrics, RunOptions};
 use forwarder::config::{Backend, Config, Frontend, Mode};
 use forwarder::metrics::get;
+use forwarder_tests::agent::StartedAgent;
 use forwarder_tests::peers::{self, scratch_dir};
 use forwarder_tests::pki::TestCa;
 use forwarder_tests::require_root;
-use tokio::sync::watch;
 
 const MESSAGES: usize = 1_000;
 
@@ -59,17 +58,12 @@ async fn amqp_1_0_over_tls_through_the_kernel_splice_loses_nothing() {
         xdp: None,
         admin: None,
     };
-    let (_stop, stopped) = watch::channel(false);
-    let (running, datapath) = agent::start(&config, &RunOptions::default(), stopped)
-        .await
-        .expect("agent starts with eBPF");
-    assert!(datapath.is_some(), "the kernel path must be loaded");
-    let FrontendMetrics::L4(metrics) = &running[0].metrics else {
-        panic!("not a splice frontend");
-    };
+    let agent = StartedAgent::start(&config).await;
+    assert!(agent.datapath.is_some(), "the kernel path must be loaded");
+    let metrics = agent.l4(0);
     // No probe connection: the agent listens once start returns, and a probe would be
     // a connection of its own (closed during set-up, so served in userspace).
-    let port = running[0].addr.port();
+    let port = agent.port(0);
 
     let script = dir.join("amqp_client.py");
     std::fs::write(&script, CLIENT).expect("write client script");

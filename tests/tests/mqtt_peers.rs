@@ -5,10 +5,10 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use forwarder::agent::{self, FrontendMetrics, RunOptions};
 use forwarder::config::{Backend, Config, Frontend, Mode};
 use forwarder::metrics::get;
-use forwarder_tests::peers::{self, free_port, scratch_dir};
+use forwarder_tests::agent::StartedAgent;
+use forwarder_tests::peers::{self, scratch_dir};
 use forwarder_tests::pki::TestCa;
 use forwarder_tests::require_root;
 
@@ -20,17 +20,7 @@ async fn mosquitto_over_tls_through_the_kernel_splice_loses_nothing() {
     let dir = scratch_dir("mqtt");
     let pki = TestCa::new(&dir);
     let broker_leaf = pki.issue("broker", &["127.0.0.1", "hub.test"]);
-    let broker_port = free_port();
-    let _broker = peers::mosquitto(
-        &dir,
-        &format!(
-            "listener {broker_port} 127.0.0.1\ncafile {ca}\ncertfile {cert}\nkeyfile {key}",
-            ca = pki.ca_pem.display(),
-            cert = broker_leaf.cert.display(),
-            key = broker_leaf.key.display(),
-        ),
-        broker_port,
-    );
+    let (_broker, broker_port) = peers::mosquitto_tls(&dir, &pki, &broker_leaf);
 
     let config = Config {
         instance: format!("mqtt-{}", std::process::id()),
@@ -44,15 +34,13 @@ async fn mosquitto_over_tls_through_the_kernel_splice_loses_nothing() {
         xdp: None,
         admin: None,
     };
-    let (_stop, stopped) = tokio::sync::watch::channel(false);
-    let (running, datapath) = agent::start(&config, &RunOptions::default(), stopped)
-        .await
-        .expect("agent starts with eBPF");
-    let datapath = datapath.expect("the kernel path must be loaded");
-    let FrontendMetrics::L4(metrics) = &running[0].metrics else {
-        panic!("not a splice frontend");
-    };
-    let proxy_port = running[0].addr.port().to_string();
+    let agent = StartedAgent::start(&config).await;
+    let datapath = agent
+        .datapath
+        .clone()
+        .expect("the kernel path must be loaded");
+    let metrics = agent.l4(0);
+    let proxy_port = agent.port(0).to_string();
 
     let ca = pki.ca_pem.clone();
     let tls = |cmd: &mut Command| {
@@ -169,17 +157,7 @@ async fn plain_mqtt_on_1883_is_carried_over_verified_tls() {
     let dir = scratch_dir("mqtt-originate");
     let pki = TestCa::new(&dir);
     let broker_leaf = pki.issue("broker", &["hub.test"]);
-    let broker_port = free_port();
-    let _broker = peers::mosquitto(
-        &dir,
-        &format!(
-            "listener {broker_port} 127.0.0.1\ncafile {ca}\ncertfile {cert}\nkeyfile {key}",
-            ca = pki.ca_pem.display(),
-            cert = broker_leaf.cert.display(),
-            key = broker_leaf.key.display(),
-        ),
-        broker_port,
-    );
+    let (_broker, broker_port) = peers::mosquitto_tls(&dir, &pki, &broker_leaf);
     let backend = |name: &str, tls_name: &str| {
         let mut b = Backend::new(name, &format!("127.0.0.1:{broker_port}"));
         b.host = Some("hub.test".into());
@@ -207,13 +185,9 @@ async fn plain_mqtt_on_1883_is_carried_over_verified_tls() {
         xdp: None,
         admin: None,
     };
-    config.validate().expect("valid config");
-    let (_stop, stopped) = tokio::sync::watch::channel(false);
-    let (running, _datapath) = agent::start(&config, &RunOptions::default(), stopped)
-        .await
-        .expect("agent starts");
-    let plain_port = running[0].addr.port().to_string();
-    let wrong_port = running[1].addr.port().to_string();
+    let agent = StartedAgent::start(&config).await;
+    let plain_port = agent.port(0).to_string();
+    let wrong_port = agent.port(1).to_string();
 
     const PLAIN_MESSAGES: usize = 500;
     let mut sub = Command::new("mosquitto_sub");
@@ -296,9 +270,6 @@ async fn plain_mqtt_on_1883_is_carried_over_verified_tls() {
         !refused.status.success(),
         "published through an unverified hub"
     );
-    let FrontendMetrics::L4(wrong) = &running[1].metrics else {
-        panic!("not an L4 frontend");
-    };
-    assert_eq!(get(&wrong.upstream_connect_failed), 1);
+    assert_eq!(get(&agent.l4(1).upstream_connect_failed), 1);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -7,13 +7,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use forwarder::agent::{self, FrontendMetrics, RunOptions};
 use forwarder::config::{Backend, Config, Frontend, Mode};
 use forwarder::metrics::get;
+use forwarder_tests::agent::StartedAgent;
 use forwarder_tests::peers::{self, KillOnDrop, free_port, scratch_dir, wait_for_port};
 use forwarder_tests::pki::{Leaf, TestCa};
 use forwarder_tests::require_root;
-use tokio::sync::watch;
 
 fn s_server(leaf: &Leaf, port: u16) -> KillOnDrop {
     let server = peers::spawn(
@@ -88,16 +87,10 @@ async fn one_port_routes_two_hubs_by_sni_and_refuses_unknown_names() {
         xdp: None,
         admin: None,
     };
-    config.validate().expect("valid config");
-    let (_stop, stopped) = watch::channel(false);
-    let (running, datapath) = agent::start(&config, &RunOptions::default(), stopped)
-        .await
-        .expect("agent starts with eBPF");
-    assert!(datapath.is_some(), "the kernel path must be loaded");
-    let FrontendMetrics::L4(metrics) = &running[0].metrics else {
-        panic!("not a splice frontend");
-    };
-    let port = running[0].addr.port();
+    let agent = StartedAgent::start(&config).await;
+    assert!(agent.datapath.is_some(), "the kernel path must be loaded");
+    let metrics = agent.l4(0);
+    let port = agent.port(0);
 
     for name in ["a.hub.test", "b.hub.test"] {
         let ca_pem = ca.ca_pem.clone();

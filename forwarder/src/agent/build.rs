@@ -75,18 +75,7 @@ pub fn http_frontend(
     let (Some(cert), Some(key), Some(backend_name)) = (&f.tls_cert, &f.tls_key, &f.backend) else {
         anyhow::bail!("frontend {name}: mode http needs tls_cert, tls_key and backend");
     };
-    let backend = config
-        .backends
-        .iter()
-        .find(|b| &b.name == backend_name)
-        .with_context(|| format!("frontend {name}: unknown backend {backend_name}"))?;
-    let pool = pools
-        .get(backend_name.as_str())
-        .cloned()
-        .with_context(|| format!("frontend {name}: unknown backend {backend_name}"))?;
-    let host = backend
-        .http_host()
-        .with_context(|| format!("backend {backend_name}: no host name"))?;
+    let (backend, pool, host) = hub_backend(config, f, backend_name, pools)?;
     let server_name = backend
         .tls_server_name
         .clone()
@@ -123,6 +112,30 @@ pub fn http_frontend(
     })
 }
 
+/// The backend a TLS-speaking frontend (http, originate) talks to: its settings, its
+/// pool, and the hub's host name.
+fn hub_backend<'a>(
+    config: &'a Config,
+    f: &Frontend,
+    backend_name: &str,
+    pools: &HashMap<String, Arc<Pool>>,
+) -> anyhow::Result<(&'a crate::config::Backend, Arc<Pool>, String)> {
+    let name = &f.name;
+    let backend = config
+        .backends
+        .iter()
+        .find(|b| b.name == backend_name)
+        .with_context(|| format!("frontend {name}: unknown backend {backend_name}"))?;
+    let pool = pools
+        .get(backend_name)
+        .cloned()
+        .with_context(|| format!("frontend {name}: unknown backend {backend_name}"))?;
+    let host = backend
+        .http_host()
+        .with_context(|| format!("backend {backend_name}: no host name"))?;
+    Ok((backend, pool, host))
+}
+
 /// Plain TCP in, verified TLS to the backend's host out (legacy MQTT on 1883).
 pub fn originate_frontend(
     config: &Config,
@@ -134,18 +147,7 @@ pub fn originate_frontend(
         .backend
         .as_ref()
         .with_context(|| format!("frontend {name}: mode originate needs a backend"))?;
-    let backend = config
-        .backends
-        .iter()
-        .find(|b| &b.name == backend_name)
-        .with_context(|| format!("frontend {name}: unknown backend {backend_name}"))?;
-    let pool = pools
-        .get(backend_name.as_str())
-        .cloned()
-        .with_context(|| format!("frontend {name}: unknown backend {backend_name}"))?;
-    let host = backend
-        .http_host()
-        .with_context(|| format!("backend {backend_name}: no host name"))?;
+    let (backend, pool, host) = hub_backend(config, f, backend_name, pools)?;
     let server_name = backend.tls_server_name.clone().unwrap_or(host);
     let mut tls = (*http::tls::client_config(backend.ca_file.as_deref())
         .with_context(|| format!("backend {backend_name}: trusted roots"))?)

@@ -71,16 +71,10 @@ pub async fn serve(
                 }
             }
         };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    tracing::warn!(frontend = %frontend.name, %err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => return,
+        let Some((stream, peer)) =
+            crate::listener::accept(&listener, &mut shutdown, &frontend.name).await
+        else {
+            return;
         };
         metrics::add(&metrics.accepted, 1);
         tokio::spawn(serve_connection(

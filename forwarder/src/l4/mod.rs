@@ -105,20 +105,9 @@ pub async fn serve(
     metrics: Arc<L4Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.changed() => return,
-        };
-        let (client, peer) = match accepted {
-            Ok(pair) => pair,
-            Err(err) => {
-                // EMFILE and friends: back off instead of spinning, keep serving.
-                tracing::warn!(frontend = %frontend.name, %err, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    while let Some((client, peer)) =
+        crate::listener::accept(&listener, &mut shutdown, &frontend.name).await
+    {
         let (frontend, datapath, metrics) = (frontend.clone(), datapath.clone(), metrics.clone());
         let span = tracing::info_span!("conn", frontend = %frontend.name, client = %peer);
         tokio::spawn(

@@ -35,18 +35,9 @@ pub async fn serve(
     metrics: Arc<L4Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    loop {
-        let (client, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    tracing::warn!(frontend = %frontend.name, %err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => return,
-        };
+    while let Some((client, peer)) =
+        crate::listener::accept(&listener, &mut shutdown, &frontend.name).await
+    {
         let (frontend, metrics) = (frontend.clone(), metrics.clone());
         let span = tracing::info_span!("conn", frontend = %frontend.name, client = %peer);
         tokio::spawn(async move { handle(client, &frontend, &metrics).await }.instrument(span));
