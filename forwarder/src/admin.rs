@@ -25,6 +25,7 @@ const GAUGES: [&str; 2] = ["active", "websockets_active"];
 #[derive(Default)]
 pub struct Registry {
     frontends: RwLock<Vec<(String, FrontendMetrics)>>,
+    backends: RwLock<Vec<Arc<crate::l4::upstream::Pool>>>,
     /// Pin directory of the instance, where the XDP guard's counters are read.
     pin_dir: PathBuf,
 }
@@ -33,13 +34,21 @@ impl Registry {
     pub fn new(pin_dir: PathBuf) -> Self {
         Self {
             frontends: RwLock::default(),
+            backends: RwLock::default(),
             pin_dir,
         }
     }
 
-    pub fn set(&self, frontends: Vec<(String, FrontendMetrics)>) {
+    pub fn set(
+        &self,
+        frontends: Vec<(String, FrontendMetrics)>,
+        backends: Vec<Arc<crate::l4::upstream::Pool>>,
+    ) {
         if let Ok(mut current) = self.frontends.write() {
             *current = frontends;
+        }
+        if let Ok(mut current) = self.backends.write() {
+            *current = backends;
         }
     }
 
@@ -74,6 +83,24 @@ impl Registry {
                     out,
                     "{metric}{{frontend=\"{frontend}\",mode=\"{mode}\"}} {value}"
                 );
+            }
+        }
+        let backends = self.backends.read().map(|b| b.clone()).unwrap_or_default();
+        let mut by_counter: std::collections::BTreeMap<&'static str, Vec<(String, u64)>> =
+            Default::default();
+        for pool in &backends {
+            for (counter, value) in pool.metrics.snapshot() {
+                by_counter
+                    .entry(counter)
+                    .or_default()
+                    .push((escape(&pool.name), value));
+            }
+        }
+        for (counter, samples) in by_counter {
+            let metric = format!("forwarder_backend_{counter}_total");
+            let _ = writeln!(out, "# TYPE {metric} counter");
+            for (backend, value) in samples {
+                let _ = writeln!(out, "{metric}{{backend=\"{backend}\"}} {value}");
             }
         }
         if let Ok(stats) = crate::xdp::XdpMaps::open_pinned(&self.pin_dir).and_then(|m| m.stats()) {
@@ -166,13 +193,24 @@ mod tests {
         let l4 = Arc::new(L4Metrics::default());
         l4.accepted.store(7, std::sync::atomic::Ordering::Relaxed);
         l4.active.store(2, std::sync::atomic::Ordering::Relaxed);
-        registry.set(vec![
-            ("mqtt".into(), FrontendMetrics::L4(l4)),
-            (
-                "https".into(),
-                FrontendMetrics::Http(Arc::new(HttpMetrics::default())),
-            ),
-        ]);
+        let pool = Arc::new(crate::l4::upstream::Pool::new(
+            "hub",
+            Vec::new(),
+            std::time::Duration::from_secs(1),
+        ));
+        pool.metrics
+            .connects
+            .store(5, std::sync::atomic::Ordering::Relaxed);
+        registry.set(
+            vec![
+                ("mqtt".into(), FrontendMetrics::L4(l4)),
+                (
+                    "https".into(),
+                    FrontendMetrics::Http(Arc::new(HttpMetrics::default())),
+                ),
+            ],
+            vec![pool],
+        );
         let text = registry.render();
         assert!(
             text.contains("# TYPE forwarder_accepted_total counter"),
@@ -184,5 +222,13 @@ mod tests {
         assert!(text.contains("forwarder_active{frontend=\"mqtt\",mode=\"splice\"} 2"));
         // One TYPE line per metric, even with two frontends.
         assert_eq!(text.matches("# TYPE forwarder_accepted_total").count(), 1);
+        assert!(
+            text.contains("forwarder_backend_connects_total{backend=\"hub\"} 5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("forwarder_backend_connects_total{backend=\"hub\"} 5"),
+            "{text}"
+        );
     }
 }

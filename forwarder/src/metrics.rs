@@ -90,6 +90,17 @@ counters!(HttpMetrics {
     websocket_bytes_down,
 });
 
+counters!(BackendMetrics {
+    /// Connections opened to a server of this backend.
+    connects,
+    /// Connect attempts that failed on one server (refused, unreachable, DNS).
+    connect_errors,
+    /// Connect attempts that timed out on one server.
+    connect_timeouts,
+    /// Connections for which no server of the backend could be reached.
+    exhausted,
+});
+
 pub fn add(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
 }

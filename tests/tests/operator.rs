@@ -148,6 +148,17 @@ async fn conns_stats_maps_and_metrics_show_a_live_spliced_connection() {
             .is_some_and(|c| c.get("kernel_spliced").copied().unwrap_or(0) >= 2)
     })
     .await;
+    let backend = inspect::stats(&pinned)
+        .remove("backend:mqtt")
+        .expect("backend counters published");
+    assert_eq!(backend.get("connects"), Some(&2), "{backend:?}");
+    let mut printed = Vec::new();
+    inspect::print_stats(&pinned, false, &mut printed).unwrap();
+    let printed = String::from_utf8(printed).unwrap();
+    assert!(
+        printed.contains("frontend mqtt") && printed.contains("backend mqtt"),
+        "{printed}"
+    );
     let mut maps = Vec::new();
     inspect::print_maps(&pinned, false, &mut maps).unwrap();
     let maps = String::from_utf8(maps).unwrap();
@@ -168,6 +179,10 @@ async fn conns_stats_maps_and_metrics_show_a_live_spliced_connection() {
         "{metrics}"
     );
     assert!(metrics.contains("forwarder_active{frontend=\"mqtt\",mode=\"splice\"} 1"));
+    assert!(
+        metrics.contains("forwarder_backend_connects_total{backend=\"mqtt\"} 2"),
+        "{metrics}"
+    );
 
     drop(stream);
     agent.stop.send(true).unwrap();

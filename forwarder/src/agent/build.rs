@@ -17,12 +17,19 @@ use crate::l4::upstream::{Pool, Server};
 use crate::l4::{Keepalive, L4Frontend, SessionOptions};
 use crate::metrics::HttpMetrics;
 
-/// One pool per backend, by name.
-pub fn pools(config: &Config) -> HashMap<String, Arc<Pool>> {
+/// One pool per backend, by name. A pool in `keep` whose backend settings are the same
+/// is reused, so a reload keeps its counters and its round-robin position.
+pub fn pools(
+    config: &Config,
+    keep: &[(crate::config::Backend, Arc<Pool>)],
+) -> HashMap<String, Arc<Pool>> {
     config
         .backends
         .iter()
         .map(|b| {
+            if let Some((_, pool)) = keep.iter().find(|(old, _)| old == b) {
+                return (b.name.clone(), pool.clone());
+            }
             let servers = b
                 .servers
                 .iter()

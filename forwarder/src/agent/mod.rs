@@ -37,6 +37,8 @@ pub struct Running {
     pub metrics: FrontendMetrics,
     /// Its configuration and its backends': what a reload compares.
     spec: Spec,
+    /// The backends' pools this frontend uses (their counters, for `stats`).
+    pub pools: Vec<Arc<Pool>>,
     /// Stops this frontend's listener (its open connections go on).
     stop: Arc<watch::Sender<bool>>,
     task: JoinHandle<()>,
@@ -140,7 +142,7 @@ pub async fn start(
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
-    let pools = build::pools(config);
+    let pools = build::pools(config, &[]);
     let mut running = Vec::new();
     for f in &config.frontends {
         let metrics = FrontendMetrics::for_mode(f.mode);
@@ -203,11 +205,17 @@ async fn start_frontend(
             ))
         }
     };
+    let spec = Spec::of(config, f);
     Ok(Running {
         name: f.name.clone(),
         addr,
         metrics,
-        spec: Spec::of(config, f),
+        pools: spec
+            .backends
+            .iter()
+            .filter_map(|b| pools.get(&b.name).cloned())
+            .collect(),
+        spec,
         stop,
         task,
     })
@@ -264,6 +272,7 @@ pub async fn run(
                     .iter()
                     .map(|r| (r.name.clone(), r.metrics.clone()))
                     .collect(),
+                backend_pools(running),
             );
         }
     };
@@ -304,11 +313,21 @@ pub async fn run(
     }
     log_stats(&running);
     drop(xdp);
-    drop(datapath);
+    drop(running);
+    if let Some(datapath) = datapath {
+        // Connection tasks let go of their handle as they finish: wait for them (briefly)
+        // so the programs are detached and the pins gone when `run` returns.
+        let until = tokio::time::Instant::now() + Duration::from_secs(2);
+        while Arc::strong_count(&datapath) > 1 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(datapath);
+    }
     Ok(())
 }
 
-/// Counters into the pinned `FWD_STATS` map, for `forwarder stats`.
+/// Counters into the pinned `FWD_STATS` map, for `forwarder stats`: per frontend, and
+/// per backend under `backend:<name>`.
 fn publish_stats(running: &[Running], datapath: Option<&Datapath>) {
     let Some(datapath) = datapath else {
         return;
@@ -318,6 +337,26 @@ fn publish_stats(running: &[Running], datapath: Option<&Datapath>) {
             tracing::debug!(%err, frontend = %r.name, "stats not published");
         }
     }
+    for pool in backend_pools(running) {
+        let key = format!("{BACKEND_PREFIX}{}", pool.name);
+        if let Err(err) = datapath.publish_stats(&key, &pool.metrics.snapshot()) {
+            tracing::debug!(%err, backend = %pool.name, "stats not published");
+        }
+    }
+}
+
+/// How backend counters are named in `FWD_STATS` (beside the frontends').
+pub const BACKEND_PREFIX: &str = "backend:";
+
+/// Every backend pool in use, once each.
+pub fn backend_pools(running: &[Running]) -> Vec<Arc<Pool>> {
+    let mut pools: Vec<Arc<Pool>> = Vec::new();
+    for pool in running.iter().flat_map(|r| &r.pools) {
+        if !pools.iter().any(|p| Arc::ptr_eq(p, pool)) {
+            pools.push(pool.clone());
+        }
+    }
+    pools
 }
 
 pub fn log_stats(running: &[Running]) {

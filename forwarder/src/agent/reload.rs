@@ -41,7 +41,16 @@ pub(super) async fn apply(
     for warning in next.warnings() {
         tracing::warn!("{warning}");
     }
-    let pools = super::build::pools(&next);
+    let keep: Vec<_> = running
+        .iter()
+        .flat_map(|r| {
+            r.spec.backends.iter().filter_map(|b| {
+                let pool = r.pools.iter().find(|p| p.name == b.name)?;
+                Some((b.clone(), pool.clone()))
+            })
+        })
+        .collect();
+    let pools = super::build::pools(&next, &keep);
     let (mut kept, mut started, mut stopped) = (0, 0, 0);
     let mut next_running = Vec::with_capacity(next.frontends.len());
     for f in &next.frontends {
@@ -81,6 +90,12 @@ pub(super) async fn apply(
         tracing::info!(frontend = %old.name, "reload: frontend removed; open connections go on");
         if let Some(datapath) = datapath {
             datapath.forget_stats(&old.name);
+            for pool in &old.pools {
+                // Still used by a frontend that stays? Then its counters stay too.
+                if !running_uses(&next_running, pool) {
+                    datapath.forget_stats(&format!("{}{}", super::BACKEND_PREFIX, pool.name));
+                }
+            }
         }
         stop(old).await;
         stopped += 1;
@@ -88,6 +103,12 @@ pub(super) async fn apply(
     *running = next_running;
     tracing::info!(kept, started, stopped, "configuration reloaded");
     Ok(next)
+}
+
+fn running_uses(running: &[Running], pool: &Arc<crate::l4::upstream::Pool>) -> bool {
+    running
+        .iter()
+        .any(|r| r.pools.iter().any(|p| Arc::ptr_eq(p, pool)))
 }
 
 /// Stops a frontend's accept loop and waits until its listening socket is closed.

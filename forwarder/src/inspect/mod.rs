@@ -165,7 +165,10 @@ pub fn print_stats(pinned: &Pinned, json: bool, out: &mut impl Write) -> anyhow:
         return Ok(());
     }
     for (frontend, counters) in &stats {
-        writeln!(out, "frontend {frontend}")?;
+        match frontend.strip_prefix(crate::agent::BACKEND_PREFIX) {
+            Some(backend) => writeln!(out, "backend {backend}")?,
+            None => writeln!(out, "frontend {frontend}")?,
+        }
         let mut table = Table::new(["COUNTER", "VALUE"]);
         for (name, value) in counters {
             let shown = if name.starts_with("bytes") || name.ends_with("_bytes") {

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
+use crate::metrics::{self, BackendMetrics};
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Server {
     /// `host:port`; resolved on every connect so DNS changes of the hub are followed.
@@ -22,6 +24,7 @@ pub struct Pool {
     servers: Vec<Server>,
     current: Mutex<Vec<i64>>,
     connect_timeout: Duration,
+    pub metrics: BackendMetrics,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +44,7 @@ impl Pool {
             servers,
             current,
             connect_timeout,
+            metrics: BackendMetrics::default(),
         }
     }
 
@@ -74,17 +78,25 @@ impl Pool {
         for index in self.attempt_order() {
             let server = &self.servers[index];
             match tokio::time::timeout(self.connect_timeout, connect_any(&server.address)).await {
-                Ok(Ok(found)) => return Ok(found),
+                Ok(Ok(found)) => {
+                    metrics::add(&self.metrics.connects, 1);
+                    return Ok(found);
+                }
                 Ok(Err(err)) => {
+                    metrics::add(&self.metrics.connect_errors, 1);
                     timed_out = false;
                     attempts.push(format!("{}: {err}", server.address));
                 }
-                Err(_) => attempts.push(format!(
-                    "{}: timed out after {:?}",
-                    server.address, self.connect_timeout
-                )),
+                Err(_) => {
+                    metrics::add(&self.metrics.connect_timeouts, 1);
+                    attempts.push(format!(
+                        "{}: timed out after {:?}",
+                        server.address, self.connect_timeout
+                    ));
+                }
             }
         }
+        metrics::add(&self.metrics.exhausted, 1);
         if attempts.is_empty() {
             timed_out = false;
             attempts.push("no servers configured".into());
