@@ -30,7 +30,8 @@ pub async fn start() -> anyhow::Result<Config> {
     let mut backend = Backend::new("echo", &echo_addr.to_string());
     backend.connect_timeout_ms = 2_000;
     tracing::info!(
-        "demo: a stand-in upstream (echo) is behind 127.0.0.1:{DEMO_PORT}; try `echo hello | socat - TCP:127.0.0.1:{DEMO_PORT}` \
+        "demo: a stand-in upstream (echo) is behind 127.0.0.1:{DEMO_PORT}; try `socat - TCP:127.0.0.1:{DEMO_PORT}` and type; \
+         `target/release/forwarder conns --instance demo` lists it \
          (bytes are spliced in the kernel, and echoed back). Ctrl-C stops."
     );
     Ok(Config {
