@@ -161,6 +161,10 @@ pub const XDP_MAX_REFILL_NS: u64 = 1_000_000_000_000;
 /// One SYN costs this many nano-tokens: integer token-bucket arithmetic without division.
 pub const XDP_NANOS_PER_TOKEN: u64 = 1_000_000_000;
 
+/// IPv6 extension headers the XDP guard walks to find TCP (real traffic uses zero to
+/// two; a longer chain is dropped, see `xdp_reason::DROPPED_UNPARSEABLE`).
+pub const XDP_MAX_IPV6_EXT: usize = 6;
+
 /// Why the XDP guard passed or dropped a packet: the index into `XDP_STATS`.
 pub mod xdp_reason {
     /// TCP to a protected port from an acceptable source, within its SYN rate.
@@ -173,12 +177,15 @@ pub mod xdp_reason {
     pub const DROPPED_SYN_RATE: u32 = 3;
     /// TCP to a port no frontend listens on: not judged.
     pub const PASSED_OTHER_PORT: u32 = 4;
-    /// Not TCP over IPv4/IPv6 (ARP, ICMP, UDP, IPv6 with extension headers, fragments).
+    /// Not TCP over IPv4/IPv6 (ARP, ICMP, UDP, fragments after the first).
     pub const PASSED_NOT_TCP: u32 = 5;
     /// Too short to hold the headers it announces: left for the stack to reject.
     pub const PASSED_MALFORMED: u32 = 6;
+    /// IPv6 with a longer extension-header chain than the guard walks
+    /// (`XDP_MAX_IPV6_EXT`): it could hide TCP from a denied source, so it is dropped.
+    pub const DROPPED_UNPARSEABLE: u32 = 7;
     /// Entries in `XDP_STATS`.
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 8;
     /// Names for display, by index.
     pub const NAMES: [&str; COUNT as usize] = [
         "passed",
@@ -188,13 +195,14 @@ pub mod xdp_reason {
         "passed_other_port",
         "passed_not_tcp",
         "passed_malformed",
+        "dropped_unparseable",
     ];
 
     /// Whether the packet counted under `reason` was dropped.
     pub const fn is_drop(reason: u32) -> bool {
         matches!(
             reason,
-            DROPPED_DENY | DROPPED_NOT_ALLOWED | DROPPED_SYN_RATE
+            DROPPED_DENY | DROPPED_NOT_ALLOWED | DROPPED_SYN_RATE | DROPPED_UNPARSEABLE
         )
     }
 }

@@ -2,8 +2,9 @@
 //! (deny-list, allow-list, per-source SYN rate) before they reach a socket, and counts
 //! every verdict by reason. Everything else passes untouched.
 //!
-//! Limits, by design: IPv6 extension headers are not walked (such packets count as
-//! `passed_not_tcp`), nor are VLAN tags; IPv4 fragments after the first pass unjudged.
+//! IPv6 extension headers are walked (up to `XDP_MAX_IPV6_EXT`; a longer chain is
+//! dropped, since it could hide TCP from a denied source). Limits, by design: VLAN tags
+//! are not parsed, and fragments after the first pass unjudged (they carry no port).
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
@@ -13,8 +14,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use forwarder_common::{
-    SynBucket, XDP_MAX_PORTS, XDP_MAX_REFILL_NS, XDP_MAX_RULES, XDP_MAX_SOURCES, XDP_MAX_SYN_RATE,
-    XDP_NANOS_PER_TOKEN, XdpSettings, xdp_reason,
+    SynBucket, XDP_MAX_IPV6_EXT, XDP_MAX_PORTS, XDP_MAX_REFILL_NS, XDP_MAX_RULES, XDP_MAX_SOURCES,
+    XDP_MAX_SYN_RATE, XDP_NANOS_PER_TOKEN, XdpSettings, xdp_reason,
 };
 use network_types::{
     eth::{EthHdr, EtherType},
@@ -104,10 +105,11 @@ fn judge(ctx: &XdpContext) -> u32 {
         };
         // SAFETY: bounds checked by ptr_at.
         let ip = unsafe { &*ip };
-        if ip.next_hdr != IpProto::Tcp as u8 {
-            return xdp_reason::PASSED_NOT_TCP;
-        }
-        (Source::V6(ip.src_addr), EthHdr::LEN + Ipv6Hdr::LEN)
+        let tcp_offset = match find_tcp_after_ipv6(ctx, ip.next_hdr) {
+            Ok(offset) => offset,
+            Err(reason) => return reason,
+        };
+        (Source::V6(ip.src_addr), tcp_offset)
     } else {
         return xdp_reason::PASSED_NOT_TCP;
     };
@@ -121,6 +123,56 @@ fn judge(ctx: &XdpContext) -> u32 {
         return xdp_reason::PASSED_OTHER_PORT;
     }
     judge_source(&source, flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
+}
+
+/// IPv6 next-header values of extension headers with the generic layout (next header,
+/// length in 8-octet units less one): hop-by-hop, routing, destination options.
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_DEST_OPTS: u8 = 60;
+/// The fragment header: 8 octets; the offset field says whether this is the first.
+const IPV6_FRAGMENT: u8 = 44;
+
+/// Walks the IPv6 extension-header chain to the TCP header; its offset, or why not.
+#[inline(always)]
+fn find_tcp_after_ipv6(ctx: &XdpContext, first: u8) -> Result<usize, u32> {
+    let mut next = first;
+    let mut offset = EthHdr::LEN + Ipv6Hdr::LEN;
+    for _ in 0..XDP_MAX_IPV6_EXT {
+        if next == IpProto::Tcp as u8 {
+            return Ok(offset);
+        }
+        let Some(ext) = ptr_at::<[u8; 4]>(ctx, offset) else {
+            return Err(xdp_reason::PASSED_MALFORMED);
+        };
+        // SAFETY: bounds checked by ptr_at.
+        let ext = unsafe { *ext };
+        if next == IPV6_FRAGMENT {
+            // Offset (13 bits) in the upper bits of bytes 2-3: non-zero is a later
+            // fragment, which carries no TCP header to judge.
+            if u16::from_be_bytes([ext[2], ext[3]]) & 0xfff8 != 0 {
+                return Err(xdp_reason::PASSED_NOT_TCP);
+            }
+            offset += 8;
+        } else if next == IPV6_HOP_BY_HOP || next == IPV6_ROUTING || next == IPV6_DEST_OPTS {
+            offset += (usize::from(ext[1]) + 1) * 8;
+        } else {
+            // UDP, ICMPv6, ESP, no next header...: not TCP.
+            return Err(xdp_reason::PASSED_NOT_TCP);
+        }
+        next = ext[0];
+    }
+    if next == IpProto::Tcp as u8 {
+        return Ok(offset);
+    }
+    if next == IPV6_FRAGMENT
+        || next == IPV6_HOP_BY_HOP
+        || next == IPV6_ROUTING
+        || next == IPV6_DEST_OPTS
+    {
+        return Err(xdp_reason::DROPPED_UNPARSEABLE);
+    }
+    Err(xdp_reason::PASSED_NOT_TCP)
 }
 
 #[inline(always)]

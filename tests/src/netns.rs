@@ -234,6 +234,53 @@ impl Drop for EchoServer {
 /// (AF_PACKET, so exactly these frames and nothing else), source ports counting up from
 /// 20000. Paced in small batches so the veth ring never overflows: every frame reaches XDP.
 pub fn send_syns(ns: &str, ifname: &str, source: IpAddr, dest: SocketAddr, count: u32) {
+    send_frames(ns, ifname, count, move |i| {
+        syn_frame(source, dest, 20_000 + (i % 40_000) as u16)
+    });
+}
+
+/// Like `send_syns` for IPv6, with `ext` destination-options headers between the IPv6
+/// and TCP headers (what an attacker would add to slip past a guard that does not walk
+/// extension headers).
+pub fn send_ipv6_syns_with_ext(
+    ns: &str,
+    ifname: &str,
+    source: Ipv6Addr,
+    dest: SocketAddr,
+    count: u32,
+    ext: usize,
+) {
+    send_frames(ns, ifname, count, move |i| {
+        with_ipv6_ext(
+            syn_frame(source.into(), dest, 20_000 + (i % 40_000) as u16),
+            ext,
+        )
+    });
+}
+
+/// Inserts `ext` 8-octet destination-options headers (PadN) after the IPv6 header.
+fn with_ipv6_ext(frame: Vec<u8>, ext: usize) -> Vec<u8> {
+    const ETH: usize = 14;
+    const IPV6: usize = 40;
+    const DEST_OPTS: u8 = 60;
+    let mut out = frame[..ETH + IPV6].to_vec();
+    let payload_len = u16::from_be_bytes([out[ETH + 4], out[ETH + 5]]) + 8 * ext as u16;
+    out[ETH + 4..ETH + 6].copy_from_slice(&payload_len.to_be_bytes());
+    let tcp_proto = out[ETH + 6];
+    if ext > 0 {
+        out[ETH + 6] = DEST_OPTS;
+    }
+    for i in 0..ext {
+        let next = if i + 1 == ext { tcp_proto } else { DEST_OPTS };
+        // next header, length 0 (8 octets), PadN option of 4 zero octets.
+        out.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    out.extend_from_slice(&frame[ETH + IPV6..]);
+    out
+}
+
+/// Sends `count` frames made by `make(i)` out of `ifname` in namespace `ns`.
+fn send_frames(ns: &str, ifname: &str, count: u32, make: impl Fn(u32) -> Vec<u8> + Send + 'static) {
     let ifname = ifname.to_string();
     in_ns(ns, move || {
         // SAFETY: plain socket creation; the fd is owned below.
@@ -252,7 +299,7 @@ pub fn send_syns(ns: &str, ifname: &str, source: IpAddr, dest: SocketAddr, count
         addr.sll_halen = 6;
         addr.sll_addr[..6].copy_from_slice(&FWD_MAC);
         for i in 0..count {
-            let frame = syn_frame(source, dest, 20_000 + (i % 40_000) as u16);
+            let frame = make(i);
             // SAFETY: frame and addr outlive the call; lengths are theirs.
             let sent = unsafe {
                 libc::sendto(

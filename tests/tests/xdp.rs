@@ -11,7 +11,8 @@ use forwarder::config::{XdpAttach, XdpConfig};
 use forwarder::xdp::cli::{Output, RuleAction, Target, XdpCommand};
 use forwarder::xdp::{AttachedMode, Cidr, List, XdpGuard};
 use forwarder_common::xdp_reason::{
-    DROPPED_DENY, DROPPED_NOT_ALLOWED, DROPPED_SYN_RATE, PASSED, PASSED_NOT_TCP, PASSED_OTHER_PORT,
+    DROPPED_DENY, DROPPED_NOT_ALLOWED, DROPPED_SYN_RATE, DROPPED_UNPARSEABLE, PASSED,
+    PASSED_NOT_TCP, PASSED_OTHER_PORT,
 };
 use forwarder_tests::netns::*;
 use forwarder_tests::require_root;
@@ -233,6 +234,21 @@ fn ipv6_sources_are_denied_and_allowed_by_prefix() {
     let denied = stat(&guard, DROPPED_DENY);
     send_syns(&pair.peer_ns, &pair.peer_if, PEER2_V6.into(), dest, 5);
     assert_stat_reaches(&guard, DROPPED_DENY, denied + 5);
+
+    // Extension headers do not hide a denied source: the guard walks them to TCP.
+    let denied = stat(&guard, DROPPED_DENY);
+    send_ipv6_syns_with_ext(&pair.peer_ns, &pair.peer_if, PEER2_V6, dest, 20, 2);
+    assert_stat_reaches(&guard, DROPPED_DENY, denied + 20);
+    // A chain longer than the guard walks is dropped rather than passed unjudged.
+    send_ipv6_syns_with_ext(
+        &pair.peer_ns,
+        &pair.peer_if,
+        PEER_V6,
+        dest,
+        10,
+        forwarder_common::XDP_MAX_IPV6_EXT + 1,
+    );
+    assert_stat_reaches(&guard, DROPPED_UNPARSEABLE, 10);
 }
 
 #[test]
