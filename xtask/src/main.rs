@@ -1,6 +1,7 @@
 //! Developer tasks: `setup`, `build`, `test`, `run`. `cargo xtask test` is the one command
 //! that takes a fresh machine to green tests; `.ci/run` calls exactly that.
 
+mod bench;
 mod setup;
 mod xdp_bench;
 
@@ -38,6 +39,9 @@ enum Task {
     },
     /// Packets per second dropped by the XDP guard vs the same rule in nftables (root).
     XdpBench,
+    /// Throughput, latency, connection rate and CPU cost of the forwarder side by side with
+    /// the direct path, HAProxy and nginx, on loopback and across namespaces (root).
+    Bench(bench::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,6 +50,7 @@ fn main() -> anyhow::Result<()> {
         Task::Build { release } => build(release),
         Task::Test { cargo_test_args } => test(&cargo_test_args),
         Task::XdpBench => xdp_bench::run(),
+        Task::Bench(options) => bench::run(&options),
         Task::Run { args } => {
             setup::run()?;
             build(true)?;
