@@ -68,7 +68,11 @@ pub fn processes(pids: &[u32]) -> f64 {
             }
         }
         if let Ok(children) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
-            todo.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+            todo.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
         }
     }
     ticks as f64 / ticks_per_second()

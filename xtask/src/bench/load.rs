@@ -13,7 +13,7 @@ use anyhow::{Context as _, bail};
 use super::topology::{Role, Topology};
 
 /// Every socket operation gives up after this: a stalled path ends the run, not the bench.
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
+const IO_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// Echoes whatever arrives, one thread per connection, until the process ends.
 pub fn start_echo_server(topology: &Topology, addr: SocketAddr) -> anyhow::Result<()> {
@@ -102,7 +102,13 @@ pub fn iperf(
 ) -> anyhow::Result<Bulk> {
     let out = topology
         .command(Role::Client, "iperf3")
-        .args(["-J", "-c", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+        .args([
+            "-J",
+            "-c",
+            &addr.ip().to_string(),
+            "-p",
+            &addr.port().to_string(),
+        ])
         .args(["-t", &seconds.to_string(), "-P", &streams.to_string()])
         .output()
         .context("running iperf3")?;
@@ -112,7 +118,9 @@ pub fn iperf(
         bail!("iperf3 to {addr}: {err}");
     }
     let received = &json["end"]["sum_received"];
-    let bytes = received["bytes"].as_u64().context("iperf3: no received bytes")?;
+    let bytes = received["bytes"]
+        .as_u64()
+        .context("iperf3: no received bytes")?;
     let seconds = received["seconds"].as_f64().context("iperf3: no seconds")?;
     Ok(Bulk { bytes, seconds })
 }
@@ -231,20 +239,22 @@ pub fn connect_rate(
         let started = Instant::now();
         let mut threads = Vec::new();
         for _ in 0..clients {
-            threads.push(std::thread::spawn(move || -> anyhow::Result<Vec<Duration>> {
-                let mut samples = Vec::new();
-                while started.elapsed() < duration {
-                    let t = Instant::now();
-                    let mut s = connect(addr)?;
-                    s.set_nodelay(true)?;
-                    s.write_all(b"x")?;
-                    let mut b = [0u8; 1];
-                    s.read_exact(&mut b)?;
-                    samples.push(t.elapsed());
-                    set_linger_zero(&s);
-                }
-                Ok(samples)
-            }));
+            threads.push(std::thread::spawn(
+                move || -> anyhow::Result<Vec<Duration>> {
+                    let mut samples = Vec::new();
+                    while started.elapsed() < duration {
+                        let t = Instant::now();
+                        let mut s = connect(addr)?;
+                        s.set_nodelay(true)?;
+                        s.write_all(b"x")?;
+                        let mut b = [0u8; 1];
+                        s.read_exact(&mut b)?;
+                        samples.push(t.elapsed());
+                        set_linger_zero(&s);
+                    }
+                    Ok(samples)
+                },
+            ));
         }
         let mut all = Vec::new();
         for t in threads {

@@ -49,6 +49,7 @@ pub struct Options {
 pub struct Settings {
     pub rounds: usize,
     pub bulk_secs: u64,
+    pub echo: Duration,
     pub rtt: Duration,
     pub connect: Duration,
     pub http_secs: f64,
@@ -60,14 +61,16 @@ impl Settings {
             Self {
                 rounds: 1,
                 bulk_secs: 1,
-                rtt: Duration::from_millis(300),
-                connect: Duration::from_millis(300),
-                http_secs: 0.4,
+                echo: Duration::from_millis(500),
+                rtt: Duration::from_millis(200),
+                connect: Duration::from_millis(200),
+                http_secs: 0.3,
             }
         } else {
             Self {
                 rounds: 3,
                 bulk_secs: 2,
+                echo: Duration::from_secs(2),
                 rtt: Duration::from_secs(1),
                 connect: Duration::from_secs(1),
                 http_secs: 1.5,
@@ -147,8 +150,8 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         }
     });
     std::fs::create_dir_all(&out)?;
-    let scratch = std::env::temp_dir().join(format!("forwarder-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch)?;
+    let scratch = Scratch::create()?;
+    let scratch = &scratch.0;
     let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
 
     let mut run = Run {
@@ -158,10 +161,9 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         forwarder_stats: Vec::new(),
     };
     for &kind in &kinds {
-        run.topology(kind, &vias, !options.no_http, &scratch)
+        run.topology(kind, &vias, !options.no_http, scratch)
             .with_context(|| format!("topology {}", kind.label()))?;
     }
-    let _ = std::fs::remove_dir_all(&scratch);
 
     let machine = report::machine_description(
         &load_before,
@@ -182,6 +184,64 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Configs, logs and certificates of one run; removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn create() -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("forwarder-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The agent's last `stats:` line per frontend (it logs one per frontend when it stops).
+fn closing_stats(log: &str) -> Vec<String> {
+    let mut last: BTreeMap<String, String> = BTreeMap::new();
+    for line in log.lines() {
+        let plain = strip_ansi(line);
+        let Some((_, stats)) = plain.split_once("stats: ") else {
+            continue;
+        };
+        let frontend = stats
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("frontend="))
+            .unwrap_or("?")
+            .to_owned();
+        let counters = stats
+            .split_whitespace()
+            .filter(|kv| !kv.starts_with("frontend="))
+            .collect::<Vec<_>>()
+            .join(" ");
+        last.insert(frontend.clone(), format!("{frontend}: {counters}"));
+    }
+    last.into_values().collect()
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // CSI sequences end with a letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn select_vias(only: &[String]) -> anyhow::Result<Vec<Via>> {
     if only.is_empty() {
         return Ok(Via::ALL.to_vec());
@@ -191,7 +251,9 @@ fn select_vias(only: &[String]) -> anyhow::Result<Vec<Via>> {
         let via = Via::ALL
             .into_iter()
             .find(|v| v.short() == name)
-            .with_context(|| format!("--only {name}: one of direct, splice, userspace, haproxy, nginx"))?;
+            .with_context(|| {
+                format!("--only {name}: one of direct, splice, userspace, haproxy, nginx")
+            })?;
         vias.push(via);
     }
     Ok(vias)
@@ -234,12 +296,26 @@ impl Run {
         iperf_cmd.args(["-s", "-B", &topology.server_ip().to_string(), "-p"]);
         iperf_cmd.arg(Service::Iperf.server_port().to_string());
         let iperf_log = dir.join("iperf3.log");
-        let mut iperf = peers::Process::spawn("iperf3 server", iperf_cmd, &iperf_log, libc::SIGTERM)?;
-        peers::wait_listening(&topology, Role::Server, &[Service::Iperf.server_port()], &mut iperf, &iperf_log)?;
+        let mut iperf =
+            peers::Process::spawn("iperf3 server", iperf_cmd, &iperf_log, libc::SIGTERM)?;
+        peers::wait_listening(
+            &topology,
+            Role::Server,
+            &[Service::Iperf.server_port()],
+            &mut iperf,
+            &iperf_log,
+        )?;
 
-        let http_vias: Vec<Via> = http::VIAS.into_iter().filter(|v| vias.contains(v)).collect();
+        let http_vias: Vec<Via> = http::VIAS
+            .into_iter()
+            .filter(|v| vias.contains(v))
+            .collect();
         let with_http = with_http && !http_vias.is_empty();
-        let pki = if with_http { Some(http::make_pki(&dir)?) } else { None };
+        let pki = if with_http {
+            Some(http::make_pki(&dir)?)
+        } else {
+            None
+        };
         let _upstream = match &pki {
             Some(pki) => Some(http::start_upstream(&topology, pki, &dir)?),
             None => None,
@@ -258,7 +334,12 @@ impl Run {
                     .filter(|p| p.via == via)
                     .map(|p| p.process.pid())
                     .collect();
-                eprintln!("bench: {} round {} {}", kind.label(), round + 1, via.label());
+                eprintln!(
+                    "bench: {} round {} {}",
+                    kind.label(),
+                    round + 1,
+                    via.label()
+                );
                 self.l4(&topology, via, &pids);
             }
             if let Some(pki) = &pki {
@@ -267,8 +348,12 @@ impl Run {
                         match http::run(&topology, pki, via, load, self.settings.http_secs) {
                             Ok(f) => {
                                 let (first, first_value, p99) = match load {
-                                    http::Load::Get => (Metric::GetRps, f.per_second, Metric::GetP99),
-                                    http::Load::Post => (Metric::PostRps, f.per_second, Metric::PostP99),
+                                    http::Load::Get => {
+                                        (Metric::GetRps, f.per_second, Metric::GetP99)
+                                    }
+                                    http::Load::Post => {
+                                        (Metric::PostRps, f.per_second, Metric::PostP99)
+                                    }
                                     http::Load::Ws => (Metric::WsP50, f.p50_us, Metric::WsP99),
                                 };
                                 self.push(kind, via, first, first_value);
@@ -287,10 +372,8 @@ impl Run {
             if via == Via::Splice
                 && let Ok(text) = std::fs::read_to_string(&log)
             {
-                for line in text.lines().filter(|l| l.contains("stats:")) {
-                    let stats = line.split_once("stats:").map_or(line, |(_, s)| s).trim();
-                    self.forwarder_stats.push((kind, stats.to_owned()));
-                }
+                self.forwarder_stats
+                    .extend(closing_stats(&text).into_iter().map(|s| (kind, s)));
             }
         }
         Ok(())
@@ -334,7 +417,7 @@ impl Run {
             }
         }
         for (streams, metric) in [(1, Metric::Echo1), (8, Metric::Echo8)] {
-            match load::echo_bulk(topology, echo, streams, Duration::from_secs(s.bulk_secs)) {
+            match load::echo_bulk(topology, echo, streams, s.echo) {
                 Ok(bulk) => self.push(kind, via, metric, bulk.gbit_per_s()),
                 Err(err) => self.fail(kind, via, &format!("echo x{streams}"), &err),
             }

@@ -119,7 +119,9 @@ impl Process {
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
             .process_group(0);
-        let child = cmd.spawn().with_context(|| format!("starting {name}: {cmd:?}"))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name}: {cmd:?}"))?;
         Ok(Self {
             name: name.into(),
             child,
@@ -298,7 +300,7 @@ fn forwarder_config(topology: &Topology, via: Via, pki: Option<&Pki>) -> String 
 /// certificate as the forwarder and re-originating TLS to the hub with verification.
 fn haproxy_config(topology: &Topology, pki: Option<&Pki>) -> String {
     let mut text = String::from(
-        "global\n  maxconn 50000\n  nbthread 2\n\
+        "global\n  maxconn 4000\n  nbthread 2\n\
          defaults\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n",
     );
     for (name, service) in [("echo", Service::Echo), ("iperf", Service::Iperf)] {
@@ -333,9 +335,9 @@ fn nginx_config(topology: &Topology, dir: &Path) -> String {
     }
     format!(
         "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
-         daemon off;\nworker_processes auto;\nworker_rlimit_nofile 100000;\n\
+         daemon off;\nworker_processes auto;\nworker_rlimit_nofile 20000;\n\
          pid {dir}/nginx.pid;\nerror_log {dir}/nginx-error.log warn;\n\
-         events {{ worker_connections 50000; }}\n\
+         events {{ worker_connections 8000; }}\n\
          stream {{\n{servers}}}\n",
         dir = dir.display()
     )

@@ -189,7 +189,7 @@ pub fn markdown(run: &Run, machine: &str, tried: Option<&str>) -> String {
     let _ = writeln!(
         md,
         "Each figure: median of {} interleaved round(s) (min-max). Bulk runs {} s each (iperf3 \
-         one way; echo = our client writing 128 KiB chunks and counting bytes echoed back), \
+         one way; echo {:.1} s = our client writing 128 KiB chunks and counting bytes echoed back), \
          64 B ping-pong {:.1} s, connection setup {:.1} s with 4 clients (connect, 1 byte each \
          way, reset), HTTPS {:.1} s per load. CPU-s/GiB: CPU seconds per GiB of payload \
          received, over the one-way run; machine = all CPUs from /proc/stat (user, system, \
@@ -199,6 +199,7 @@ pub fn markdown(run: &Run, machine: &str, tried: Option<&str>) -> String {
          (compiles): figures are noisy, compare within a run.\n",
         s.rounds,
         s.bulk_secs,
+        s.echo.as_secs_f64(),
         s.rtt.as_secs_f64(),
         s.connect.as_secs_f64(),
         s.http_secs
@@ -303,13 +304,55 @@ pub fn markdown(run: &Run, machine: &str, tried: Option<&str>) -> String {
 fn targets(r: &Results, kinds: &[Kind]) -> String {
     type Check = (&'static str, Via, Via, Metric, f64);
     let checks: [Check; 7] = [
-        ("spliced throughput >= 0.8x direct (1 stream)", Via::Splice, Via::Direct, Metric::OneWay1, 0.8),
-        ("spliced throughput >= 1.5x userspace (1 stream)", Via::Splice, Via::Userspace, Metric::OneWay1, 1.5),
-        ("spliced throughput >= 1x HAProxy (1 stream)", Via::Splice, Via::Haproxy, Metric::OneWay1, 1.0),
-        ("machine CPU per GiB <= 0.7x HAProxy's (1 stream)", Via::Splice, Via::Haproxy, Metric::MachineCpu1, 0.7),
-        ("spliced round trip p99 <= 1.2x direct", Via::Splice, Via::Direct, Metric::RttP99, 1.2),
-        ("HTTPS small GET req/s >= HAProxy's", Via::Splice, Via::Haproxy, Metric::GetRps, 1.0),
-        ("HTTPS 1 MiB POST req/s >= HAProxy's", Via::Splice, Via::Haproxy, Metric::PostRps, 1.0),
+        (
+            "spliced throughput >= 0.8x direct (1 stream)",
+            Via::Splice,
+            Via::Direct,
+            Metric::OneWay1,
+            0.8,
+        ),
+        (
+            "spliced throughput >= 1.5x userspace (1 stream)",
+            Via::Splice,
+            Via::Userspace,
+            Metric::OneWay1,
+            1.5,
+        ),
+        (
+            "spliced throughput >= 1x HAProxy (1 stream)",
+            Via::Splice,
+            Via::Haproxy,
+            Metric::OneWay1,
+            1.0,
+        ),
+        (
+            "machine CPU per GiB <= 0.7x HAProxy's (1 stream)",
+            Via::Splice,
+            Via::Haproxy,
+            Metric::MachineCpu1,
+            0.7,
+        ),
+        (
+            "spliced round trip p99 <= 1.2x direct",
+            Via::Splice,
+            Via::Direct,
+            Metric::RttP99,
+            1.2,
+        ),
+        (
+            "HTTPS small GET req/s >= HAProxy's",
+            Via::Splice,
+            Via::Haproxy,
+            Metric::GetRps,
+            1.0,
+        ),
+        (
+            "HTTPS 1 MiB POST req/s >= HAProxy's",
+            Via::Splice,
+            Via::Haproxy,
+            Metric::PostRps,
+            1.0,
+        ),
     ];
     let mut md = String::from("## Targets (ratios of this run's medians)\n\n| target |");
     for k in kinds {
@@ -407,7 +450,10 @@ pub fn chart(results: &Results, path: &Path) -> anyhow::Result<()> {
         chart
             .draw_series(bars.iter().enumerate().map(|(i, (via, (_, mid, _)))| {
                 let mut bar = Rectangle::new(
-                    [(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), *mid)],
+                    [
+                        (SegmentValue::Exact(i), 0.0),
+                        (SegmentValue::Exact(i + 1), *mid),
+                    ],
                     color(*via).filled(),
                 );
                 bar.set_margin(0, 0, 8, 8);
@@ -417,7 +463,10 @@ pub fn chart(results: &Results, path: &Path) -> anyhow::Result<()> {
         chart
             .draw_series(bars.iter().enumerate().map(|(i, (_, (lo, _, hi)))| {
                 PathElement::new(
-                    vec![(SegmentValue::CenterOf(i), *lo), (SegmentValue::CenterOf(i), *hi)],
+                    vec![
+                        (SegmentValue::CenterOf(i), *lo),
+                        (SegmentValue::CenterOf(i), *hi),
+                    ],
                     BLACK.stroke_width(2),
                 )
             }))

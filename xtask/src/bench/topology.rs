@@ -146,8 +146,24 @@ fn create_namespaces() -> anyhow::Result<()> {
         ip(&["-n", ns, "link", "set", dev, "up"])?;
     }
     // The direct path is routed through the proxy namespace, like traffic through a host.
-    ip(&["-n", CLIENT_NS, "route", "add", "default", "via", "10.211.1.1"])?;
-    ip(&["-n", SERVER_NS, "route", "add", "default", "via", "10.211.2.1"])?;
+    ip(&[
+        "-n",
+        CLIENT_NS,
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.211.1.1",
+    ])?;
+    ip(&[
+        "-n",
+        SERVER_NS,
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.211.2.1",
+    ])?;
     for (ns, key, value) in [
         (PROXY_NS, "net.ipv4.ip_forward", "1"),
         // Connection-rate runs leave TIME_WAIT sockets behind; these are our namespaces.
