@@ -147,6 +147,12 @@ pub fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: libc::c_int) -> io::Result<()> {
     set_int_opt(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes)
 }
 
+/// Sets the send buffer past `net.core.wmem_max` (SO_SNDBUFFORCE, needs CAP_NET_ADMIN);
+/// the kernel doubles the value for its bookkeeping. Turns send-buffer autotuning off.
+pub fn set_sndbuf_force(fd: BorrowedFd<'_>, bytes: libc::c_int) -> io::Result<()> {
+    set_int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, bytes)
+}
+
 /// Shuts down the write side: the peer reads EOF after the bytes already queued.
 pub fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: shutdown on a descriptor we borrow; no memory is passed.

@@ -316,7 +316,11 @@ async fn step(
             let n = copy_ready_bytes(d).await?;
             outcome.copied = n;
             metrics::add(&metrics.userspace_payload_bytes, n);
-            if !d.eof && d.diverted && d.pending.is_empty() {
+            // Back to the kernel only once the sink's peer has acknowledged most of what
+            // it was sent: a large send buffer empties the backlog long before that, and
+            // resuming then would spend the budget at once and divert again.
+            let unacked = owed_to_sink.saturating_sub(sink.acked.saturating_sub(d.sink_base));
+            if !d.eof && d.diverted && d.pending.is_empty() && unacked < options.max_lag / 2 {
                 let n = try_resume(datapath, d, options, metrics).await?;
                 outcome.copied += n;
                 metrics::add(&metrics.userspace_payload_bytes, n);
@@ -328,9 +332,12 @@ async fn step(
             || backlog > 0
             || d.diverted;
     } else {
-        // Move the budget along with what the sink has sent on; skip small moves to save
-        // map updates. Our own copies are in `sink_written` too, hence the subtraction.
-        let limit = sink_written
+        // Move the budget along with what the sink's peer has acknowledged (not merely
+        // what entered the send buffer: spliced sockets have large ones, see
+        // `SPLICE_SNDBUF`, and the budget must bound them too); skip small moves to save
+        // map updates. Our own copies are in the count too, hence the subtraction.
+        let sink_acked = sink.acked.saturating_sub(d.sink_base);
+        let limit = sink_acked
             .saturating_sub(d.copied)
             .saturating_add(options.max_lag);
         if limit >= d.limit.saturating_add(options.max_lag / 8) {
@@ -392,10 +399,10 @@ async fn try_resume(
             if after.passed_bytes != passed_before {
                 continue;
             }
-            let sink_written = sys::tcp_bytes(d.sink.as_fd())?
-                .written()
+            let sink_acked = sys::tcp_bytes(d.sink.as_fd())?
+                .acked
                 .saturating_sub(d.sink_base);
-            let limit = sink_written
+            let limit = sink_acked
                 .saturating_sub(d.copied)
                 .saturating_add(options.max_lag);
             datapath.set_redirect_limit(d.src_cookie, d.sink_cookie, limit, after.passed_bytes)?;
