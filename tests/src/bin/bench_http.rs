@@ -36,7 +36,8 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use forwarder_tests::pki::TestCa;
 
 /// A small telemetry-sized answer for GET.
-const SMALL_BODY: &[u8] = br#"{"deviceId":"dev1","status":"enabled","connectionState":"Connected"}"#;
+const SMALL_BODY: &[u8] =
+    br#"{"deviceId":"dev1","status":"enabled","connectionState":"Connected"}"#;
 const POST_BYTES: usize = 1 << 20;
 const WS_MESSAGE: usize = 64;
 const WS_PATH: &str = "/$iothub/websocket";
@@ -107,7 +108,8 @@ async fn upstream(addr: SocketAddr, cert: &Path, key: &Path) -> anyhow::Result<(
             let Ok(tls) = acceptor.accept(tcp).await else {
                 return;
             };
-            let service = service_fn(|request| async { Ok::<_, Infallible>(handle(request).await) });
+            let service =
+                service_fn(|request| async { Ok::<_, Infallible>(handle(request).await) });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tls), service)
                 .with_upgrades()
