@@ -147,6 +147,12 @@ pub fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: libc::c_int) -> io::Result<()> {
     set_int_opt(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes)
 }
 
+/// Sets the send buffer past `net.core.wmem_max` (SO_SNDBUFFORCE, needs CAP_NET_ADMIN);
+/// the kernel doubles the value for its bookkeeping. Turns send-buffer autotuning off.
+pub fn set_sndbuf_force(fd: BorrowedFd<'_>, bytes: libc::c_int) -> io::Result<()> {
+    set_int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, bytes)
+}
+
 /// Shuts down the write side: the peer reads EOF after the bytes already queued.
 pub fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: shutdown on a descriptor we borrow; no memory is passed.
@@ -265,6 +271,24 @@ pub fn recv_now(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
             buf.as_mut_ptr().cast(),
             buf.len(),
             libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// send(MSG_DONTWAIT | MSG_NOSIGNAL) straight to the socket: what the send buffer takes
+/// now, without waiting (a session must never block on one direction's sink).
+pub fn send_now(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for reads of `buf.len()` bytes for the whole call.
+    let n = unsafe {
+        libc::send(
+            fd.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
         )
     };
     if n < 0 {

@@ -1,6 +1,7 @@
 //! Developer tasks: `setup`, `build`, `test`, `run`. `cargo xtask test` is the one command
 //! that takes a fresh machine to green tests; `.ci/run` calls exactly that.
 
+mod bench;
 mod setup;
 mod xdp_bench;
 
@@ -41,6 +42,9 @@ enum Task {
     /// A newcomer's tour: a local stand-in hub, the forwarder in front, real MQTT, AMQP,
     /// HTTPS and WebSocket traffic through it, then the `conns` and `stats` tables (root).
     Demo,
+    /// Throughput, latency, connection rate and CPU cost of the forwarder side by side with
+    /// the direct path, HAProxy and nginx, on loopback and across namespaces (root).
+    Bench(bench::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -60,6 +64,7 @@ fn main() -> anyhow::Result<()> {
                 "demo",
             ]))
         }
+        Task::Bench(options) => bench::run(&options),
         Task::Run { args } => {
             setup::run()?;
             build(true)?;

@@ -26,6 +26,15 @@ use crate::sys;
 use sni::ClientHello;
 use upstream::Pool;
 
+/// Send buffer of spliced sockets. The kernel's redirect worker, finding the peer's send
+/// buffer full, retries a jiffy later (4 ms at HZ=250) rather than on write space; with
+/// autotuned buffers (<= tcp_wmem's 4 MiB) a fast flow drains the buffer well before
+/// that, the path idles, the lag budget fills and the direction pauses in userspace. The
+/// lag budget counts unacknowledged bytes, so this does not loosen its memory bound.
+/// (Measured, veth, one stream: userspace share of bytes 40% -> 4%, proxy CPU per GiB
+/// 0.5 -> 0.15 s.)
+const SPLICE_SNDBUF: libc::c_int = 8 << 20;
+
 /// Per-connection limits of the L4 path.
 #[derive(Clone, Debug)]
 pub struct SessionOptions {
@@ -164,6 +173,11 @@ pub async fn handle_connection(
         registry::Registration::new(dp, &frontend.name, &client, &upstream, frontend.kernel)
     });
     if let (true, Some(datapath)) = (frontend.kernel, datapath) {
+        for s in [&client, &upstream] {
+            if let Err(err) = sys::set_sndbuf_force(s.as_fd(), SPLICE_SNDBUF) {
+                tracing::debug!(%err, "could not raise the send buffer");
+            }
+        }
         let written_before =
             session::WrittenBefore::measure(&client, &upstream).unwrap_or_default();
         match datapath.splice(client.as_fd(), upstream.as_fd(), frontend.session.max_lag) {

@@ -39,6 +39,12 @@ struct Direction<'a> {
     shut: bool,
     /// Bytes userspace read from `src` and wrote to `sink`.
     copied: u64,
+    /// Bytes userspace read from `src` (`copied` plus `pending`).
+    read: u64,
+    /// Read from `src`, not yet taken by `sink`'s send buffer. Writes never wait: with
+    /// both directions in userspace at once (an echoing peer), waiting on one sink would
+    /// stop the other direction, and the peers would wait on each other for ever.
+    pending: Vec<u8>,
     /// Bytes the kernel redirected, as of the last look.
     redirected: u64,
     /// On the userspace path because `sink` fell behind (until it catches up).
@@ -71,6 +77,8 @@ impl<'a> Direction<'a> {
             eof: false,
             shut: false,
             copied: 0,
+            read: 0,
+            pending: Vec::new(),
             redirected: 0,
             diverted: false,
             limit,
@@ -308,19 +316,28 @@ async fn step(
             let n = copy_ready_bytes(d).await?;
             outcome.copied = n;
             metrics::add(&metrics.userspace_payload_bytes, n);
-            if !d.eof && d.diverted {
+            // Back to the kernel only once the sink's peer has acknowledged most of what
+            // it was sent: a large send buffer empties the backlog long before that, and
+            // resuming then would spend the budget at once and divert again.
+            let unacked = owed_to_sink.saturating_sub(sink.acked.saturating_sub(d.sink_base));
+            if !d.eof && d.diverted && d.pending.is_empty() && unacked < options.max_lag / 2 {
                 let n = try_resume(datapath, d, options, metrics).await?;
                 outcome.copied += n;
                 metrics::add(&metrics.userspace_payload_bytes, n);
             }
         }
-        // Passed bytes not yet copied (we wait for the backlog, or for more to read).
-        outcome.waiting_to_copy =
-            (counters.passed_bytes > d.copied && !d.eof) || backlog > 0 || d.diverted;
+        // Passed bytes not yet copied (we wait for the backlog, the sink, or more to read).
+        outcome.waiting_to_copy = (counters.passed_bytes > d.read && !d.eof)
+            || !d.pending.is_empty()
+            || backlog > 0
+            || d.diverted;
     } else {
-        // Move the budget along with what the sink has sent on; skip small moves to save
-        // map updates. Our own copies are in `sink_written` too, hence the subtraction.
-        let limit = sink_written
+        // Move the budget along with what the sink's peer has acknowledged (not merely
+        // what entered the send buffer: spliced sockets have large ones, see
+        // `SPLICE_SNDBUF`, and the budget must bound them too); skip small moves to save
+        // map updates. Our own copies are in the count too, hence the subtraction.
+        let sink_acked = sink.acked.saturating_sub(d.sink_base);
+        let limit = sink_acked
             .saturating_sub(d.copied)
             .saturating_add(options.max_lag);
         if limit >= d.limit.saturating_add(options.max_lag / 8) {
@@ -335,9 +352,9 @@ async fn step(
         d.redirected = counters.redirected_bytes;
         // The FIN takes one sequence number; every byte before it must have met the verdict
         // (or been read by us), been copied if passed, and left the sink's backlog.
-        let accounted = counters.redirected_bytes + counters.passed_bytes.max(d.copied) + 1;
+        let accounted = counters.redirected_bytes + counters.passed_bytes.max(d.read) + 1;
         let all_seen = accounted >= src.received;
-        let all_copied = d.copied >= counters.passed_bytes;
+        let all_copied = d.read >= counters.passed_bytes && d.pending.is_empty();
         let flushed =
             sys::tcp_bytes(d.sink.as_fd())?.written() >= counters.redirected_bytes + d.copied;
         if all_seen && all_copied && flushed {
@@ -375,17 +392,17 @@ async fn try_resume(
                     copied += n;
                     continue;
                 }
-                Read::Eof => return Ok(copied),
+                Read::Eof | Read::SinkFull => return Ok(copied),
                 Read::Empty => {}
             }
             let after = datapath.counters(d.src_cookie)?;
             if after.passed_bytes != passed_before {
                 continue;
             }
-            let sink_written = sys::tcp_bytes(d.sink.as_fd())?
-                .written()
+            let sink_acked = sys::tcp_bytes(d.sink.as_fd())?
+                .acked
                 .saturating_sub(d.sink_base);
-            let limit = sink_written
+            let limit = sink_acked
                 .saturating_sub(d.copied)
                 .saturating_add(options.max_lag);
             datapath.set_redirect_limit(d.src_cookie, d.sink_cookie, limit, after.passed_bytes)?;
@@ -407,24 +424,65 @@ async fn try_resume(
 }
 
 enum Read {
+    /// Bytes written to the sink (this call's, including earlier pending ones).
     Copied(u64),
     Empty,
     Eof,
+    /// The sink's send buffer is full; the bytes wait in `pending`.
+    SinkFull,
 }
 
-/// One read from `src` (without waiting), written in full to `sink`.
+/// Writes what `sink` takes now; the rest stays (or goes) into `pending`.
+fn write_now(d: &mut Direction<'_>, bytes: &[u8]) -> io::Result<u64> {
+    let mut written = 0;
+    while written < bytes.len() {
+        match sys::send_now(d.sink.as_fd(), &bytes[written..]) {
+            Ok(n) => written += n,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    d.copied += written as u64;
+    Ok(written as u64)
+}
+
+/// Sends what is pending first; then one read from `src` (without waiting), sent on as far
+/// as `sink` takes it. Never waits for the sink.
 async fn copy_once(d: &mut Direction<'_>, buf: &mut [u8]) -> io::Result<Read> {
+    let mut flushed = 0;
+    if !d.pending.is_empty() {
+        let pending = std::mem::take(&mut d.pending);
+        flushed = write_now(d, &pending)?;
+        let rest = &pending[flushed as usize..];
+        if !rest.is_empty() {
+            d.pending = rest.to_vec();
+            return Ok(Read::SinkFull);
+        }
+    }
     match sys::recv_now(d.src.as_fd(), buf) {
         Ok(0) => {
             d.eof = true;
-            Ok(Read::Eof)
+            Ok(if flushed > 0 {
+                Read::Copied(flushed)
+            } else {
+                Read::Eof
+            })
         }
         Ok(n) => {
-            write_all(d.sink, &buf[..n]).await?;
-            d.copied += n as u64;
-            Ok(Read::Copied(n as u64))
+            d.read += n as u64;
+            let written = write_now(d, &buf[..n])?;
+            if (written as usize) < n {
+                d.pending.extend_from_slice(&buf[written as usize..n]);
+                return Ok(Read::SinkFull);
+            }
+            Ok(Read::Copied(flushed + written))
         }
-        Err(err) if err.kind() == io::ErrorKind::WouldBlock => Ok(Read::Empty),
+        Err(err) if err.kind() == io::ErrorKind::WouldBlock => Ok(if flushed > 0 {
+            Read::Copied(flushed)
+        } else {
+            Read::Empty
+        }),
         Err(err) => Err(err),
     }
 }
@@ -436,19 +494,7 @@ async fn copy_ready_bytes(d: &mut Direction<'_>) -> io::Result<u64> {
     loop {
         match copy_once(d, &mut buf).await? {
             Read::Copied(n) => total += n,
-            Read::Empty | Read::Eof => return Ok(total),
+            Read::Empty | Read::Eof | Read::SinkFull => return Ok(total),
         }
     }
-}
-
-async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
-    while !bytes.is_empty() {
-        stream.writable().await?;
-        match stream.try_write(bytes) {
-            Ok(n) => bytes = &bytes[n..],
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(err) => return Err(err),
-        }
-    }
-    Ok(())
 }
