@@ -320,10 +320,8 @@ async fn step(
             // it was sent: a large send buffer empties the backlog long before that, and
             // resuming then would spend the budget at once and divert again.
             let unacked = owed_to_sink.saturating_sub(sink.acked.saturating_sub(d.sink_base));
-            if !d.eof && d.diverted && d.pending.is_empty() && unacked < options.max_lag / 2 {
-                let n = try_resume(datapath, d, options, metrics).await?;
-                outcome.copied += n;
-                metrics::add(&metrics.userspace_payload_bytes, n);
+            if !d.eof && d.diverted && unacked < options.max_lag / 2 {
+                try_resume(datapath, d, options, metrics)?;
             }
         }
         // Passed bytes not yet copied (we wait for the backlog, the sink, or more to read).
@@ -367,60 +365,51 @@ async fn step(
     Ok(outcome)
 }
 
-/// Hands a paused direction back to the kernel once userspace has copied every byte the
-/// verdict passed. `SO_RCVLOWAT = INT_MAX` makes verdicts rare while we decide (as in the
-/// first hand-over), but memory pressure can still run one, so the rule is: read the
-/// passed count, find the queue empty, read the count again; only if it did not move is
-/// every passed byte copied, and the mark may move to it. A verdict after that passes
-/// again (the count is past the mark), so order holds whatever the timing. Returns the
-/// bytes copied.
-async fn try_resume(
+/// Hands a paused direction back to the kernel once userspace has read (and written out)
+/// every byte the verdict passed.
+///
+/// Nothing is read while deciding. `SO_RCVLOWAT = INT_MAX` stops the verdict from running
+/// (as in the first hand-over), so new bytes wait, unjudged, in the receive queue; a read
+/// now would take them through plain `tcp_recvmsg`, possibly half an skb, and the verdict
+/// would later redirect that skb whole: the same bytes twice (seen under an echo load).
+/// So the rule is: every passed byte read before the hold, and still so under it (a
+/// verdict can slip in before the hold is set); then the mark moves to the passed count
+/// and the hold is released, and the waiting bytes meet the verdict, after ours, in order.
+/// A verdict after that (a FIN ignores the hold) passes again, since the count is past the
+/// mark.
+fn try_resume(
     datapath: &Datapath,
     d: &mut Direction<'_>,
     options: &SessionOptions,
     metrics: &L4Metrics,
-) -> io::Result<u64> {
-    const ATTEMPTS: usize = 64;
-    sys::set_rcvlowat(d.src.as_fd(), libc::c_int::MAX)?;
-    let mut buf = vec![0u8; COPY_BUF];
-    let result = async {
-        let mut copied = 0u64;
-        for _ in 0..ATTEMPTS {
-            let passed_before = datapath.counters(d.src_cookie)?.passed_bytes;
-            match copy_once(d, &mut buf).await? {
-                Read::Copied(n) => {
-                    copied += n;
-                    continue;
-                }
-                Read::Eof | Read::SinkFull => return Ok(copied),
-                Read::Empty => {}
-            }
-            let after = datapath.counters(d.src_cookie)?;
-            if after.passed_bytes != passed_before {
-                continue;
-            }
-            let sink_acked = sys::tcp_bytes(d.sink.as_fd())?
-                .acked
-                .saturating_sub(d.sink_base);
-            let limit = sink_acked
-                .saturating_sub(d.copied)
-                .saturating_add(options.max_lag);
-            datapath.set_redirect_limit(d.src_cookie, d.sink_cookie, limit, after.passed_bytes)?;
-            d.limit = limit;
-            d.passed_mark = after.passed_bytes;
-            d.diverted = false;
-            metrics::add(&metrics.resumed_kernel, 1);
-            tracing::debug!("peer caught up; direction back on the kernel path");
-            break;
-        }
-        Ok::<u64, io::Error>(copied)
+) -> io::Result<()> {
+    if datapath.counters(d.src_cookie)?.passed_bytes != d.read || !d.pending.is_empty() {
+        return Ok(());
     }
-    .await;
+    sys::set_rcvlowat(d.src.as_fd(), libc::c_int::MAX)?;
+    let result = (|| {
+        let now = datapath.counters(d.src_cookie)?;
+        if now.passed_bytes != d.read {
+            return Ok(());
+        }
+        let sink_acked = sys::tcp_bytes(d.sink.as_fd())?
+            .acked
+            .saturating_sub(d.sink_base);
+        let limit = sink_acked
+            .saturating_sub(d.copied)
+            .saturating_add(options.max_lag);
+        datapath.set_redirect_limit(d.src_cookie, d.sink_cookie, limit, now.passed_bytes)?;
+        d.limit = limit;
+        d.passed_mark = now.passed_bytes;
+        d.diverted = false;
+        metrics::add(&metrics.resumed_kernel, 1);
+        tracing::debug!("peer caught up; direction back on the kernel path");
+        Ok::<(), io::Error>(())
+    })();
     // Release the hold: bytes that arrived meanwhile meet the verdict now, in order.
     let released = sys::set_rcvlowat(d.src.as_fd(), 1);
-    let copied = result?;
-    released?;
-    Ok(copied)
+    result?;
+    released
 }
 
 enum Read {
