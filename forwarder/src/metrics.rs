@@ -36,6 +36,9 @@ counters!(L4Metrics {
     diverted_slow_peer,
     /// Times such a direction caught up and went back to the kernel path.
     resumed_kernel,
+    /// Bytes the kernel's verdict saw more than TCP received: delivered twice (a known
+    /// defect when a lag budget trips under a two-way load; should stay 0).
+    kernel_duplicated_bytes,
     /// Upstream connect failed or timed out on every server.
     upstream_connect_failed,
     /// TLS ClientHello named a host with no route and no default backend.

@@ -435,6 +435,11 @@ async fn expect_path(proxy: &Proxy, kernel: bool) {
             "must be spliced in the kernel"
         );
         assert_eq!(
+            get(&m.kernel_duplicated_bytes),
+            0,
+            "the verdict saw more bytes than TCP received"
+        );
+        assert_eq!(
             get(&m.userspace_payload_bytes),
             0,
             "spliced bytes crossed userspace"

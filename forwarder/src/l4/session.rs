@@ -242,9 +242,43 @@ pub async fn run(
     if matches!(report.end, End::IdleTimeout) {
         metrics::add(&metrics.idle_timeouts, 1);
     }
+    check_kernel_accounting(datapath, &dirs, metrics);
     datapath.unsplice(pair);
     drop((client, upstream));
     report
+}
+
+/// Every byte a socket received meets the verdict once: redirected plus passed equals what
+/// TCP received (plus one for a FIN). More means the kernel ran the verdict twice over the
+/// same bytes and the peer got them twice: a defect seen when a lag budget trips under a
+/// two-way load (tests/repro/). Counted and logged so it cannot go unnoticed.
+fn check_kernel_accounting(datapath: &Datapath, dirs: &[Direction<'_>], metrics: &L4Metrics) {
+    for d in dirs {
+        let (Ok(counters), Ok(tcp)) = (
+            datapath.counters(d.src_cookie),
+            sys::tcp_bytes(d.src.as_fd()),
+        ) else {
+            continue;
+        };
+        let seen = counters.redirected_bytes + counters.passed_bytes;
+        // `received` counts a FIN's sequence number too.
+        let received = if d.eof {
+            tcp.received.saturating_sub(1)
+        } else {
+            tcp.received
+        };
+        let extra = seen.saturating_sub(received);
+        if extra > 0 {
+            metrics::add(&metrics.kernel_duplicated_bytes, extra);
+            tracing::error!(
+                extra,
+                redirected = counters.redirected_bytes,
+                passed = counters.passed_bytes,
+                received = tcp.received,
+                "the kernel delivered bytes of this connection twice (verdict ran twice over them)"
+            );
+        }
+    }
 }
 
 fn check_resets(client: &TcpStream, upstream: &TcpStream) -> Option<End> {
