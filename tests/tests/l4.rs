@@ -97,6 +97,13 @@ async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// A fresh upstream listener and a proxy in front of it.
+async fn proxy_to_new_upstream(kernel: bool, session: SessionOptions) -> (TcpListener, Proxy) {
+    let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = start_proxy(&server.local_addr().unwrap().to_string(), kernel, session).await;
+    (server, proxy)
+}
+
 /// Client sends `up` right after connecting and half-closes; the server reads to EOF
 /// (so the FIN came after every byte), then answers `down` and closes. Returns (bytes at
 /// the server, bytes at the client).
@@ -130,13 +137,7 @@ fn paths() -> [bool; 2] {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_first_half_close() {
     for kernel in paths() {
-        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let proxy = start_proxy(
-            &server.local_addr().unwrap().to_string(),
-            kernel,
-            SessionOptions::default(),
-        )
-        .await;
+        let (server, proxy) = proxy_to_new_upstream(kernel, SessionOptions::default()).await;
         let up = random_payload(24 << 20);
         let down = random_payload(16 << 20);
         let (at_server, at_client) = client_first_exchange(server, &proxy, &up, down.clone()).await;
@@ -161,13 +162,7 @@ async fn client_first_half_close() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_first_then_half_close_from_server() {
     for kernel in paths() {
-        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let proxy = start_proxy(
-            &server.local_addr().unwrap().to_string(),
-            kernel,
-            SessionOptions::default(),
-        )
-        .await;
+        let (server, proxy) = proxy_to_new_upstream(kernel, SessionOptions::default()).await;
         let greeting = random_payload(53);
         let down = random_payload(8 << 20);
         let up = random_payload(8 << 20);
@@ -203,13 +198,7 @@ async fn server_first_then_half_close_from_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_small_writes_both_ways() {
     for kernel in paths() {
-        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let proxy = start_proxy(
-            &server.local_addr().unwrap().to_string(),
-            kernel,
-            SessionOptions::default(),
-        )
-        .await;
+        let (server, proxy) = proxy_to_new_upstream(kernel, SessionOptions::default()).await;
         let up = random_payload(300_000);
         let down = random_payload(300_000);
         let down_s = down.clone();
@@ -264,13 +253,7 @@ async fn many_small_writes_both_ways() {
 async fn reset_from_each_side_is_passed_on() {
     for kernel in paths() {
         for reset_by_client in [true, false] {
-            let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let proxy = start_proxy(
-                &server.local_addr().unwrap().to_string(),
-                kernel,
-                SessionOptions::default(),
-            )
-            .await;
+            let (server, proxy) = proxy_to_new_upstream(kernel, SessionOptions::default()).await;
             let mut client = TcpStream::connect(proxy.addr).await.unwrap();
             let (mut s, _) = server.accept().await.unwrap();
             client.write_all(b"hello").await.unwrap();
@@ -362,12 +345,11 @@ async fn upstream_connect_timeout_closes_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_timeout_closes_both_sides() {
     for kernel in paths() {
-        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let session = SessionOptions {
             idle_timeout: Duration::from_millis(800),
             ..Default::default()
         };
-        let proxy = start_proxy(&server.local_addr().unwrap().to_string(), kernel, session).await;
+        let (server, proxy) = proxy_to_new_upstream(kernel, session).await;
         let mut client = TcpStream::connect(proxy.addr).await.unwrap();
         let (mut s, _) = server.accept().await.unwrap();
         client.write_all(b"ping").await.unwrap();
@@ -392,13 +374,7 @@ async fn idle_timeout_closes_both_sides() {
 /// bytes it read stays zero while the kernel counters equal the traffic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spliced_bytes_never_cross_userspace() {
-    let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let proxy = start_proxy(
-        &server.local_addr().unwrap().to_string(),
-        true,
-        SessionOptions::default(),
-    )
-    .await;
+    let (server, proxy) = proxy_to_new_upstream(true, SessionOptions::default()).await;
     let up = random_payload(32 << 20);
     let down = random_payload(32 << 20);
     let (at_server, at_client) = client_first_exchange(server, &proxy, &up, down.clone()).await;
@@ -570,12 +546,11 @@ async fn no_leaks_after_10000_sequential_and_1000_concurrent() {
 /// arrives in order, and once it has caught up the direction is back in the kernel.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_upstream_is_bounded_then_resumes() {
-    let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let session = SessionOptions {
         max_lag: 4 << 20,
         ..Default::default()
     };
-    let proxy = start_proxy(&server.local_addr().unwrap().to_string(), true, session).await;
+    let (server, proxy) = proxy_to_new_upstream(true, session).await;
     let payload = random_payload(256 << 20);
     let expected = sha256(&payload);
     let mut client = TcpStream::connect(proxy.addr).await.unwrap();

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
+use crate::bench::topology::ip;
+
 const FWD_NS: &str = "fxbench-f";
 const PEER_NS: &str = "fxbench-p";
 const FWD_IF: &str = "xbf";
@@ -70,20 +72,6 @@ impl Drop for Namespaces {
     fn drop(&mut self) {
         Self::remove();
     }
-}
-
-fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip")?;
-    if !out.status.success() {
-        bail!(
-            "ip {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 fn output(cmd: &mut Command) -> anyhow::Result<String> {

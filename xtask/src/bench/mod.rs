@@ -10,7 +10,7 @@ mod http;
 mod load;
 mod peers;
 mod report;
-mod topology;
+pub(crate) mod topology;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

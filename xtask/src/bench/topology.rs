@@ -183,7 +183,8 @@ fn create_namespaces() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn ip(args: &[&str]) -> anyhow::Result<()> {
+/// Runs `ip ARGS`, failing with its error output (also used by `xdp-bench`).
+pub(crate) fn ip(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new("ip")
         .args(args)
         .output()
