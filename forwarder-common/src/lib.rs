@@ -96,8 +96,21 @@ pub struct SockCounters {
     pub last_active_ns: u64,
     /// Times the verdict found the lag budget spent and switched to passing.
     pub over_budget: u64,
+    /// Bytes cut from the front of segments that repeated bytes the verdict had already
+    /// seen. TCP queues a retransmitted segment that partly overlaps received data whole
+    /// (its reader skips the overlap by sequence number), but the kernel hands the verdict
+    /// whole segments, so without the cut those bytes would be forwarded twice.
+    pub trimmed_bytes: u64,
+    pub trimmed_segments: u64,
+    /// Segments whose repeated bytes could not be cut, so the verdict dropped them: the
+    /// stream is broken and the agent resets the connection.
+    pub stream_errors: u64,
+    /// TCP sequence number just past the last byte the verdict has seen, valid once
+    /// `seq_known` is 1 (from the first segment on).
+    pub next_seq: u32,
+    pub seq_known: u32,
 }
-const _: () = assert!(core::mem::size_of::<SockCounters>() == 48);
+const _: () = assert!(core::mem::size_of::<SockCounters>() == 80);
 
 /// `ConnInfo::path`: bytes move in the kernel (sockmap redirect).
 pub const PATH_KERNEL: u8 = 0;

@@ -30,11 +30,20 @@ static CONNS: HashMap<u64, ConnInfo> = HashMap::with_max_entries(MAX_SPLICED_SOC
 #[map(name = "FWD_STATS")]
 static STATS: HashMap<StatKey, u64> = HashMap::with_max_entries(MAX_STATS, 0);
 
+/// Most bytes one `bpf_skb_adjust_room` call may cut from an sk_skb (the kernel's limit).
+const MAX_CUT_STEP: u32 = 0xfff;
+/// Cut steps per segment: 640 KiB, more than TCP coalesces into one receive buffer.
+const MAX_CUT_STEPS: u32 = 160;
+
 #[stream_verdict]
 pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
     // SAFETY: the context pointer is the __sk_buff the kernel passed to this program.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
-    let len = u64::from(ctx.len());
+    // An sk_skb program's cb[] is the start of skb->cb, which TCP's receive path fills
+    // with its control block: cb[0] is the segment's sequence number.
+    // SAFETY: reading a context field the verifier rewrites to a fixed offset.
+    let seq = unsafe { (*ctx.skb.skb).cb[0] };
+    let mut len = u64::from(ctx.len());
     if len == 0 {
         // A bare FIN: nothing to forward (userspace passes the half-close on). Redirecting
         // it would make the peer's send worker write after our shutdown(): EPIPE.
@@ -52,6 +61,27 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
     let counters = unsafe { &mut *counters };
     // SAFETY: plain helper call without arguments.
     counters.last_active_ns = unsafe { bpf_ktime_get_ns() };
+
+    match cut_repeated_bytes(&ctx, counters, seq, len as u32) {
+        Cut::Clean => {}
+        Cut::Cut => {
+            len = u64::from(ctx.len());
+            if len == 0 {
+                // Nothing new in it. Dropping a now empty buffer leaves TCP's copied_seq
+                // alone, as it should.
+                return SK_DROP;
+            }
+        }
+        Cut::Broken => {
+            // Forwarding it would repeat bytes: drop it and let the agent reset the
+            // connection (it watches `stream_errors`).
+            warn!(
+                &ctx,
+                "splice: socket {} got a segment that could not be cut", cookie
+            );
+            return SK_DROP;
+        }
+    }
 
     // Once a byte has gone to userspace, every later byte must too, or the order breaks
     // (until userspace has copied them all and moves the mark).
@@ -85,4 +115,61 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
     counters.passed_bytes += len;
     counters.passed_segments += 1;
     SK_PASS
+}
+
+enum Cut {
+    /// The segment starts where the last one ended (or is the first).
+    Clean,
+    /// Its front repeated bytes already seen and was cut off.
+    Cut,
+    /// Its front repeated bytes that could not be cut (counted in `stream_errors`).
+    Broken,
+}
+
+/// Cuts from the front of this segment the bytes the verdict has already seen, and moves
+/// the socket's sequence mark past it.
+///
+/// TCP queues a retransmitted segment that partly overlaps received bytes whole: its own
+/// reader skips the overlap by sequence number, but `tcp_read_skb()` hands the verdict whole
+/// segments. Under loss (here: receive-memory pruning while a budget holds bytes on this
+/// socket) the overlap would otherwise be forwarded twice, and `tcp_eat_skb()` would move
+/// `copied_seq` past `rcv_nxt`, which stops the socket's wake-ups (a stall).
+fn cut_repeated_bytes(ctx: &SkBuffContext, counters: &mut SockCounters, seq: u32, len: u32) -> Cut {
+    if counters.seq_known == 0 {
+        counters.seq_known = 1;
+        counters.next_seq = seq.wrapping_add(len);
+        return Cut::Clean;
+    }
+    let repeated = counters.next_seq.wrapping_sub(seq) as i32;
+    if repeated <= 0 {
+        counters.next_seq = seq.wrapping_add(len);
+        return Cut::Clean;
+    }
+    let repeated = repeated as u32;
+    if repeated < len {
+        counters.next_seq = seq.wrapping_add(len);
+    }
+    let cut = if repeated < len { repeated } else { len };
+    let mut left = cut;
+    for _ in 0..MAX_CUT_STEPS {
+        if left == 0 {
+            break;
+        }
+        let step = if left > MAX_CUT_STEP {
+            MAX_CUT_STEP
+        } else {
+            left
+        };
+        if ctx.adjust_room(-(step as i32), 0, 0).is_err() {
+            break;
+        }
+        left -= step;
+    }
+    if left != 0 {
+        counters.stream_errors += 1;
+        return Cut::Broken;
+    }
+    counters.trimmed_bytes += u64::from(cut);
+    counters.trimmed_segments += 1;
+    Cut::Cut
 }

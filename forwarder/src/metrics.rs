@@ -36,8 +36,15 @@ counters!(L4Metrics {
     diverted_slow_peer,
     /// Times such a direction caught up and went back to the kernel path.
     resumed_kernel,
-    /// Bytes the kernel's verdict saw more than TCP received: delivered twice (a known
-    /// defect when a lag budget trips under a two-way load; should stay 0).
+    /// Bytes the verdict cut from the front of retransmitted segments because they
+    /// repeated bytes already forwarded (TCP queues such a segment whole; without the cut
+    /// the kernel would forward them twice). Non-zero under packet loss; harmless.
+    retransmit_overlap_bytes,
+    /// Spliced connections reset because a repeated segment could not be cut (should
+    /// stay 0: the stream would otherwise carry bytes twice).
+    kernel_stream_errors,
+    /// Bytes the verdict saw beyond what TCP received, at the end of a connection: bytes
+    /// forwarded twice. A safety net for the cut above; should stay 0.
     kernel_duplicated_bytes,
     /// Upstream connect failed or timed out on every server.
     upstream_connect_failed,

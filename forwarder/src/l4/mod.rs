@@ -68,6 +68,9 @@ pub enum End {
     Closed,
     IdleTimeout,
     Reset,
+    /// The kernel path could not keep the byte stream exact (see
+    /// `SockCounters::stream_errors`): both sides are reset.
+    Broken,
     Error(String),
 }
 

@@ -196,13 +196,16 @@ pub async fn run(
             break End::Closed;
         }
 
-        // Idle: the kernel stamps every verdict; we stamp our own copies.
-        let last_kernel = [pair.client, pair.upstream]
+        let kernel: Vec<_> = [pair.client, pair.upstream]
             .iter()
             .filter_map(|&c| datapath.counters(c).ok())
-            .map(|c| c.last_active_ns)
-            .max()
-            .unwrap_or(0);
+            .collect();
+        if kernel.iter().any(|c| c.stream_errors > 0) {
+            // The verdict met a segment it could not make exact, and dropped it.
+            break End::Broken;
+        }
+        // Idle: the kernel stamps every verdict; we stamp our own copies.
+        let last_kernel = kernel.iter().map(|c| c.last_active_ns).max().unwrap_or(0);
         let last_active = last_kernel.max(last_userspace_io_ns).max(started_ns);
         if sys::monotonic_ns().saturating_sub(last_active) > idle_ns {
             break End::IdleTimeout;
@@ -233,8 +236,16 @@ pub async fn run(
         diverted: dirs.iter().any(|d| d.over_budget_seen > 0),
         end,
     };
-    if matches!(report.end, End::Reset) {
-        metrics::add(&metrics.resets, 1);
+    if matches!(report.end, End::Reset | End::Broken) {
+        if matches!(report.end, End::Broken) {
+            metrics::add(&metrics.kernel_stream_errors, 1);
+            tracing::error!(
+                "the kernel could not cut a retransmitted segment's repeated bytes; \
+                 resetting the connection rather than forwarding them twice"
+            );
+        } else {
+            metrics::add(&metrics.resets, 1);
+        }
         // Pass the reset on: close the surviving side with RST, not FIN.
         let _ = sys::set_linger_zero(client.as_fd());
         let _ = sys::set_linger_zero(upstream.as_fd());
@@ -249,9 +260,9 @@ pub async fn run(
 }
 
 /// Every byte a socket received meets the verdict once: redirected plus passed equals what
-/// TCP received (plus one for a FIN). More means the kernel ran the verdict twice over the
-/// same bytes and the peer got them twice: a defect seen when a lag budget trips under a
-/// two-way load (tests/repro/). Counted and logged so it cannot go unnoticed.
+/// TCP received (plus one for a FIN), once the verdict has cut the repeated fronts of
+/// retransmitted segments (counted here). More would mean bytes went to the peer twice:
+/// logged and counted so it cannot go unnoticed.
 fn check_kernel_accounting(datapath: &Datapath, dirs: &[Direction<'_>], metrics: &L4Metrics) {
     for d in dirs {
         let (Ok(counters), Ok(tcp)) = (
@@ -260,6 +271,14 @@ fn check_kernel_accounting(datapath: &Datapath, dirs: &[Direction<'_>], metrics:
         ) else {
             continue;
         };
+        if counters.trimmed_bytes > 0 {
+            metrics::add(&metrics.retransmit_overlap_bytes, counters.trimmed_bytes);
+            tracing::debug!(
+                bytes = counters.trimmed_bytes,
+                segments = counters.trimmed_segments,
+                "cut repeated bytes from retransmitted segments"
+            );
+        }
         let seen = counters.redirected_bytes + counters.passed_bytes;
         // `received` counts a FIN's sequence number too.
         let received = if d.eof {
@@ -275,7 +294,7 @@ fn check_kernel_accounting(datapath: &Datapath, dirs: &[Direction<'_>], metrics:
                 redirected = counters.redirected_bytes,
                 passed = counters.passed_bytes,
                 received = tcp.received,
-                "the kernel delivered bytes of this connection twice (verdict ran twice over them)"
+                "the verdict saw more bytes than TCP received: some went to the peer twice"
             );
         }
     }
