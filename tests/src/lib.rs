@@ -6,6 +6,7 @@ pub mod hub;
 pub mod netns;
 pub mod peers;
 pub mod pki;
+pub mod rawtcp;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};

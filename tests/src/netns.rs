@@ -1,6 +1,7 @@
 //! Two network namespaces joined by a veth pair, made and removed per test, plus what the
-//! XDP tests do inside them: listen, connect from a chosen source, and send a fixed count
-//! of raw TCP SYN frames (so drop counters can be checked against packets really sent).
+//! tests do inside them: listen, connect from a chosen source, and send hand-made TCP
+//! frames (a fixed count of SYNs, so drop counters can be checked against packets really
+//! sent; or segments no socket API would send, see `rawtcp`).
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -283,40 +284,9 @@ fn with_ipv6_ext(frame: Vec<u8>, ext: usize) -> Vec<u8> {
 fn send_frames(ns: &str, ifname: &str, count: u32, make: impl Fn(u32) -> Vec<u8> + Send + 'static) {
     let ifname = ifname.to_string();
     in_ns(ns, move || {
-        // SAFETY: plain socket creation; the fd is owned below.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-        assert!(fd >= 0, "AF_PACKET socket: {}", io::Error::last_os_error());
-        // SAFETY: fd was just created and is owned by nothing else.
-        let socket: std::os::fd::OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
-        let name = std::ffi::CString::new(ifname.clone()).expect("interface name");
-        // SAFETY: valid NUL-terminated string.
-        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        assert!(ifindex != 0, "no interface {ifname}");
-        // SAFETY: sockaddr_ll is plain data; zero is a valid start.
-        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_ifindex = ifindex as i32;
-        addr.sll_halen = 6;
-        addr.sll_addr[..6].copy_from_slice(&FWD_MAC);
+        let socket = PacketSocket::open(&ifname).expect("AF_PACKET socket");
         for i in 0..count {
-            let frame = make(i);
-            // SAFETY: frame and addr outlive the call; lengths are theirs.
-            let sent = unsafe {
-                libc::sendto(
-                    socket.as_raw_fd(),
-                    frame.as_ptr().cast(),
-                    frame.len(),
-                    0,
-                    (&raw const addr).cast(),
-                    size_of::<libc::sockaddr_ll>() as u32,
-                )
-            };
-            assert_eq!(
-                sent,
-                frame.len() as isize,
-                "sendto: {}",
-                io::Error::last_os_error()
-            );
+            socket.send(&make(i)).expect("sending a frame");
             if i % 16 == 15 {
                 thread::sleep(Duration::from_millis(1));
             }
@@ -324,17 +294,154 @@ fn send_frames(ns: &str, ifname: &str, count: u32, make: impl Fn(u32) -> Vec<u8>
     });
 }
 
+/// An AF_PACKET socket on one interface: whole Ethernet frames out (to `FWD_MAC`), and
+/// every IPv4 frame the interface receives in. Open it in the interface's namespace.
+pub struct PacketSocket {
+    socket: std::os::fd::OwnedFd,
+    ifindex: i32,
+}
+
+impl PacketSocket {
+    pub fn open(ifname: &str) -> io::Result<Self> {
+        const ETH_P_IP: u16 = 0x0800;
+        // SAFETY: plain socket creation; the fd is owned below.
+        let fd =
+            unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(ETH_P_IP.to_be())) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd was just created and is owned by nothing else.
+        let socket: std::os::fd::OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
+        let name = std::ffi::CString::new(ifname).map_err(io::Error::other)?;
+        // SAFETY: valid NUL-terminated string.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if ifindex == 0 {
+            return Err(io::Error::other(format!("no interface {ifname}")));
+        }
+        let this = Self {
+            socket,
+            ifindex: ifindex as i32,
+        };
+        let mut addr = this.address();
+        addr.sll_protocol = ETH_P_IP.to_be();
+        // SAFETY: addr is a valid sockaddr_ll for the length given.
+        let rc = unsafe {
+            libc::bind(
+                this.socket.as_raw_fd(),
+                (&raw const addr).cast(),
+                size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(this)
+    }
+
+    fn address(&self) -> libc::sockaddr_ll {
+        // SAFETY: sockaddr_ll is plain data; zero is a valid start.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = self.ifindex;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&FWD_MAC);
+        addr
+    }
+
+    pub fn send(&self, frame: &[u8]) -> io::Result<()> {
+        let addr = self.address();
+        // SAFETY: frame and addr outlive the call; lengths are theirs.
+        let sent = unsafe {
+            libc::sendto(
+                self.socket.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const addr).cast(),
+                size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if sent != frame.len() as isize {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// The next frame received, or `None` once `timeout` passes without one.
+    pub fn recv(&self, timeout: Duration) -> io::Result<Option<Vec<u8>>> {
+        let mut poll = libc::pollfd {
+            fd: self.socket.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let millis = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&raw mut poll, 1, millis) };
+        if ready < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if ready == 0 {
+            return Ok(None);
+        }
+        let mut buf = vec![0u8; 65_536];
+        // SAFETY: buf is writable for its length.
+        let n = unsafe {
+            libc::recv(
+                self.socket.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        buf.truncate(n as usize);
+        Ok(Some(buf))
+    }
+}
+
+/// The TCP header fields a hand-made segment sets.
+#[derive(Clone, Copy, Debug)]
+pub struct Segment {
+    pub sport: u16,
+    pub seq: u32,
+    pub ack: u32,
+    /// TCP flag bits (`SYN`, `ACK`, `PSH`, `FIN`, `RST`).
+    pub flags: u8,
+}
+
+pub const FIN: u8 = 0x01;
+pub const SYN: u8 = 0x02;
+pub const RST: u8 = 0x04;
+pub const PSH: u8 = 0x08;
+pub const ACK: u8 = 0x10;
+
 /// An Ethernet frame holding a TCP SYN with valid IP and TCP checksums.
 pub fn syn_frame(source: IpAddr, dest: SocketAddr, sport: u16) -> Vec<u8> {
-    let mut tcp = Vec::with_capacity(20);
-    tcp.extend_from_slice(&sport.to_be_bytes());
+    let segment = Segment {
+        sport,
+        seq: 0x1000_0000u32.wrapping_add(u32::from(sport)),
+        ack: 0,
+        flags: SYN,
+    };
+    tcp_frame(source, dest, segment, &[])
+}
+
+/// An Ethernet frame (`PEER_MAC` to `FWD_MAC`) holding one TCP segment, with valid IP and
+/// TCP checksums, no TCP options and a 64,240-byte window.
+pub fn tcp_frame(source: IpAddr, dest: SocketAddr, segment: Segment, payload: &[u8]) -> Vec<u8> {
+    let mut tcp = Vec::with_capacity(20 + payload.len());
+    tcp.extend_from_slice(&segment.sport.to_be_bytes());
     tcp.extend_from_slice(&dest.port().to_be_bytes());
-    tcp.extend_from_slice(&0x1000_0000u32.wrapping_add(u32::from(sport)).to_be_bytes());
-    tcp.extend_from_slice(&0u32.to_be_bytes());
-    tcp.extend_from_slice(&[0x50, 0x02]); // 20-byte header, SYN
+    tcp.extend_from_slice(&segment.seq.to_be_bytes());
+    tcp.extend_from_slice(&segment.ack.to_be_bytes());
+    tcp.extend_from_slice(&[0x50, segment.flags]); // 20-byte header
     tcp.extend_from_slice(&64240u16.to_be_bytes());
     tcp.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
-    let mut frame = Vec::with_capacity(74);
+    tcp.extend_from_slice(payload);
+    let tcp_len = u16::try_from(tcp.len()).expect("segment fits an IP packet");
+    let mut frame = Vec::with_capacity(14 + 40 + tcp.len());
     frame.extend_from_slice(&FWD_MAC);
     frame.extend_from_slice(&PEER_MAC);
     match (source, dest.ip()) {
@@ -342,11 +449,13 @@ pub fn syn_frame(source: IpAddr, dest: SocketAddr, sport: u16) -> Vec<u8> {
             let mut pseudo = Vec::new();
             pseudo.extend_from_slice(&s.octets());
             pseudo.extend_from_slice(&d.octets());
-            pseudo.extend_from_slice(&[0, 6, 0, 20]);
+            pseudo.extend_from_slice(&[0, 6]);
+            pseudo.extend_from_slice(&tcp_len.to_be_bytes());
             let sum = checksum(&[&pseudo, &tcp]);
             tcp[16..18].copy_from_slice(&sum.to_be_bytes());
             frame.extend_from_slice(&[0x08, 0x00]);
-            let mut hdr = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0];
+            let total = (20 + tcp_len).to_be_bytes();
+            let mut hdr = vec![0x45, 0, total[0], total[1], 0, 0, 0x40, 0, 64, 6, 0, 0];
             hdr.extend_from_slice(&s.octets());
             hdr.extend_from_slice(&d.octets());
             let sum = checksum(&[&hdr]);
@@ -357,11 +466,15 @@ pub fn syn_frame(source: IpAddr, dest: SocketAddr, sport: u16) -> Vec<u8> {
             let mut pseudo = Vec::new();
             pseudo.extend_from_slice(&s.octets());
             pseudo.extend_from_slice(&d.octets());
-            pseudo.extend_from_slice(&[0, 0, 0, 20, 0, 0, 0, 6]);
+            pseudo.extend_from_slice(&[0, 0]);
+            pseudo.extend_from_slice(&tcp_len.to_be_bytes());
+            pseudo.extend_from_slice(&[0, 0, 0, 6]);
             let sum = checksum(&[&pseudo, &tcp]);
             tcp[16..18].copy_from_slice(&sum.to_be_bytes());
             frame.extend_from_slice(&[0x86, 0xdd]);
-            frame.extend_from_slice(&[0x60, 0, 0, 0, 0, 20, 6, 64]);
+            frame.extend_from_slice(&[0x60, 0, 0, 0]);
+            frame.extend_from_slice(&tcp_len.to_be_bytes());
+            frame.extend_from_slice(&[6, 64]);
             frame.extend_from_slice(&s.octets());
             frame.extend_from_slice(&d.octets());
         }
