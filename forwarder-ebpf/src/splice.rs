@@ -63,8 +63,8 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
     counters.last_active_ns = unsafe { bpf_ktime_get_ns() };
 
     match cut_repeated_bytes(&ctx, counters, seq, len as u32) {
-        Cut::Clean => {}
-        Cut::Cut => {
+        Overlap::None => {}
+        Overlap::Trimmed => {
             len = u64::from(ctx.len());
             if len == 0 {
                 // Nothing new in it. Dropping a now empty buffer leaves TCP's copied_seq
@@ -72,7 +72,7 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
                 return SK_DROP;
             }
         }
-        Cut::Broken => {
+        Overlap::Uncuttable => {
             // Forwarding it would repeat bytes: drop it and let the agent reset the
             // connection (it watches `stream_errors`).
             warn!(
@@ -117,13 +117,13 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
     SK_PASS
 }
 
-enum Cut {
+enum Overlap {
     /// The segment starts where the last one ended (or is the first).
-    Clean,
+    None,
     /// Its front repeated bytes already seen and was cut off.
-    Cut,
+    Trimmed,
     /// Its front repeated bytes that could not be cut (counted in `stream_errors`).
-    Broken,
+    Uncuttable,
 }
 
 /// Cuts from the front of this segment the bytes the verdict has already seen, and moves
@@ -134,16 +134,21 @@ enum Cut {
 /// segments. Under loss (here: receive-memory pruning while a budget holds bytes on this
 /// socket) the overlap would otherwise be forwarded twice, and `tcp_eat_skb()` would move
 /// `copied_seq` past `rcv_nxt`, which stops the socket's wake-ups (a stall).
-fn cut_repeated_bytes(ctx: &SkBuffContext, counters: &mut SockCounters, seq: u32, len: u32) -> Cut {
+fn cut_repeated_bytes(
+    ctx: &SkBuffContext,
+    counters: &mut SockCounters,
+    seq: u32,
+    len: u32,
+) -> Overlap {
     if counters.seq_known == 0 {
         counters.seq_known = 1;
         counters.next_seq = seq.wrapping_add(len);
-        return Cut::Clean;
+        return Overlap::None;
     }
     let repeated = counters.next_seq.wrapping_sub(seq) as i32;
     if repeated <= 0 {
         counters.next_seq = seq.wrapping_add(len);
-        return Cut::Clean;
+        return Overlap::None;
     }
     let repeated = repeated as u32;
     if repeated < len {
@@ -167,9 +172,9 @@ fn cut_repeated_bytes(ctx: &SkBuffContext, counters: &mut SockCounters, seq: u32
     }
     if left != 0 {
         counters.stream_errors += 1;
-        return Cut::Broken;
+        return Overlap::Uncuttable;
     }
     counters.trimmed_bytes += u64::from(cut);
     counters.trimmed_segments += 1;
-    Cut::Cut
+    Overlap::Trimmed
 }

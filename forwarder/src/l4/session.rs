@@ -196,16 +196,18 @@ pub async fn run(
             break End::Closed;
         }
 
-        let kernel: Vec<_> = [pair.client, pair.upstream]
-            .iter()
-            .filter_map(|&c| datapath.counters(c).ok())
-            .collect();
-        if kernel.iter().any(|c| c.stream_errors > 0) {
+        let kernel = [pair.client, pair.upstream].map(|c| datapath.counters(c).ok());
+        if kernel.iter().flatten().any(|c| c.stream_errors > 0) {
             // The verdict met a segment it could not make exact, and dropped it.
             break End::Broken;
         }
         // Idle: the kernel stamps every verdict; we stamp our own copies.
-        let last_kernel = kernel.iter().map(|c| c.last_active_ns).max().unwrap_or(0);
+        let last_kernel = kernel
+            .iter()
+            .flatten()
+            .map(|c| c.last_active_ns)
+            .max()
+            .unwrap_or(0);
         let last_active = last_kernel.max(last_userspace_io_ns).max(started_ns);
         if sys::monotonic_ns().saturating_sub(last_active) > idle_ns {
             break End::IdleTimeout;
