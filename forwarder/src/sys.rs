@@ -45,6 +45,12 @@ struct RawTcpInfo {
     bytes_received: u64,
 }
 
+// TCP states (include/net/tcp_states.h) in which the peer's FIN has been received.
+const TCP_TIME_WAIT: i32 = 6;
+const TCP_CLOSE_WAIT: i32 = 8;
+const TCP_LAST_ACK: i32 = 9;
+const TCP_CLOSING: i32 = 11;
+
 /// The byte counts of one TCP socket that the splice needs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TcpBytes {
@@ -54,6 +60,8 @@ pub struct TcpBytes {
     pub received: u64,
     /// Bytes written to the socket and not yet acknowledged (SIOCOUTQ).
     pub unacked: u64,
+    /// The peer's FIN has arrived (so `received` counts it); a reset does not count.
+    pub fin_received: bool,
 }
 
 impl TcpBytes {
@@ -95,6 +103,10 @@ pub fn tcp_bytes(fd: BorrowedFd<'_>) -> io::Result<TcpBytes> {
         acked: info.bytes_acked,
         received: info.bytes_received,
         unacked: u64::try_from(unacked).unwrap_or(0),
+        fin_received: matches!(
+            i32::from(info.state),
+            TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING | TCP_TIME_WAIT
+        ),
     })
 }
 

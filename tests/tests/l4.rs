@@ -268,19 +268,22 @@ async fn reset_from_each_side_is_passed_on() {
             resetter.set_linger(Some(Duration::ZERO)).unwrap();
             drop(resetter);
             let mut rest = Vec::new();
-            let outcome = tokio::time::timeout(Duration::from_secs(10), survivor.read_to_end(&mut rest))
+            // EOF or ECONNRESET: either ends the survivor's read; only a hang fails.
+            let _ = tokio::time::timeout(Duration::from_secs(10), survivor.read_to_end(&mut rest))
                 .await
                 .unwrap_or_else(|_| panic!("kernel={kernel} client_reset={reset_by_client}: survivor never learned of the reset"));
             assert!(rest.is_empty(), "no stray bytes after a reset");
-            assert!(
-                outcome.is_err() || outcome.is_ok(),
-                "EOF or ECONNRESET both end the survivor's read"
-            );
             let m = proxy.metrics.clone();
             eventually("reset counted and connection closed", || {
                 get(&m.resets) == 1 && get(&m.active) == 0
             })
             .await;
+            // A reset takes no sequence number, unlike a FIN: the accounting must know.
+            assert_eq!(
+                get(&m.kernel_duplicated_bytes),
+                0,
+                "false alarm after a reset"
+            );
             assert_no_leaks(&proxy);
         }
     }

@@ -282,8 +282,8 @@ fn check_kernel_accounting(datapath: &Datapath, dirs: &[Direction<'_>], metrics:
             );
         }
         let seen = counters.redirected_bytes + counters.passed_bytes;
-        // `received` counts a FIN's sequence number too.
-        let received = if d.eof {
+        // `received` counts a FIN's sequence number too (a reset takes none).
+        let received = if tcp.fin_received {
             tcp.received.saturating_sub(1)
         } else {
             tcp.received
