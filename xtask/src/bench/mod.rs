@@ -121,6 +121,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         "nginx-light",
         "libnginx-mod-stream",
         "iproute2",
+        "ethtool",
     ])?;
     crate::run(crate::cargo().args([
         "build",

@@ -195,8 +195,9 @@ pub fn markdown(run: &Run, machine: &str, tried: Option<&str>) -> String {
          received, over the one-way run; machine = all CPUs from /proc/stat (user, system, \
          irq, softirq: the kernel splice's work is there), proxy = the proxy's processes \
          (/proc/PID/stat). The load generators and servers run on the same 2 cores and are \
-         in the machine figure for every path alike. The machine is shared with other work \
-         (compiles): figures are noisy, compare within a run.\n",
+         in the machine figure for every path alike. The namespaces' veth pairs have GRO on, \
+         as physical NICs do by default. The machine is shared with other work (compiles): \
+         figures are noisy, compare within a run.\n",
         s.rounds,
         s.bulk_secs,
         s.echo.as_secs_f64(),

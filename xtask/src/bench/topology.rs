@@ -1,6 +1,7 @@
 //! Where the bench's peers live: all on the host's loopback, or client, proxy and server
 //! in three network namespaces joined by two veth pairs (traffic crosses real interfaces,
-//! closer to packets arriving from another host). The namespaces go away on drop.
+//! closer to packets arriving from another host; GRO on, as on a physical NIC). The
+//! namespaces go away on drop.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
@@ -144,6 +145,23 @@ fn create_namespaces() -> anyhow::Result<()> {
     ] {
         ip(&["-n", ns, "addr", "add", addr, "dev", dev])?;
         ip(&["-n", ns, "link", "set", dev, "up"])?;
+    }
+    // GRO on, as physical NICs have it by default (veth has it off): every path then
+    // receives coalesced segments, as it would from a real interface.
+    for (ns, dev) in [
+        (CLIENT_NS, "fbc0"),
+        (PROXY_NS, "fbp0"),
+        (PROXY_NS, "fbp1"),
+        (SERVER_NS, "fbs0"),
+    ] {
+        let status = Command::new("ip")
+            .args(["netns", "exec", ns, "ethtool", "-K", dev, "gro", "on"])
+            .stdout(Stdio::null())
+            .status()
+            .context("running ethtool")?;
+        if !status.success() {
+            bail!("ethtool -K {dev} gro on in {ns} failed");
+        }
     }
     // The direct path is routed through the proxy namespace, like traffic through a host.
     ip(&[
