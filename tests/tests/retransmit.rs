@@ -15,7 +15,7 @@ use std::time::Duration;
 use forwarder::config::{Backend, Config, Frontend, Mode};
 use forwarder::metrics::{L4Metrics, get};
 use forwarder_tests::agent::StartedAgent;
-use forwarder_tests::netns::{FWD_V4, VethPair, in_ns, spawn_in_ns, unique, wait_until};
+use forwarder_tests::netns::{FWD_V4, VethPair, in_ns, ip, spawn_in_ns, unique, wait_until};
 use forwarder_tests::rawtcp::RawTcpClient;
 use forwarder_tests::{random_payload, require_root, sha256};
 
@@ -85,49 +85,98 @@ fn start_agent(
     (metrics, stop, thread)
 }
 
+/// One connection's segments, as (first, end) byte offsets, in the order sent.
+struct Case {
+    sport: u16,
+    /// Pause after the first segment: none leaves it (and the repeat) in the receive queue
+    /// for the splice's hand-over; a long one lets the verdict meet the repeat on arrival.
+    settle: Duration,
+    segments: &'static [(usize, usize)],
+}
+
+impl Case {
+    fn end(&self) -> usize {
+        self.segments.iter().map(|s| s.1).max().unwrap_or(0)
+    }
+
+    /// Bytes sent again: what the verdict must cut.
+    fn repeated(&self) -> u64 {
+        let mut seen = 0;
+        let mut repeated = 0;
+        for &(first, end) in self.segments {
+            repeated += seen.min(end).saturating_sub(first);
+            seen = seen.max(end);
+        }
+        repeated as u64
+    }
+}
+
 #[test]
 fn a_retransmission_repeating_delivered_bytes_is_forwarded_once() {
     require_root();
     let pair = VethPair::new();
+    // Large segments, as GRO builds them from a real NIC: a repeat above the 4,095 bytes one
+    // `bpf_skb_adjust_room` call may cut takes several steps.
+    for (ns, dev) in [(&pair.fwd_ns, &pair.fwd_if), (&pair.peer_ns, &pair.peer_if)] {
+        ip(&["-n", ns, "link", "set", "dev", dev, "mtu", "65000"]);
+    }
     let (upstream, received) = start_sink(&pair.fwd_ns);
     let (metrics, stop, agent) = start_agent(&pair.fwd_ns, upstream);
     let dest = SocketAddr::new(FWD_V4.into(), PORT);
-    // Segments stay under the veth's 1,500-byte MTU.
-    let payload = random_payload(2000);
-
-    // The repeating segment right behind the first (both may still wait in the receive
-    // queue for the splice), then on a second connection well after the splice (the
-    // verdict meets it on arrival).
     let cases = [
-        (40_001, Duration::ZERO),
-        (40_002, Duration::from_millis(300)),
-    ];
-    for (sport, settle) in cases {
-        let client = RawTcpClient::connect(&pair, dest, sport).expect("handshake");
-        client.send_at(0, &payload[..800]).expect("send");
-        thread::sleep(settle);
         // Bytes 400..800 again, as a sender whose ACK got lost would resend them.
-        client.send_at(400, &payload[400..1200]).expect("send");
-        client.send_at(1200, &payload[1200..]).expect("send");
+        Case {
+            sport: 40_001,
+            settle: Duration::ZERO,
+            segments: &[(0, 800), (400, 1200), (1200, 2000)],
+        },
+        Case {
+            sport: 40_002,
+            settle: Duration::from_millis(300),
+            segments: &[(0, 800), (400, 1200), (1200, 2000)],
+        },
+        // 28,000 repeated bytes: seven cuts.
+        Case {
+            sport: 40_003,
+            settle: Duration::from_millis(300),
+            segments: &[(0, 30_000), (2_000, 40_000), (40_000, 50_000)],
+        },
+    ];
+    for case in &cases {
+        let payload = random_payload(case.end());
+        let client = RawTcpClient::connect(&pair, dest, case.sport).expect("handshake");
+        for (i, &(first, end)) in case.segments.iter().enumerate() {
+            client
+                .send_at(first as u32, &payload[first..end])
+                .expect("send");
+            if i == 0 {
+                thread::sleep(case.settle);
+            }
+        }
         // A FIN before the splice is set up sends the connection down the userspace path.
         thread::sleep(Duration::from_millis(300));
-        client.send_fin(2000).expect("send");
+        client.send_fin(case.end() as u32).expect("send");
         let got = received
             .recv_timeout(LIMIT)
             .expect("the upstream got a stream");
         assert_eq!(
             got.len(),
             payload.len(),
-            "bytes at the upstream (case {sport})"
+            "bytes at the upstream (case {})",
+            case.sport
         );
         assert_eq!(sha256(&got), sha256(&payload), "content at the upstream");
     }
 
     assert!(
         wait_until(LIMIT, || get(&metrics.active) == 0),
-        "both connections end"
+        "every connection ends"
     );
-    assert_eq!(get(&metrics.kernel_spliced), 2, "spliced in the kernel");
+    assert_eq!(
+        get(&metrics.kernel_spliced),
+        cases.len() as u64,
+        "spliced in the kernel"
+    );
     assert_eq!(
         get(&metrics.userspace_payload_bytes),
         0,
@@ -135,7 +184,7 @@ fn a_retransmission_repeating_delivered_bytes_is_forwarded_once() {
     );
     assert_eq!(
         get(&metrics.retransmit_overlap_bytes),
-        2 * 400,
+        cases.iter().map(Case::repeated).sum::<u64>(),
         "the verdict cut each repeat"
     );
     assert_eq!(get(&metrics.kernel_duplicated_bytes), 0);
