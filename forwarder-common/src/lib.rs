@@ -116,6 +116,11 @@ const _: () = assert!(core::mem::size_of::<SockCounters>() == 80);
 pub const PATH_KERNEL: u8 = 0;
 /// `ConnInfo::path`: bytes are copied by the agent (fallback).
 pub const PATH_USERSPACE: u8 = 1;
+/// `ConnInfo::path`: a client connection of a terminating HTTPS frontend (requests go
+/// over pooled upstream connections).
+pub const PATH_HTTPS: u8 = 2;
+/// `ConnInfo::path`: an HTTPS connection upgraded to a WebSocket tunnel.
+pub const PATH_WEBSOCKET: u8 = 3;
 
 /// Longest frontend or counter name the inspection maps keep (NUL-padded).
 pub const NAME_LEN: usize = 32;
@@ -131,14 +136,16 @@ pub struct ConnInfo {
     pub upstream_addr: [u8; 16],
     pub client_port: u16,
     pub upstream_port: u16,
-    /// `PATH_KERNEL` or `PATH_USERSPACE`.
+    /// `PATH_KERNEL`, `PATH_USERSPACE`, `PATH_HTTPS` or `PATH_WEBSOCKET`.
     pub path: u8,
     pub _pad: [u8; 3],
-    /// Cookie of the agent's upstream socket (key of its `FWD_COUNTERS` entry).
+    /// Cookie of the agent's upstream socket (key of its `FWD_COUNTERS` entry); 0 without
+    /// one upstream socket (HTTPS).
     pub upstream_cookie: u64,
     /// CLOCK_MONOTONIC when the connection was accepted.
     pub started_ns: u64,
-    /// Userspace path only: bytes client -> upstream, upstream -> client, last activity.
+    /// Paths copied in userspace: bytes client -> upstream, upstream -> client, last
+    /// activity. For HTTPS: bytes on the client's connection, TLS included.
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub last_active_ns: u64,

@@ -9,6 +9,7 @@ pub mod inspect;
 pub mod l4;
 pub mod listener;
 pub mod metrics;
+pub mod registry;
 pub mod relay;
 pub mod sys;
 pub mod xdp;

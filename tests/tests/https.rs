@@ -698,3 +698,86 @@ async fn http2_clients_get_their_authority_rewritten_to_the_hub() {
     );
     assert!(seen.iter().all(|s| s.headers["x-forwarded-host"] == PROXY));
 }
+
+/// `forwarder conns` lists terminated connections too: a keep-alive HTTPS client as
+/// `https` (no one upstream: its requests use pooled connections), and a WebSocket as
+/// `websocket` with the hub as its upstream; bytes counted on the client's connection;
+/// both gone once closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_and_websocket_connections_are_listed_by_conns() {
+    let setup = Setup::new("https-conns");
+    let hub = setup.hub(None).await;
+    let mut config = setup.config(hub.addr, |_, _| {});
+    config.instance = format!("https-conns-{}", std::process::id());
+    let forwarder = start_forwarder(&config).await;
+    let pinned = forwarder::inspect::Pinned::open(&config.instance).expect("maps pinned");
+    let rows = |path: &str| -> Vec<forwarder::inspect::ConnRow> {
+        forwarder::inspect::conns(&pinned)
+            .into_iter()
+            .filter(|r| r.path == path)
+            .collect()
+    };
+
+    let mut rest = h1_client(forwarder.addr, &setup.ca, PROXY).await;
+    let response = rest
+        .send_request(telemetry(PROXY, r#"{"temperature":21}"#))
+        .await
+        .expect("telemetry response");
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    let tls = tls_connect(forwarder.addr, &setup.ca, PROXY, &[b"http/1.1"]).await;
+    let ws_local = tls.get_ref().0.local_addr().expect("local address");
+    let mut request = format!("wss://{PROXY}/$iothub/websocket")
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", "mqtt".parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::client_async(request, tls)
+        .await
+        .expect("WebSocket handshake");
+    ws.send(Message::Binary(Bytes::from(random_payload(64 << 10))))
+        .await
+        .expect("send");
+    ws.next().await.expect("echo").expect("frame");
+
+    // The listing is published once a second.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (https, tunnels) = loop {
+        let (https, tunnels) = (rows("https"), rows("websocket"));
+        let counted = |r: &[forwarder::inspect::ConnRow]| {
+            r.len() == 1 && r[0].bytes_up > 0 && r[0].bytes_down > 0
+        };
+        if counted(&https) && counted(&tunnels) || Instant::now() > deadline {
+            break (https, tunnels);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(https.len(), 1, "one HTTPS client: {https:?}");
+    assert_eq!(https[0].upstream, "-", "pooled requests: no one upstream");
+    assert!(
+        https[0].bytes_up > 0 && https[0].bytes_down > 0,
+        "{https:?}"
+    );
+    assert_eq!(tunnels.len(), 1, "one tunnel: {tunnels:?}");
+    assert_eq!(tunnels[0].client, ws_local.to_string());
+    assert_eq!(
+        tunnels[0].upstream,
+        hub.addr.to_string(),
+        "the hub it joined"
+    );
+    assert_eq!(tunnels[0].frontend, "https");
+    // TLS records around the 64 KiB message went both ways.
+    assert!(
+        tunnels[0].bytes_up > 64 << 10 && tunnels[0].bytes_down > 64 << 10,
+        "{tunnels:?}"
+    );
+
+    ws.close(None).await.expect("close");
+    drop(ws);
+    drop(rest);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !forwarder::inspect::conns(&pinned).is_empty() {
+        assert!(Instant::now() < deadline, "closed connections stay listed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -77,6 +77,7 @@ pub fn http_frontend(
     f: &Frontend,
     pools: &HashMap<String, Arc<Pool>>,
     metrics: Arc<HttpMetrics>,
+    datapath: Option<Arc<crate::ebpf::Datapath>>,
 ) -> anyhow::Result<HttpFrontend> {
     let name = &f.name;
     let (Some(cert), Some(key), Some(backend_name)) = (&f.tls_cert, &f.tls_key, &f.backend) else {
@@ -116,6 +117,7 @@ pub fn http_frontend(
             header_read_timeout: Duration::from_millis(f.header_read_timeout_ms),
             max_header_bytes: f.max_header_bytes,
         },
+        datapath,
     })
 }
 

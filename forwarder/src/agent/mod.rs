@@ -190,7 +190,7 @@ async fn start_frontend(
             ))
         }
         (FrontendMetrics::Http(m), _) => {
-            let frontend = build::http_frontend(config, f, pools, m.clone())?;
+            let frontend = build::http_frontend(config, f, pools, m.clone(), datapath.clone())?;
             tracing::info!(frontend = %f.name, %addr, "listening (HTTPS terminated, Host rewritten)");
             tracing::warn!(
                 frontend = %f.name,

@@ -66,12 +66,20 @@ impl UpstreamConnector {
     }
 }
 
+/// The server a response came from: hyper's client puts it in every response's
+/// extensions (a WebSocket tunnel is listed with it).
+#[derive(Clone, Copy, Debug)]
+pub struct UpstreamAddr(pub std::net::SocketAddr);
+
 /// A TLS connection to the hub, as hyper's client wants it.
-pub struct UpstreamStream(TokioIo<TlsStream<TcpStream>>);
+pub struct UpstreamStream {
+    io: TokioIo<TlsStream<TcpStream>>,
+    server: std::net::SocketAddr,
+}
 
 impl Connection for UpstreamStream {
     fn connected(&self) -> Connected {
-        Connected::new()
+        Connected::new().extra(UpstreamAddr(self.server))
     }
 }
 
@@ -81,7 +89,7 @@ impl hyper::rt::Read for UpstreamStream {
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
@@ -91,23 +99,23 @@ impl hyper::rt::Write for UpstreamStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        Pin::new(&mut self.io).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.io).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        self.io.is_write_vectored()
     }
 }
 
@@ -127,7 +135,10 @@ impl tower_service::Service<Uri> for UpstreamConnector {
             let (tcp, server) = this.pool.connect().await?;
             let handshake = this.tls.connect(this.server_name.clone(), tcp);
             match tokio::time::timeout(this.handshake_timeout, handshake).await {
-                Ok(Ok(tls)) => Ok(UpstreamStream(TokioIo::new(tls))),
+                Ok(Ok(tls)) => Ok(UpstreamStream {
+                    io: TokioIo::new(tls),
+                    server,
+                }),
                 Ok(Err(source)) => Err(ConnectFailure::Tls { server, source }),
                 Err(_) => Err(ConnectFailure::TlsTimeout(server)),
             }

@@ -3,6 +3,7 @@
 //! joined after the hub's `101`. This is what fixes `401 IoTHubNotFound` behind a proxy.
 
 pub mod connector;
+pub mod counted;
 pub mod headers;
 pub mod proxy;
 pub mod tls;
@@ -15,11 +16,13 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
+use crate::ebpf::Datapath;
 use crate::metrics::{self, ActiveGuard, HttpMetrics};
+use counted::{CountedStream, Listing};
 use proxy::Proxy;
 
 /// A header value from a configured host name.
@@ -43,6 +46,9 @@ pub struct HttpFrontend {
     pub tls: TlsAcceptor,
     pub proxy: Arc<Proxy>,
     pub limits: Limits,
+    /// The agent's maps, to list each connection for `forwarder conns` (none with
+    /// `--no-ebpf`).
+    pub datapath: Option<Arc<Datapath>>,
 }
 
 /// Accepts until `shutdown`, one task per connection.
@@ -52,6 +58,10 @@ pub async fn serve(
     metrics: Arc<HttpMetrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let listing = frontend
+        .datapath
+        .clone()
+        .map(|dp| Listing::start(dp, &frontend.name, shutdown.clone()));
     let slots = Arc::new(Semaphore::new(frontend.limits.max_connections));
     let (http1, http2) = builders(&frontend.limits);
     let builders = Arc::new((http1, http2));
@@ -77,6 +87,8 @@ pub async fn serve(
             return;
         };
         metrics::add(&metrics.accepted, 1);
+        let _ = stream.set_nodelay(true);
+        let stream = CountedStream::new(stream, listing.as_ref());
         tokio::spawn(serve_connection(
             stream,
             peer,
@@ -107,7 +119,7 @@ fn builders(limits: &Limits) -> (Builder, Builder) {
 }
 
 async fn serve_connection(
-    stream: TcpStream,
+    stream: CountedStream,
     peer: SocketAddr,
     frontend: Arc<HttpFrontend>,
     builders: Arc<(Builder, Builder)>,
@@ -116,7 +128,7 @@ async fn serve_connection(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let _active = ActiveGuard::new(&metrics.active);
-    let _ = stream.set_nodelay(true);
+    let counts = stream.counts();
     let handshake = frontend.tls.accept(stream);
     let tls = match tokio::time::timeout(frontend.limits.header_read_timeout, handshake).await {
         Ok(Ok(tls)) => tls,
@@ -134,7 +146,7 @@ async fn serve_connection(
     let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let builder = if is_h2 { &builders.1 } else { &builders.0 };
     let proxy = frontend.proxy.clone();
-    let service = service_fn(move |request| proxy.clone().handle(request, peer));
+    let service = service_fn(move |request| proxy.clone().handle(request, peer, counts.clone()));
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
     tokio::pin!(connection);
     let result = tokio::select! {

@@ -14,7 +14,8 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 
-use crate::http::connector::{ConnectFailure, UpstreamConnector};
+use crate::http::connector::{ConnectFailure, UpstreamAddr, UpstreamConnector};
+use crate::http::counted::ConnCounts;
 use crate::http::{headers, tunnel};
 use crate::metrics::{self, HttpMetrics};
 
@@ -38,6 +39,7 @@ impl Proxy {
         self: Arc<Self>,
         mut request: Request<Incoming>,
         client_addr: SocketAddr,
+        connection: Arc<ConnCounts>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         metrics::add(&self.metrics.requests, 1);
         let websocket = headers::is_websocket_upgrade(request.version(), request.headers());
@@ -69,6 +71,7 @@ impl Proxy {
             && response.status() == StatusCode::SWITCHING_PROTOCOLS
         {
             metrics::add(&self.metrics.websocket_upgrades, 1);
+            connection.upgraded(response.extensions().get::<UpstreamAddr>().map(|a| a.0));
             let upstream_upgrade = hyper::upgrade::on(&mut response);
             tokio::spawn(tunnel::join(
                 client_upgrade,

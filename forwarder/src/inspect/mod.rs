@@ -8,11 +8,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use aya::maps::{HashMap, Map, MapData};
-use forwarder_common::{ConnInfo, PATH_KERNEL, PeerLink, SockCounters, StatKey, names};
+use forwarder_common::{
+    ConnInfo, PATH_HTTPS, PATH_KERNEL, PATH_USERSPACE, PATH_WEBSOCKET, PeerLink, SockCounters,
+    StatKey, names,
+};
 use serde::Serialize;
 
 use crate::ebpf::{name_from_bytes, pin_dir_for};
-use crate::l4::registry::socket_addr;
+use crate::registry::socket_addr;
 use crate::sys;
 use table::Table;
 
@@ -58,7 +61,7 @@ pub struct ConnRow {
     pub frontend: String,
     pub client: String,
     pub upstream: String,
-    /// "kernel" or "userspace".
+    /// "kernel", "userspace", "https" or "websocket".
     pub path: &'static str,
     pub bytes_up: u64,
     pub bytes_down: u64,
@@ -93,9 +96,10 @@ pub fn conns(pinned: &Pinned) -> Vec<ConnRow> {
             }
             ConnRow {
                 frontend: name_from_bytes(&info.frontend),
-                client: socket_addr(info.client_addr, info.client_port).to_string(),
-                upstream: socket_addr(info.upstream_addr, info.upstream_port).to_string(),
-                path: if kernel { "kernel" } else { "userspace" },
+                client: listed_addr(info.client_addr, info.client_port),
+                // HTTPS requests go over pooled upstream connections: no one upstream.
+                upstream: listed_addr(info.upstream_addr, info.upstream_port),
+                path: path_name(info.path),
                 bytes_up: up,
                 bytes_down: down,
                 age_secs: secs(info.started_ns),
@@ -105,6 +109,20 @@ pub fn conns(pinned: &Pinned) -> Vec<ConnRow> {
         .collect();
     rows.sort_by(|a, b| (&a.frontend, &a.client).cmp(&(&b.frontend, &b.client)));
     rows
+}
+
+fn listed_addr(addr: [u8; 16], port: u16) -> String {
+    socket_addr(addr, port).map_or_else(|| "-".to_string(), |a| a.to_string())
+}
+
+fn path_name(path: u8) -> &'static str {
+    match path {
+        PATH_KERNEL => "kernel",
+        PATH_USERSPACE => "userspace",
+        PATH_HTTPS => "https",
+        PATH_WEBSOCKET => "websocket",
+        _ => "unknown",
+    }
 }
 
 /// Counters by frontend, in a stable order.
@@ -217,8 +235,8 @@ pub fn print_maps(pinned: &Pinned, json: bool, out: &mut impl Write) -> anyhow::
             })).collect::<Vec<_>>(),
             names::CONNS: conns.iter().map(|(k, v)| serde_json::json!({
                 "cookie": k, "frontend": name_from_bytes(&v.frontend),
-                "client": socket_addr(v.client_addr, v.client_port).to_string(),
-                "upstream": socket_addr(v.upstream_addr, v.upstream_port).to_string(),
+                "client": listed_addr(v.client_addr, v.client_port),
+                "upstream": listed_addr(v.upstream_addr, v.upstream_port),
                 "upstream_cookie": v.upstream_cookie, "path": v.path,
                 "started_ns": v.started_ns, "bytes_up": v.bytes_up, "bytes_down": v.bytes_down,
             })).collect::<Vec<_>>(),
@@ -264,8 +282,8 @@ pub fn print_maps(pinned: &Pinned, json: bool, out: &mut impl Write) -> anyhow::
             out,
             "  {cookie}: {} {} -> {} path {} upstream_cookie {}",
             name_from_bytes(&c.frontend),
-            socket_addr(c.client_addr, c.client_port),
-            socket_addr(c.upstream_addr, c.upstream_port),
+            listed_addr(c.client_addr, c.client_port),
+            listed_addr(c.upstream_addr, c.upstream_port),
             c.path,
             c.upstream_cookie
         )?;

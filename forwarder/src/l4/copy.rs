@@ -11,9 +11,10 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
-use crate::l4::registry::Registration;
+use crate::ebpf::Datapath;
 use crate::l4::{End, Path, SessionOptions, SessionReport};
 use crate::metrics::{self, L4Metrics};
+use crate::registry::Registration;
 use crate::sys;
 
 const COPY_BUF: usize = 64 * 1024;
@@ -23,7 +24,7 @@ pub async fn run(
     upstream: TcpStream,
     options: &SessionOptions,
     metrics: &L4Metrics,
-    mut registration: Option<&mut Registration<'_>>,
+    mut registration: Option<&mut Registration<&Datapath>>,
 ) -> SessionReport {
     let last_io = AtomicU64::new(sys::monotonic_ns());
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));

@@ -5,7 +5,6 @@
 
 pub mod copy;
 pub mod originate;
-pub mod registry;
 pub mod session;
 pub mod sni;
 pub mod upstream;
@@ -173,7 +172,7 @@ pub async fn handle_connection(
 
     // Listed for `forwarder conns` while it lives (needs the maps, not the splice).
     let mut registration = datapath.and_then(|dp| {
-        registry::Registration::new(dp, &frontend.name, &client, &upstream, frontend.kernel)
+        crate::registry::Registration::new(dp, &frontend.name, &client, &upstream, frontend.kernel)
     });
     if let (true, Some(datapath)) = (frontend.kernel, datapath) {
         for s in [&client, &upstream] {
