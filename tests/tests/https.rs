@@ -156,6 +156,29 @@ fn telemetry(host: &str, payload: &'static str) -> Request<ClientBody> {
         .expect("request")
 }
 
+/// An MQTT-over-WebSocket session through the forwarder at `addr` (as the proxy's name),
+/// and the client's local address.
+async fn mqtt_websocket(
+    addr: SocketAddr,
+    ca: &TestCa,
+) -> (
+    tokio_tungstenite::WebSocketStream<TlsStream<TcpStream>>,
+    SocketAddr,
+) {
+    let tls = tls_connect(addr, ca, PROXY, &[b"http/1.1"]).await;
+    let local = tls.get_ref().0.local_addr().expect("local address");
+    let mut request = format!("wss://{PROXY}/$iothub/websocket")
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", "mqtt".parse().unwrap());
+    let (ws, _) = tokio_tungstenite::client_async(request, tls)
+        .await
+        .expect("WebSocket handshake through the forwarder");
+    (ws, local)
+}
+
 async fn body_text(response: Response<Incoming>) -> String {
     let bytes = response
         .into_body()
@@ -647,16 +670,7 @@ async fn idle_upgraded_sessions_are_closed_and_counted() {
     let setup = Setup::new("https-ws-idle");
     let hub = setup.hub(None).await;
     let forwarder = start_forwarder(&setup.config(hub.addr, |f, _| f.idle_timeout_secs = 1)).await;
-    let tls = tls_connect(forwarder.addr, &setup.ca, PROXY, &[b"http/1.1"]).await;
-    let mut request = format!("wss://{PROXY}/$iothub/websocket")
-        .into_client_request()
-        .unwrap();
-    request
-        .headers_mut()
-        .insert("sec-websocket-protocol", "mqtt".parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::client_async(request, tls)
-        .await
-        .expect("upgrade");
+    let (mut ws, _) = mqtt_websocket(forwarder.addr, &setup.ca).await;
     ws.send(Message::Text("hello".into())).await.unwrap();
     assert_eq!(
         ws.next().await.unwrap().unwrap(),
@@ -724,17 +738,7 @@ async fn https_and_websocket_connections_are_listed_by_conns() {
         .await
         .expect("telemetry response");
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
-    let tls = tls_connect(forwarder.addr, &setup.ca, PROXY, &[b"http/1.1"]).await;
-    let ws_local = tls.get_ref().0.local_addr().expect("local address");
-    let mut request = format!("wss://{PROXY}/$iothub/websocket")
-        .into_client_request()
-        .unwrap();
-    request
-        .headers_mut()
-        .insert("sec-websocket-protocol", "mqtt".parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::client_async(request, tls)
-        .await
-        .expect("WebSocket handshake");
+    let (mut ws, ws_local) = mqtt_websocket(forwarder.addr, &setup.ca).await;
     ws.send(Message::Binary(Bytes::from(random_payload(64 << 10))))
         .await
         .expect("send");
