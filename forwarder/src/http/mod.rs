@@ -16,7 +16,7 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
@@ -58,13 +58,16 @@ pub async fn serve(
     metrics: Arc<HttpMetrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let listing = frontend
-        .datapath
-        .clone()
-        .map(|dp| Listing::start(dp, &frontend.name, shutdown.clone()));
-    let slots = Arc::new(Semaphore::new(frontend.limits.max_connections));
     let (http1, http2) = builders(&frontend.limits);
-    let builders = Arc::new((http1, http2));
+    let shared = Arc::new(Shared {
+        http1,
+        http2,
+        listing: frontend
+            .datapath
+            .clone()
+            .map(|dp| Listing::start(dp, &frontend.name, shutdown.clone())),
+    });
+    let slots = Arc::new(Semaphore::new(frontend.limits.max_connections));
     loop {
         let permit = match slots.clone().try_acquire_owned() {
             Ok(permit) => permit,
@@ -87,13 +90,11 @@ pub async fn serve(
             return;
         };
         metrics::add(&metrics.accepted, 1);
-        let _ = stream.set_nodelay(true);
-        let stream = CountedStream::new(stream, listing.as_ref());
         tokio::spawn(serve_connection(
             stream,
             peer,
             frontend.clone(),
-            builders.clone(),
+            shared.clone(),
             metrics.clone(),
             permit,
             shutdown.clone(),
@@ -102,6 +103,14 @@ pub async fn serve(
 }
 
 type Builder = auto::Builder<TokioExecutor>;
+
+/// What every connection of a frontend uses.
+struct Shared {
+    http1: Builder,
+    http2: Builder,
+    /// Lists connections for `forwarder conns` (with the agent's maps).
+    listing: Option<Arc<Listing>>,
+}
 
 /// One builder per protocol: ALPN already decided which one a connection speaks, so
 /// hyper does not have to sniff (sniffing has no timeout against a silent client).
@@ -119,15 +128,17 @@ fn builders(limits: &Limits) -> (Builder, Builder) {
 }
 
 async fn serve_connection(
-    stream: CountedStream,
+    stream: TcpStream,
     peer: SocketAddr,
     frontend: Arc<HttpFrontend>,
-    builders: Arc<(Builder, Builder)>,
+    shared: Arc<Shared>,
     metrics: Arc<HttpMetrics>,
     _permit: OwnedSemaphorePermit,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let _active = ActiveGuard::new(&metrics.active);
+    let _ = stream.set_nodelay(true);
+    let stream = CountedStream::new(stream, shared.listing.as_ref());
     let counts = stream.counts();
     let handshake = frontend.tls.accept(stream);
     let tls = match tokio::time::timeout(frontend.limits.header_read_timeout, handshake).await {
@@ -144,7 +155,7 @@ async fn serve_connection(
         }
     };
     let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let builder = if is_h2 { &builders.1 } else { &builders.0 };
+    let builder = if is_h2 { &shared.http2 } else { &shared.http1 };
     let proxy = frontend.proxy.clone();
     let service = service_fn(move |request| proxy.clone().handle(request, peer, counts.clone()));
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
