@@ -289,6 +289,47 @@ async fn reset_from_each_side_is_passed_on() {
     }
 }
 
+/// A side that half-closed and then resets: its socket is no longer read, but the reset
+/// must still reach the other side at once, not at the idle session's next look (which
+/// backs off to tens of seconds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_after_a_half_close_is_passed_on_at_once() {
+    for kernel in paths() {
+        let (server, proxy) = proxy_to_new_upstream(kernel, SessionOptions::default()).await;
+        let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+        let (mut s, _) = server.accept().await.unwrap();
+        client.write_all(b"hello").await.unwrap();
+        // The bytes arrived, so the connection is set up (spliced on the kernel path).
+        let mut got = [0u8; 5];
+        s.read_exact(&mut got).await.unwrap();
+        client.shutdown().await.unwrap();
+        assert!(
+            read_to_end(&mut s).await.is_empty(),
+            "kernel={kernel}: FIN passed on"
+        );
+        // Long enough for the idle session to sleep for seconds.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        #[allow(deprecated)] // blocking on drop is what we want: an immediate RST
+        client.set_linger(Some(Duration::ZERO)).unwrap();
+        drop(client);
+        let started = Instant::now();
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(40), s.read_to_end(&mut rest))
+            .await
+            .unwrap_or_else(|_| panic!("kernel={kernel}: the server never learned of the reset"));
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "kernel={kernel}: reset passed on after {:?}",
+            started.elapsed()
+        );
+        let m = proxy.metrics.clone();
+        eventually("reset counted and connection closed", || {
+            get(&m.resets) == 1 && get(&m.active) == 0
+        })
+        .await;
+    }
+}
+
 /// Upstream refuses: the client is closed promptly and the failure counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_refused_closes_client_and_counts() {

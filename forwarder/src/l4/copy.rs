@@ -7,9 +7,10 @@ use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, Interest};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::Notify;
 
 use crate::ebpf::Datapath;
 use crate::l4::{End, Path, SessionOptions, SessionReport};
@@ -31,10 +32,11 @@ pub async fn run(
     let (client_r, client_w) = client.into_split();
     let (upstream_r, upstream_w) = upstream.into_split();
 
+    let ended = Ended::default();
     let pumps = async {
         tokio::try_join!(
-            pump(client_r, upstream_w, &up, &last_io),
-            pump(upstream_r, client_w, &down, &last_io),
+            pump(client_r, upstream_w, &up, &last_io, &ended),
+            pump(upstream_r, client_w, &down, &last_io, &ended),
         )
     };
     let idle_ns = u64::try_from(options.idle_timeout.as_nanos()).unwrap_or(u64::MAX);
@@ -80,13 +82,22 @@ pub async fn run(
     }
 }
 
+/// How many directions reached their EOF; the second wakes the first.
+#[derive(Default)]
+struct Ended {
+    count: AtomicU64,
+    both: Notify,
+}
+
 /// Copies one direction until EOF (then half-closes the sink) or an error (then resets
-/// the sink, so the other peer learns the connection broke).
+/// the sink, so the other peer learns the connection broke). After its EOF, while the
+/// other direction still runs, `src` is no longer read, so it is watched for a reset.
 async fn pump(
     mut src: OwnedReadHalf,
     mut sink: OwnedWriteHalf,
     bytes: &AtomicU64,
     last_io: &AtomicU64,
+    ended: &Ended,
 ) -> io::Result<()> {
     let mut buf = vec![0u8; COPY_BUF];
     let result = async {
@@ -94,11 +105,24 @@ async fn pump(
             let n = src.read(&mut buf).await?;
             if n == 0 {
                 sink.shutdown().await?;
-                return Ok(());
+                break;
             }
             sink.write_all(&buf[..n]).await?;
             bytes.fetch_add(n as u64, Ordering::Relaxed);
             last_io.store(sys::monotonic_ns(), Ordering::Relaxed);
+        }
+        if ended.count.fetch_add(1, Ordering::AcqRel) == 1 {
+            // notify_one keeps a permit if the first direction is not waiting yet.
+            ended.both.notify_one();
+            return Ok(());
+        }
+        tokio::select! {
+            ready = src.ready(Interest::ERROR) => {
+                ready?;
+                let err = sys::take_socket_error(src.as_ref().as_fd())?;
+                Err(err.unwrap_or_else(|| io::ErrorKind::ConnectionReset.into()))
+            }
+            () = ended.both.notified() => Ok(()),
         }
     }
     .await;

@@ -22,7 +22,12 @@ const MIN_TICK: Duration = Duration::from_millis(20);
 /// While a direction moves more than a quarter of its lag budget per tick: the budget is
 /// refreshed often enough that a fast, healthy flow never runs into a stale limit.
 const FAST_TICK: Duration = Duration::from_millis(2);
-const MAX_TICK: Duration = Duration::from_secs(2);
+/// Longest sleep of an idle session: bytes arriving wake it (the verdict's data-ready
+/// hook signals the socket), and so do a FIN and a reset, so this only bounds how late
+/// the idle timeout is seen. Devices idle for minutes between keep-alives, and
+/// every wake costs a few syscalls: 3,000 idle connections took 2.2% of a core at 2 s,
+/// 0.17% at 30 s.
+const MAX_TICK: Duration = Duration::from_secs(30);
 /// While userspace waits for a peer's kernel backlog to drain before copying.
 const COPY_TICK: Duration = Duration::from_millis(2);
 const COPY_BUF: usize = 64 * 1024;
@@ -106,7 +111,7 @@ impl WrittenBefore {
 }
 
 enum Wake {
-    Readable(usize, io::Result<tokio::io::Ready>),
+    Readable(usize, io::Result<tokio::io::Ready>, Interest),
     Tick,
 }
 
@@ -145,22 +150,30 @@ pub async fn run(
     let idle_ns = u64::try_from(options.idle_timeout.as_nanos()).unwrap_or(u64::MAX);
 
     let end = loop {
-        let (watch_client, watch_upstream) = (!dirs[0].eof, !dirs[1].eof);
+        // After a side's FIN only its errors matter (a reset): it stays readable for ever.
+        let watch = |eof: bool| {
+            if eof {
+                Interest::ERROR
+            } else {
+                Interest::READABLE
+            }
+        };
+        let (watch_client, watch_upstream) = (watch(dirs[0].eof), watch(dirs[1].eof));
         let wake = tokio::select! {
-            r = client.ready(Interest::READABLE), if watch_client => Wake::Readable(0, r),
-            r = upstream.ready(Interest::READABLE), if watch_upstream => Wake::Readable(1, r),
+            r = client.ready(watch_client) => Wake::Readable(0, r, watch_client),
+            r = upstream.ready(watch_upstream) => Wake::Readable(1, r, watch_upstream),
             () = tokio::time::sleep(tick) => Wake::Tick,
         };
-        if let Wake::Readable(i, ready) = wake {
+        if let Wake::Readable(i, ready, interest) = wake {
             match ready {
                 Ok(ready) if ready.is_read_closed() => dirs[i].eof = true,
                 Ok(_) => {}
                 Err(err) => break End::Error(format!("polling a socket failed: {err}")),
             }
             // Readiness is edge-triggered: clear it, the counters say what happened.
-            let _ = dirs[i].src.try_io(Interest::READABLE, || {
-                Err::<(), _>(io::ErrorKind::WouldBlock.into())
-            });
+            let _ = dirs[i]
+                .src
+                .try_io(interest, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
         }
 
         if let Some(end) = check_resets(&client, &upstream) {
