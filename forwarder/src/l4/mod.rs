@@ -116,6 +116,12 @@ pub async fn serve(
     metrics: Arc<L4Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    if let Some(k) = frontend.keepalive {
+        // Accepted sockets inherit the listener's keepalive: no per-connection syscalls.
+        if let Err(err) = sys::set_keepalive(listener.as_fd(), k.idle, k.interval, k.probes) {
+            tracing::warn!(frontend = %frontend.name, %err, "could not set TCP keepalive");
+        }
+    }
     while let Some((client, peer)) =
         crate::listener::accept(&listener, &mut shutdown, &frontend.name).await
     {
@@ -163,10 +169,9 @@ pub async fn handle_connection(
         }
     };
     if let Some(k) = frontend.keepalive {
-        for s in [&client, &upstream] {
-            if let Err(err) = sys::set_keepalive(s.as_fd(), k.idle, k.interval, k.probes) {
-                tracing::debug!(%err, "could not set TCP keepalive");
-            }
+        // The client's came with it from the listener (see `serve`).
+        if let Err(err) = sys::set_keepalive(upstream.as_fd(), k.idle, k.interval, k.probes) {
+            tracing::debug!(%err, "could not set TCP keepalive");
         }
     }
 
