@@ -129,6 +129,23 @@ pub struct Backend {
     pub response_timeout_ms: u64,
 }
 
+impl Config {
+    /// A configuration of these frontends and backends, without XDP or admin server.
+    pub fn new(
+        instance: impl Into<String>,
+        frontends: Vec<Frontend>,
+        backends: Vec<Backend>,
+    ) -> Self {
+        Self {
+            instance: instance.into(),
+            frontends,
+            backends,
+            xdp: None,
+            admin: None,
+        }
+    }
+}
+
 impl Frontend {
     /// A frontend with every setting at its default.
     pub fn new(name: &str, bind: SocketAddr, mode: Mode, backend: &str) -> Self {
@@ -438,16 +455,14 @@ impl Config {
             Frontend::new(name, SocketAddr::new(bind_ip, port), mode, name)
         };
         let backend = |name: &str, port: u16| Backend::new(name, &format!("{hub}:{port}"));
-        let mut config = Self {
-            instance: default_instance(),
-            frontends: vec![
+        let mut config = Self::new(
+            default_instance(),
+            vec![
                 frontend("mqtt", 8883, Mode::Splice),
                 frontend("amqp", 5671, Mode::Splice),
             ],
-            backends: vec![backend("mqtt", 8883), backend("amqp", 5671)],
-            xdp: None,
-            admin: None,
-        };
+            vec![backend("mqtt", 8883), backend("amqp", 5671)],
+        );
         if extras.dps {
             // Devices reach DPS first, on the same ports: route by the TLS server name.
             for (i, (name, port)) in [("mqtt", 8883), ("amqp", 5671)].into_iter().enumerate() {

@@ -34,11 +34,5 @@ pub async fn start() -> anyhow::Result<Config> {
          `target/release/forwarder conns --instance demo` lists it \
          (bytes are spliced in the kernel, and echoed back). Ctrl-C stops."
     );
-    Ok(Config {
-        instance: "demo".into(),
-        frontends: vec![frontend],
-        backends: vec![backend],
-        xdp: None,
-        admin: None,
-    })
+    Ok(Config::new("demo", vec![frontend], vec![backend]))
 }

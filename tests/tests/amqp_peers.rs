@@ -51,13 +51,11 @@ async fn amqp_1_0_over_tls_through_the_kernel_splice_loses_nothing() {
 
     let mut frontend = Frontend::new("amqp", "127.0.0.1:0".parse().unwrap(), Mode::Splice, "hub");
     frontend.idle_timeout_secs = 60;
-    let config = Config {
-        instance: format!("amqp-{}", std::process::id()),
-        frontends: vec![frontend],
-        backends: vec![Backend::new("hub", &format!("127.0.0.1:{tls_port}"))],
-        xdp: None,
-        admin: None,
-    };
+    let config = Config::new(
+        format!("amqp-{}", std::process::id()),
+        vec![frontend],
+        vec![Backend::new("hub", &format!("127.0.0.1:{tls_port}"))],
+    );
     let agent = StartedAgent::start(&config).await;
     assert!(agent.datapath.is_some(), "the kernel path must be loaded");
     let metrics = agent.l4(0);

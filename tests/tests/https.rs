@@ -85,13 +85,7 @@ impl Setup {
         backend.host = Some(HUB.into());
         backend.ca_file = Some(self.ca.ca_pem.clone());
         tweak(&mut frontend, &mut backend);
-        let config = Config {
-            instance: "https-test".into(),
-            frontends: vec![frontend],
-            backends: vec![backend],
-            xdp: None,
-            admin: None,
-        };
+        let config = Config::new("https-test", vec![frontend], vec![backend]);
         config.validate().expect("test config is valid");
         config
     }

@@ -22,18 +22,16 @@ async fn mosquitto_over_tls_through_the_kernel_splice_loses_nothing() {
     let broker_leaf = pki.issue("broker", &["127.0.0.1", "hub.test"]);
     let (_broker, broker_port) = peers::mosquitto_tls(&dir, &pki, &broker_leaf);
 
-    let config = Config {
-        instance: format!("mqtt-{}", std::process::id()),
-        frontends: vec![Frontend::new(
+    let config = Config::new(
+        format!("mqtt-{}", std::process::id()),
+        vec![Frontend::new(
             "mqtt",
             "127.0.0.1:0".parse().unwrap(),
             Mode::Splice,
             "broker",
         )],
-        backends: vec![Backend::new("broker", &format!("127.0.0.1:{broker_port}"))],
-        xdp: None,
-        admin: None,
-    };
+        vec![Backend::new("broker", &format!("127.0.0.1:{broker_port}"))],
+    );
     let agent = StartedAgent::start(&config).await;
     let datapath = agent
         .datapath
@@ -165,9 +163,9 @@ async fn plain_mqtt_on_1883_is_carried_over_verified_tls() {
         b.ca_file = Some(pki.ca_pem.clone());
         b
     };
-    let config = Config {
-        instance: format!("originate-{}", std::process::id()),
-        frontends: vec![
+    let config = Config::new(
+        format!("originate-{}", std::process::id()),
+        vec![
             Frontend::new(
                 "plain",
                 "127.0.0.1:0".parse().unwrap(),
@@ -181,10 +179,8 @@ async fn plain_mqtt_on_1883_is_carried_over_verified_tls() {
                 "wrong",
             ),
         ],
-        backends: vec![backend("hub", "hub.test"), backend("wrong", "other.test")],
-        xdp: None,
-        admin: None,
-    };
+        vec![backend("hub", "hub.test"), backend("wrong", "other.test")],
+    );
     let agent = StartedAgent::start(&config).await;
     let plain_port = agent.port(0).to_string();
     let wrong_port = agent.port(1).to_string();

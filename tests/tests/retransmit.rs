@@ -53,18 +53,16 @@ fn start_agent(
     tokio::sync::oneshot::Sender<()>,
     thread::JoinHandle<()>,
 ) {
-    let config = Config {
-        instance: format!("rtx-{}", unique()),
-        frontends: vec![Frontend::new(
+    let config = Config::new(
+        format!("rtx-{}", unique()),
+        vec![Frontend::new(
             "mqtt",
             SocketAddr::new(FWD_V4.into(), PORT),
             Mode::Splice,
             "up",
         )],
-        backends: vec![Backend::new("up", &upstream.to_string())],
-        xdp: None,
-        admin: None,
-    };
+        vec![Backend::new("up", &upstream.to_string())],
+    );
     let (metrics_tx, metrics_rx) = mpsc::channel();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let thread = spawn_in_ns(ns, move || {

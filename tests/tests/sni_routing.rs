@@ -77,16 +77,14 @@ async fn one_port_routes_two_hubs_by_sni_and_refuses_unknown_names() {
         ("a.hub.test".into(), "hub-a".into()),
         ("B.HUB.TEST".into(), "hub-b".into()),
     ]);
-    let config = Config {
-        instance: format!("sni-{}", std::process::id()),
-        frontends: vec![frontend],
-        backends: vec![
+    let config = Config::new(
+        format!("sni-{}", std::process::id()),
+        vec![frontend],
+        vec![
             Backend::new("hub-a", &format!("127.0.0.1:{port_a}")),
             Backend::new("hub-b", &format!("127.0.0.1:{port_b}")),
         ],
-        xdp: None,
-        admin: None,
-    };
+    );
     let agent = StartedAgent::start(&config).await;
     assert!(agent.datapath.is_some(), "the kernel path must be loaded");
     let metrics = agent.l4(0);

@@ -135,13 +135,7 @@ async fn main() -> anyhow::Result<()> {
     hub_backend.host = Some(HUB.into());
     hub_backend.ca_file = Some(ca.ca_pem.clone());
     backends.push(hub_backend);
-    let config = Config {
-        instance: instance.clone(),
-        frontends,
-        backends,
-        xdp: None,
-        admin: None,
-    };
+    let config = Config::new(instance.clone(), frontends, backends);
     config.validate()?;
     let (_stop, stopped) = tokio::sync::watch::channel(false);
     let (running, _datapath) = agent::start(&config, &RunOptions::default(), stopped).await?;

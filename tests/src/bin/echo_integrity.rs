@@ -124,13 +124,11 @@ async fn main() -> anyhow::Result<()> {
     if let Some(lag) = args.next() {
         frontend.max_lag_bytes = lag.parse()?;
     }
-    let config = Config {
-        instance: format!("echo-integrity-{}", std::process::id()),
-        frontends: vec![frontend],
-        backends: vec![Backend::new("echo", &echo.to_string())],
-        xdp: None,
-        admin: None,
-    };
+    let config = Config::new(
+        format!("echo-integrity-{}", std::process::id()),
+        vec![frontend],
+        vec![Backend::new("echo", &echo.to_string())],
+    );
     let (_stop, stopped) = tokio::sync::watch::channel(false);
     let (running, _datapath) = agent::start(&config, &RunOptions::default(), stopped).await?;
     let addr = running[0].addr;

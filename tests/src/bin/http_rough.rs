@@ -93,13 +93,7 @@ async fn main() -> anyhow::Result<()> {
     let mut backend = Backend::new("hub", &hub.addr.to_string());
     backend.host = Some("hub.test".into());
     backend.ca_file = Some(ca.ca_pem.clone());
-    let config = Config {
-        instance: "http-rough".into(),
-        frontends: vec![frontend],
-        backends: vec![backend],
-        xdp: None,
-        admin: None,
-    };
+    let config = Config::new("http-rough", vec![frontend], vec![backend]);
     let (_stop, stopped) = tokio::sync::watch::channel(false);
     let (running, _) = agent::start(&config, &RunOptions::default(), stopped).await?;
     let forwarder = running[0].addr;

@@ -51,18 +51,16 @@ async fn forwarder(
     upstream: SocketAddr,
     no_ebpf: bool,
 ) -> anyhow::Result<(SocketAddr, impl Sized)> {
-    let config = Config {
-        instance: format!("l4-rough-{}-{no_ebpf}", std::process::id()),
-        frontends: vec![Frontend::new(
+    let config = Config::new(
+        format!("l4-rough-{}-{no_ebpf}", std::process::id()),
+        vec![Frontend::new(
             "echo",
             "127.0.0.1:0".parse()?,
             Mode::Splice,
             "echo",
         )],
-        backends: vec![Backend::new("echo", &upstream.to_string())],
-        xdp: None,
-        admin: None,
-    };
+        vec![Backend::new("echo", &upstream.to_string())],
+    );
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let options = RunOptions {
         no_ebpf,
