@@ -18,6 +18,11 @@ pub mod names {
     /// HashMap: [`super::StatKey`] -> u64, written by userspace only (every second): what
     /// `forwarder stats` shows.
     pub const STATS: &str = "FWD_STATS";
+    /// RingBuf of [`super::SpliceEvent`]: the verdict tells the agent when a spliced
+    /// socket needs it (bytes passed to userspace, lag budget half spent, a broken stream).
+    /// The agent never polls spliced sockets for data: these events and hang-ups are all
+    /// that wake it.
+    pub const EVENTS: &str = "FWD_EVENTS";
     /// The sk_skb stream verdict program that splices a socket to its peer.
     pub const VERDICT: &str = "splice_verdict";
     /// Where the agent pins its maps: `<PIN_ROOT>/<instance>/<map name>`.
@@ -46,13 +51,6 @@ pub mod names {
 /// Upper bound of sockets (two per spliced connection) the maps hold.
 pub const MAX_SPLICED_SOCKETS: u32 = 65_536;
 
-/// `PeerLink::mode`: redirect this socket's incoming bytes to its peer in the kernel.
-pub const MODE_KERNEL: u32 = 0;
-/// `PeerLink::mode`: hand this socket's incoming bytes to userspace (SK_PASS), which
-/// copies them with backpressure. (A peer that falls behind is handled by the lag
-/// budget, `PeerLink::redirect_limit`, which has the same effect per segment.)
-pub const MODE_USERSPACE: u32 = 1;
-
 /// Which socket a socket forwards to, and how. Owned by userspace: the kernel only reads it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -69,9 +67,11 @@ pub struct PeerLink {
     /// moves the mark up when it has copied every passed byte and the kernel path may
     /// resume (see the session's resume hand-over).
     pub passed_mark: u64,
-    /// `MODE_KERNEL` or `MODE_USERSPACE`.
-    pub mode: u32,
-    pub _pad: u32,
+    /// When `redirected_bytes` reaches this, the verdict sends one
+    /// [`splice_event::REFRESH`] so the agent moves the budget along (it does not watch
+    /// a healthy direction otherwise). Userspace keeps it at half a budget below
+    /// `redirect_limit`.
+    pub refresh_at: u64,
 }
 const _: () = assert!(core::mem::size_of::<PeerLink>() == 32);
 
@@ -87,12 +87,13 @@ pub struct SockCounters {
     pub redirected_bytes: u64,
     /// Socket buffers (segments, possibly coalesced) redirected.
     pub redirected_segments: u64,
-    /// Bytes passed to this socket's own receive queue for userspace to copy (peer missing,
-    /// mode `MODE_USERSPACE`, or lag budget spent). While it differs from
+    /// Bytes passed to this socket's own receive queue for userspace to copy (peer missing
+    /// or lag budget spent). While it differs from
     /// `PeerLink::passed_mark`, every later byte is passed too, so the order is kept.
     pub passed_bytes: u64,
     pub passed_segments: u64,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last verdict on this socket.
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC_COARSE: within a jiffy of
+    /// CLOCK_MONOTONIC, and cheaper per segment) of the last verdict on this socket.
     pub last_active_ns: u64,
     /// Times the verdict found the lag budget spent and switched to passing.
     pub over_budget: u64,
@@ -109,8 +110,38 @@ pub struct SockCounters {
     /// `seq_known` is 1 (from the first segment on).
     pub next_seq: u32,
     pub seq_known: u32,
+    /// Events the verdict could not put in `FWD_EVENTS` (ring full). The agent's coarse
+    /// safety tick still finds what they would have reported, only later.
+    pub events_lost: u64,
 }
-const _: () = assert!(core::mem::size_of::<SockCounters>() == 80);
+const _: () = assert!(core::mem::size_of::<SockCounters>() == 88);
+
+/// One record in `FWD_EVENTS`: socket `cookie` needs the agent's attention.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpliceEvent {
+    pub cookie: u64,
+    /// One of [`splice_event`].
+    pub kind: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<SpliceEvent>() == 16);
+
+/// Why the verdict woke the agent (`SpliceEvent::kind`).
+pub mod splice_event {
+    /// The first byte since the passed mark went to the socket's own receive queue (lag
+    /// budget spent, or the peer is missing): userspace must copy it, and every later
+    /// byte, until it hands the direction back.
+    pub const PASSING: u32 = 1;
+    /// `redirected_bytes` reached `PeerLink::refresh_at`: move the lag budget along.
+    pub const REFRESH: u32 = 2;
+    /// A segment could not be made exact and was dropped: reset the connection.
+    pub const STREAM_ERROR: u32 = 3;
+}
+
+/// Bytes of the `FWD_EVENTS` ring (a power of two, whole pages): about 10,000 events
+/// that the agent has not read yet.
+pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
 
 /// `ConnInfo::path`: bytes move in the kernel (sockmap redirect).
 pub const PATH_KERNEL: u8 = 0;
@@ -262,6 +293,8 @@ mod pod {
     unsafe impl aya::Pod for super::PeerLink {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SockCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SpliceEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::XdpSettings {}
     // SAFETY: as above.

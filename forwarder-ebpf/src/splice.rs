@@ -3,14 +3,15 @@
 
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_coarse_ns},
     macros::{map, stream_verdict},
-    maps::{HashMap, SockHash},
+    maps::{HashMap, RingBuf, SockHash},
     programs::SkBuffContext,
 };
 use aya_log_ebpf::{info, warn};
 use forwarder_common::{
-    ConnInfo, MAX_SPLICED_SOCKETS, MAX_STATS, MODE_KERNEL, PeerLink, SockCounters, StatKey,
+    ConnInfo, EVENTS_RING_BYTES, MAX_SPLICED_SOCKETS, MAX_STATS, PeerLink, SockCounters,
+    SpliceEvent, StatKey, splice_event,
 };
 
 #[map(name = "FWD_SOCKS")]
@@ -21,6 +22,9 @@ static LINKS: HashMap<u64, PeerLink> = HashMap::with_max_entries(MAX_SPLICED_SOC
 
 #[map(name = "FWD_COUNTERS")]
 static COUNTERS: HashMap<u64, SockCounters> = HashMap::with_max_entries(MAX_SPLICED_SOCKETS, 0);
+
+#[map(name = "FWD_EVENTS")]
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 
 // Inspection maps: written by the agent only, read by `forwarder conns|stats`. They live
 // in this object so they are created and pinned with the data path.
@@ -59,8 +63,10 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
     // exists. The verdict for one socket runs under that socket's lock, so these
     // read-modify-writes never race each other; userspace only reads.
     let counters = unsafe { &mut *counters };
+    // Only the idle timeout reads this: a jiffy's precision is plenty, and the coarse
+    // clock costs less per segment.
     // SAFETY: plain helper call without arguments.
-    counters.last_active_ns = unsafe { bpf_ktime_get_ns() };
+    counters.last_active_ns = unsafe { bpf_ktime_get_coarse_ns() };
 
     match cut_repeated_bytes(&ctx, counters, seq, len as u32) {
         Overlap::None => {}
@@ -74,47 +80,80 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
         }
         Overlap::Uncuttable => {
             // Forwarding it would repeat bytes: drop it and let the agent reset the
-            // connection (it watches `stream_errors`).
+            // connection.
             warn!(
                 &ctx,
                 "splice: socket {} got a segment that could not be cut", cookie
             );
+            notify(counters, cookie, splice_event::STREAM_ERROR);
             return SK_DROP;
         }
     }
 
+    let Some(link) = link else {
+        // No link (not expected while the socket is in the map): as with a mark of 0.
+        let first = counters.passed_bytes == 0;
+        pass(counters, cookie, len, first);
+        return SK_PASS;
+    };
     // Once a byte has gone to userspace, every later byte must too, or the order breaks
     // (until userspace has copied them all and moves the mark).
-    if let Some(link) = link
-        && link.mode == MODE_KERNEL
-        && counters.passed_bytes == link.passed_mark
-    {
-        if counters.redirected_bytes.saturating_add(len) > link.redirect_limit {
-            // The peer is not draining: the kernel gives redirects no backpressure, so stop
-            // here and let this socket's receive queue (and TCP's window) hold the sender.
-            counters.over_budget += 1;
-            counters.passed_bytes += len;
-            counters.passed_segments += 1;
-            info!(
-                &ctx,
-                "splice: socket {} spent its lag budget; passing to userspace", cookie
-            );
-            return SK_PASS;
-        }
-        let mut peer = link.peer_cookie;
-        if SOCKS.redirect_skb(&ctx, &mut peer, 0) == SK_PASS as i64 {
-            counters.redirected_bytes += len;
-            counters.redirected_segments += 1;
-            return SK_PASS;
-        }
+    if counters.passed_bytes != link.passed_mark {
+        pass(counters, cookie, len, false);
+        return SK_PASS;
+    }
+    let before = counters.redirected_bytes;
+    let after = before.saturating_add(len);
+    if after > link.redirect_limit {
+        // The peer is not draining: the kernel gives redirects no backpressure, so stop
+        // here and let this socket's receive queue (and TCP's window) hold the sender.
+        counters.over_budget += 1;
+        info!(
+            &ctx,
+            "splice: socket {} spent its lag budget; passing to userspace", cookie
+        );
+        pass(counters, cookie, len, true);
+        return SK_PASS;
+    }
+    let mut peer = link.peer_cookie;
+    if SOCKS.redirect_skb(&ctx, &mut peer, 0) != SK_PASS as i64 {
         warn!(
             &ctx,
             "splice: peer {} of socket {} is not in the map; passing to userspace", peer, cookie
         );
+        pass(counters, cookie, len, true);
+        return SK_PASS;
     }
+    counters.redirected_bytes = after;
+    counters.redirected_segments += 1;
+    if before < link.refresh_at && after >= link.refresh_at {
+        notify(counters, cookie, splice_event::REFRESH);
+    }
+    SK_PASS
+}
+
+/// Leaves `len` bytes in this socket's receive queue for userspace. `first` says they are
+/// the first since the passed mark: the agent is told once, then copies until it hands
+/// the direction back (it does not watch for data otherwise).
+fn pass(counters: &mut SockCounters, cookie: u64, len: u64, first: bool) {
     counters.passed_bytes += len;
     counters.passed_segments += 1;
-    SK_PASS
+    if first {
+        notify(counters, cookie, splice_event::PASSING);
+    }
+}
+
+/// Wakes the agent for `cookie`. A full ring loses the event (counted); the agent's
+/// coarse safety tick finds the condition later.
+fn notify(counters: &mut SockCounters, cookie: u64, kind: u32) {
+    let event = SpliceEvent {
+        cookie,
+        kind,
+        _pad: 0,
+    };
+    if EVENTS.output::<SpliceEvent>(&event, 0).is_err() {
+        counters.events_lost += 1;
+    }
 }
 
 enum Overlap {

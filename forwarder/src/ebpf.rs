@@ -7,12 +7,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use anyhow::Context as _;
-use aya::maps::{HashMap, MapData, MapError, SockHash};
+use aya::maps::{HashMap, MapData, MapError, RingBuf, SockHash};
 use aya::programs::SkSkb;
 use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfLoader};
-use forwarder_common::{ConnInfo, MODE_KERNEL, NAME_LEN, PeerLink, SockCounters, StatKey, names};
+use forwarder_common::{ConnInfo, NAME_LEN, PeerLink, SockCounters, StatKey, names};
 
+use crate::l4::supervisor::Supervisor;
 use crate::sys;
 
 /// The eBPF object built by build.rs from `forwarder-ebpf`.
@@ -67,6 +68,15 @@ pub struct Datapath {
     ebpf: Mutex<Ebpf>,
     maps: Mutex<Maps>,
     pin_dir: Option<PathBuf>,
+    /// The verdict's event ring until the supervisor takes it, then the supervisor: it
+    /// starts with the first splice, on the runtime that serves the sessions.
+    supervision: Mutex<Supervision>,
+}
+
+enum Supervision {
+    NotStarted(RingBuf<MapData>),
+    Running(std::sync::Arc<Supervisor>),
+    Failed,
 }
 
 /// The two cookies of a spliced pair, needed to read counters and to undo the splice.
@@ -74,6 +84,27 @@ pub struct Datapath {
 pub struct SplicedPair {
     pub client: u64,
     pub upstream: u64,
+}
+
+impl SplicedPair {
+    /// Reads both sockets' cookies.
+    pub fn of(client: BorrowedFd<'_>, upstream: BorrowedFd<'_>) -> io::Result<Self> {
+        Ok(Self {
+            client: sys::socket_cookie(client)?,
+            upstream: sys::socket_cookie(upstream)?,
+        })
+    }
+}
+
+/// The link of a socket whose redirects may reach `limit`: the verdict reports when half
+/// the budget (`lag_budget`) is left, so the agent moves it along in time.
+pub fn peer_link(peer_cookie: u64, limit: u64, lag_budget: u64, passed_mark: u64) -> PeerLink {
+    PeerLink {
+        peer_cookie,
+        redirect_limit: limit,
+        passed_mark,
+        refresh_at: limit.saturating_sub(lag_budget / 2),
+    }
 }
 
 impl Datapath {
@@ -85,7 +116,7 @@ impl Datapath {
         }
         let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).context(
             "loading the eBPF object failed: the agent needs root (or CAP_BPF + CAP_NET_ADMIN) \
-             and a kernel with BPF sockmap support (Linux >= 5.15 tested: 6.18)",
+             and a kernel with BPF sockmap support (Linux >= 6.12 for the 2025 sockmap fixes; tested: 6.18)",
         )?;
         let take = |ebpf: &mut Ebpf, name: &str| {
             ebpf.take_map(name)
@@ -97,6 +128,7 @@ impl Datapath {
             take(&mut ebpf, names::COUNTERS)?.try_into()?;
         let conns: HashMap<MapData, u64, ConnInfo> = take(&mut ebpf, names::CONNS)?.try_into()?;
         let stats: HashMap<MapData, StatKey, u64> = take(&mut ebpf, names::STATS)?.try_into()?;
+        let events: RingBuf<MapData> = take(&mut ebpf, names::EVENTS)?.try_into()?;
 
         let verdict: &mut SkSkb = ebpf
             .program_mut(names::VERDICT)
@@ -132,15 +164,32 @@ impl Datapath {
                 stats,
             }),
             pin_dir,
+            supervision: Mutex::new(Supervision::NotStarted(events)),
         })
+    }
+
+    /// The wake-up sources of spliced sessions (started on first use, on the calling
+    /// task's runtime).
+    pub fn supervisor(&self) -> io::Result<std::sync::Arc<Supervisor>> {
+        let mut supervision = self
+            .supervision
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let started = match std::mem::replace(&mut *supervision, Supervision::Failed) {
+            Supervision::Running(supervisor) => supervisor,
+            Supervision::NotStarted(events) => std::sync::Arc::new(Supervisor::start(events)?),
+            Supervision::Failed => {
+                return Err(io::Error::other("the splice supervisor failed to start"));
+            }
+        };
+        *supervision = Supervision::Running(started.clone());
+        Ok(started)
     }
 
     /// The aya-log reader for this object's log records, for the agent to drive.
     pub fn logger(&self) -> anyhow::Result<aya_log::EbpfLogger<&'static dyn log::Log>> {
-        let mut ebpf = self
-            .ebpf
-            .lock()
-            .map_err(|_| anyhow::anyhow!("eBPF lock poisoned"))?;
+        // As with the maps: a panic elsewhere leaves the object usable.
+        let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
         aya_log::EbpfLogger::init(&mut ebpf).context("attaching the eBPF log reader failed")
     }
 
@@ -166,14 +215,11 @@ impl Datapath {
     /// (`NO_LIMIT` for none); keep it current with `set_redirect_limit`.
     pub fn splice(
         &self,
+        pair: SplicedPair,
         client: BorrowedFd<'_>,
         upstream: BorrowedFd<'_>,
         lag_budget: u64,
-    ) -> Result<SplicedPair, SpliceError> {
-        let pair = SplicedPair {
-            client: sys::socket_cookie(client).map_err(SpliceError::Io)?,
-            upstream: sys::socket_cookie(upstream).map_err(SpliceError::Io)?,
-        };
+    ) -> Result<(), SpliceError> {
         for fd in [client, upstream] {
             sys::set_rcvlowat(fd, libc::c_int::MAX).map_err(SpliceError::Io)?;
         }
@@ -183,7 +229,7 @@ impl Datapath {
         for fd in [client, upstream] {
             let _ = sys::set_rcvlowat(fd, 1);
         }
-        result.map(|()| pair)
+        result
     }
 
     fn insert_pair(
@@ -201,13 +247,7 @@ impl Datapath {
         let mut inserted: Vec<u64> = Vec::with_capacity(2);
         let mut outcome = Ok(());
         for (cookie, peer_cookie, _) in sides {
-            let link = PeerLink {
-                peer_cookie,
-                redirect_limit: lag_budget,
-                passed_mark: 0,
-                mode: MODE_KERNEL,
-                _pad: 0,
-            };
+            let link = peer_link(peer_cookie, lag_budget, lag_budget, 0);
             if let Err(err) = maps.links.insert(cookie, link, 0) {
                 outcome = Err(SpliceError::from_map(err));
                 break;
@@ -243,31 +283,16 @@ impl Datapath {
         self.maps()
             .counters
             .get(&cookie, 0)
-            .map_err(|err| match SpliceError::from_map(err) {
-                SpliceError::Io(e) => e,
-                other => io::Error::other(other),
-            })
+            .map_err(io::Error::other)
     }
 
-    /// Moves `cookie`'s lag budget: the verdict redirects while its `redirected_bytes`
-    /// stays at or below `limit` and its `passed_bytes` equals `passed_mark`.
-    pub fn set_redirect_limit(
-        &self,
-        cookie: u64,
-        peer_cookie: u64,
-        limit: u64,
-        passed_mark: u64,
-    ) -> io::Result<()> {
-        let link = PeerLink {
-            peer_cookie,
-            redirect_limit: limit,
-            passed_mark,
-            mode: MODE_KERNEL,
-            _pad: 0,
-        };
+    /// Moves `cookie`'s lag budget (see `peer_link`): the verdict redirects while its
+    /// `redirected_bytes` stays at or below the limit and its `passed_bytes` equals the
+    /// passed mark.
+    pub fn set_link(&self, cookie: u64, link: &PeerLink) -> io::Result<()> {
         self.maps()
             .links
-            .insert(cookie, link, 0)
+            .insert(cookie, *link, 0)
             .map_err(io::Error::other)
     }
 

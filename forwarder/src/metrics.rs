@@ -54,6 +54,12 @@ counters!(L4Metrics {
     client_hello_timeout,
     /// Connections closed by the idle timeout.
     idle_timeouts,
+    /// Connections ended because the agent could not go on (a failed socket or map call;
+    /// logged with the error). Should stay 0.
+    session_errors,
+    /// Verdict events lost because the agent's event ring was full: the sessions they
+    /// concerned were looked at by their safety tick instead (at most 30 s later).
+    kernel_events_lost,
     /// Connections ended by a reset from either side.
     resets,
     /// Payload bytes client -> upstream, kernel and userspace.

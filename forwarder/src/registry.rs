@@ -9,7 +9,7 @@ use std::os::fd::AsFd;
 use forwarder_common::{ConnInfo, PATH_HTTPS, PATH_KERNEL, PATH_USERSPACE, PATH_WEBSOCKET};
 use tokio::net::TcpStream;
 
-use crate::ebpf::{Datapath, padded_name};
+use crate::ebpf::{Datapath, SplicedPair, padded_name};
 use crate::sys;
 
 /// A connection's entry; removed again when this is dropped. `D` is how it holds the
@@ -28,44 +28,43 @@ fn mapped(addr: IpAddr) -> [u8; 16] {
 }
 
 impl<D: Deref<Target = Datapath>> Registration<D> {
-    /// Lists an L4 pair; `None` if the map is full or a socket is gone (the connection is
-    /// served all the same, only not listed).
-    pub fn new(
+    /// Lists an L4 pair; `None` if the map is full or the client is gone (the connection
+    /// is served all the same, only not listed).
+    pub fn l4(
         datapath: D,
         frontend: &str,
         client: &TcpStream,
-        upstream: &TcpStream,
+        upstream: SocketAddr,
+        pair: SplicedPair,
         kernel: bool,
     ) -> Option<Self> {
-        let upstream_addr = upstream.peer_addr().ok()?;
-        let upstream_cookie = sys::socket_cookie(upstream.as_fd()).ok()?;
         let path = if kernel { PATH_KERNEL } else { PATH_USERSPACE };
         Self::list(
             datapath,
             frontend,
-            client,
+            (client, pair.client),
             path,
-            Some(upstream_addr),
-            upstream_cookie,
+            Some(upstream),
+            pair.upstream,
         )
     }
 
     /// Lists the client connection of a terminating HTTPS frontend (its requests go over
     /// pooled upstream connections, so it has no one upstream until it becomes a tunnel).
     pub fn https(datapath: D, frontend: &str, client: &TcpStream) -> Option<Self> {
-        Self::list(datapath, frontend, client, PATH_HTTPS, None, 0)
+        let cookie = sys::socket_cookie(client.as_fd()).ok()?;
+        Self::list(datapath, frontend, (client, cookie), PATH_HTTPS, None, 0)
     }
 
     fn list(
         datapath: D,
         frontend: &str,
-        client: &TcpStream,
+        (client, cookie): (&TcpStream, u64),
         path: u8,
         upstream: Option<SocketAddr>,
         upstream_cookie: u64,
     ) -> Option<Self> {
         let client_addr = client.peer_addr().ok()?;
-        let cookie = sys::socket_cookie(client.as_fd()).ok()?;
         let now = sys::monotonic_ns();
         let info = ConnInfo {
             client_addr: mapped(client_addr.ip()),

@@ -1,7 +1,7 @@
 //! The few socket calls std and tokio do not offer. All `unsafe` of the agent lives here.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 /// The kernel's `struct tcp_info` up to `tcpi_bytes_received` (Linux >= 4.19 layout).
 #[repr(C)]
@@ -307,4 +307,78 @@ pub fn send_now(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
         return Err(io::Error::last_os_error());
     }
     Ok(n as usize)
+}
+
+/// An epoll set of the agent's own, beside tokio's: tokio registers every socket for
+/// reading and writing, and a spliced socket's data-ready hook fires for every segment
+/// the verdict redirects, so a tokio registration would wake the agent per message. Here
+/// a spliced socket is registered for hang-up and error only (`HANGUP_ONLY`), and for data
+/// only while one of its directions runs through userspace (`HANGUP_AND_DATA`).
+#[derive(Debug)]
+pub struct Epoll(OwnedFd);
+
+/// A peer's FIN (`EPOLLRDHUP`), edge-triggered; errors and hang-ups are always reported.
+pub const HANGUP_ONLY: u32 = (libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+/// As `HANGUP_ONLY`, plus arriving bytes.
+pub const HANGUP_AND_DATA: u32 = HANGUP_ONLY | libc::EPOLLIN as u32;
+
+impl Epoll {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: plain syscall; on success we own the returned descriptor.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    fn ctl(&self, op: libc::c_int, fd: BorrowedFd<'_>, events: u32, data: u64) -> io::Result<()> {
+        let mut event = libc::epoll_event { events, u64: data };
+        // SAFETY: both descriptors are open for the call; the kernel copies `event`.
+        let rc = unsafe { libc::epoll_ctl(self.0.as_raw_fd(), op, fd.as_raw_fd(), &mut event) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Watches `fd` for `events`, reporting `data` with each. The registration ends when
+    /// the socket is closed.
+    pub fn add(&self, fd: BorrowedFd<'_>, events: u32, data: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, fd, events, data)
+    }
+
+    /// Changes what `fd` is watched for.
+    pub fn modify(&self, fd: BorrowedFd<'_>, events: u32, data: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_MOD, fd, events, data)
+    }
+
+    /// Appends the (data, events) pairs that are ready now to `out`, without waiting;
+    /// returns how many.
+    pub fn ready_now(&self, out: &mut Vec<(u64, u32)>) -> io::Result<usize> {
+        const BATCH: usize = 256;
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; BATCH];
+        // SAFETY: `events` has room for BATCH entries for the whole call.
+        let n = unsafe {
+            libc::epoll_wait(
+                self.0.as_raw_fd(),
+                events.as_mut_ptr(),
+                BATCH as libc::c_int,
+                0,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        out.extend(events[..n].iter().map(|e| (e.u64, e.events)));
+        Ok(n)
+    }
+}
+
+impl AsRawFd for Epoll {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
 }

@@ -224,14 +224,14 @@ pub fn print_maps(pinned: &Pinned, json: bool, out: &mut impl Write) -> anyhow::
         let value = serde_json::json!({
             names::SOCKS: sockets,
             names::LINKS: links.iter().map(|(k, v)| serde_json::json!({
-                "cookie": k, "peer_cookie": v.peer_cookie, "mode": v.mode,
-                "redirect_limit": v.redirect_limit, "passed_mark": v.passed_mark,
+                "cookie": k, "peer_cookie": v.peer_cookie, "redirect_limit": v.redirect_limit,
+                "refresh_at": v.refresh_at, "passed_mark": v.passed_mark,
             })).collect::<Vec<_>>(),
             names::COUNTERS: counters.iter().map(|(k, v)| serde_json::json!({
                 "cookie": k, "redirected_bytes": v.redirected_bytes,
                 "redirected_segments": v.redirected_segments, "passed_bytes": v.passed_bytes,
                 "passed_segments": v.passed_segments, "last_active_ns": v.last_active_ns,
-                "over_budget": v.over_budget,
+                "over_budget": v.over_budget, "events_lost": v.events_lost,
             })).collect::<Vec<_>>(),
             names::CONNS: conns.iter().map(|(k, v)| serde_json::json!({
                 "cookie": k, "frontend": name_from_bytes(&v.frontend),
@@ -259,8 +259,8 @@ pub fn print_maps(pinned: &Pinned, json: bool, out: &mut impl Write) -> anyhow::
     for (cookie, l) in &links {
         writeln!(
             out,
-            "  {cookie} -> peer {} mode {} redirect_limit {} passed_mark {}",
-            l.peer_cookie, l.mode, l.redirect_limit, l.passed_mark
+            "  {cookie} -> peer {} redirect_limit {} refresh_at {} passed_mark {}",
+            l.peer_cookie, l.redirect_limit, l.refresh_at, l.passed_mark
         )?;
     }
     writeln!(out, "{} ({} entries)", names::COUNTERS, counters.len())?;

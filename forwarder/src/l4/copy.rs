@@ -2,7 +2,6 @@
 //! kernel cannot take (eBPF off, map full, socket closed during set-up). Same contract
 //! as the kernel path: half-close passed on, resets passed on, idle timeout.
 
-use std::io;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -13,8 +12,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Notify;
 
 use crate::ebpf::Datapath;
-use crate::l4::{End, Path, SessionOptions, SessionReport};
-use crate::metrics::{self, L4Metrics};
+use crate::l4::{Carrier, End, Outcome, SessionOptions, Side};
 use crate::registry::Registration;
 use crate::sys;
 
@@ -24,9 +22,8 @@ pub async fn run(
     client: TcpStream,
     upstream: TcpStream,
     options: &SessionOptions,
-    metrics: &L4Metrics,
     mut registration: Option<&mut Registration<&Datapath>>,
-) -> SessionReport {
+) -> Outcome {
     let last_io = AtomicU64::new(sys::monotonic_ns());
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
     let (client_r, client_w) = client.into_split();
@@ -35,8 +32,14 @@ pub async fn run(
     let ended = Ended::default();
     let pumps = async {
         tokio::try_join!(
-            pump(client_r, upstream_w, &up, &last_io, &ended),
-            pump(upstream_r, client_w, &down, &last_io, &ended),
+            pump((client_r, upstream_w), Side::Client, &up, &last_io, &ended),
+            pump(
+                (upstream_r, client_w),
+                Side::Upstream,
+                &down,
+                &last_io,
+                &ended
+            ),
         )
     };
     let idle_ns = u64::try_from(options.idle_timeout.as_nanos()).unwrap_or(u64::MAX);
@@ -61,19 +64,13 @@ pub async fn run(
     let end = tokio::select! {
         result = pumps => match result {
             Ok(_) => End::Closed,
-            Err(_) => End::Reset,
+            Err(failed) => End::Reset { side: Some(failed) },
         },
         () = watchdog => End::IdleTimeout,
     };
-    match end {
-        End::Reset => metrics::add(&metrics.resets, 1),
-        End::IdleTimeout => metrics::add(&metrics.idle_timeouts, 1),
-        _ => {}
-    }
     let (up, down) = (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed));
-    metrics::add(&metrics.userspace_payload_bytes, up + down);
-    SessionReport {
-        path: Path::Userspace,
+    Outcome {
+        carrier: Carrier::Userspace,
         bytes_up: up,
         bytes_down: down,
         userspace_bytes: up + down,
@@ -93,21 +90,26 @@ struct Ended {
 /// the sink, so the other peer learns the connection broke). After its EOF, while the
 /// other direction still runs, `src` is no longer read, so it is watched for a reset.
 async fn pump(
-    mut src: OwnedReadHalf,
-    mut sink: OwnedWriteHalf,
+    (mut src, mut sink): (OwnedReadHalf, OwnedWriteHalf),
+    src_side: Side,
     bytes: &AtomicU64,
     last_io: &AtomicU64,
     ended: &Ended,
-) -> io::Result<()> {
+) -> Result<(), Side> {
+    let sink_side = if src_side == Side::Client {
+        Side::Upstream
+    } else {
+        Side::Client
+    };
     let mut buf = vec![0u8; COPY_BUF];
     let result = async {
         loop {
-            let n = src.read(&mut buf).await?;
+            let n = src.read(&mut buf).await.map_err(|_| src_side)?;
             if n == 0 {
-                sink.shutdown().await?;
+                sink.shutdown().await.map_err(|_| sink_side)?;
                 break;
             }
-            sink.write_all(&buf[..n]).await?;
+            sink.write_all(&buf[..n]).await.map_err(|_| sink_side)?;
             bytes.fetch_add(n as u64, Ordering::Relaxed);
             last_io.store(sys::monotonic_ns(), Ordering::Relaxed);
         }
@@ -117,11 +119,8 @@ async fn pump(
             return Ok(());
         }
         tokio::select! {
-            ready = src.ready(Interest::ERROR) => {
-                ready?;
-                let err = sys::take_socket_error(src.as_ref().as_fd())?;
-                Err(err.unwrap_or_else(|| io::ErrorKind::ConnectionReset.into()))
-            }
+            // After its EOF the source is only watched for a reset.
+            _ = src.ready(Interest::ERROR) => Err(src_side),
             () = ended.both.notified() => Ok(()),
         }
     }

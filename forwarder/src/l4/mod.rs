@@ -7,20 +7,24 @@ pub mod copy;
 pub mod originate;
 pub mod session;
 pub mod sni;
+pub mod supervisor;
 pub mod upstream;
 
 use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::Instrument as _;
 
-use crate::ebpf::{Datapath, SpliceError};
+use crate::ebpf::{Datapath, SpliceError, SplicedPair};
 use crate::metrics::{self, ActiveGuard, L4Metrics};
+use crate::registry::Registration;
 use crate::sys;
 use sni::ClientHello;
 use upstream::Pool;
@@ -56,26 +60,54 @@ impl Default for SessionOptions {
 
 /// Which path carried a connection's bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Path {
+pub enum Carrier {
     Kernel,
     Userspace,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One end of an L4 connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
+}
+
+impl Side {
+    /// The side of index 0 (client) or 1 (upstream) in a pair.
+    pub fn of(index: usize) -> Self {
+        if index == 0 {
+            Self::Client
+        } else {
+            Self::Upstream
+        }
+    }
+}
+
+/// How a connection ended.
+#[derive(Debug)]
 pub enum End {
     /// Both sides closed (FIN both ways).
     Closed,
     IdleTimeout,
-    Reset,
+    /// `side` (where known) reset the connection; the other side was reset too.
+    Reset {
+        side: Option<Side>,
+    },
     /// The kernel path could not keep the byte stream exact (see
     /// `SockCounters::stream_errors`): both sides are reset.
     Broken,
-    Error(String),
+    /// The agent could not go on (a failed syscall), on `side` where known.
+    Error {
+        side: Option<Side>,
+        error: io::Error,
+    },
 }
 
-#[derive(Clone, Debug)]
-pub struct SessionReport {
-    pub path: Path,
+/// What happened to one connection, whatever path carried it: `finish` turns it into
+/// counters and the closing log line.
+#[derive(Debug)]
+pub struct Outcome {
+    pub carrier: Carrier,
     pub bytes_up: u64,
     pub bytes_down: u64,
     /// Payload bytes that crossed userspace: 0 for a connection the kernel carried alone.
@@ -83,6 +115,52 @@ pub struct SessionReport {
     /// A direction moved to userspace because its peer fell behind.
     pub diverted: bool,
     pub end: End,
+}
+
+impl Outcome {
+    /// A connection that ended in an error before any byte moved.
+    pub fn failed(carrier: Carrier, error: io::Error) -> Self {
+        Self {
+            carrier,
+            bytes_up: 0,
+            bytes_down: 0,
+            userspace_bytes: 0,
+            diverted: false,
+            end: End::Error { side: None, error },
+        }
+    }
+}
+
+/// The one place a finished L4 connection is counted and logged.
+pub fn finish(outcome: &Outcome, metrics: &L4Metrics) {
+    metrics::add(&metrics.bytes_up, outcome.bytes_up);
+    metrics::add(&metrics.bytes_down, outcome.bytes_down);
+    metrics::add(&metrics.userspace_payload_bytes, outcome.userspace_bytes);
+    match &outcome.end {
+        End::Closed => {}
+        End::IdleTimeout => metrics::add(&metrics.idle_timeouts, 1),
+        End::Reset { .. } => metrics::add(&metrics.resets, 1),
+        End::Broken => {
+            metrics::add(&metrics.kernel_stream_errors, 1);
+            tracing::error!(
+                "the kernel could not cut a retransmitted segment's repeated bytes; \
+                 reset the connection rather than forward them twice"
+            );
+        }
+        End::Error { side, error } => {
+            metrics::add(&metrics.session_errors, 1);
+            tracing::warn!(?side, %error, "connection ended by an error");
+        }
+    }
+    tracing::debug!(
+        carrier = ?outcome.carrier,
+        up = outcome.bytes_up,
+        down = outcome.bytes_down,
+        userspace = outcome.userspace_bytes,
+        diverted = outcome.diverted,
+        end = ?outcome.end,
+        "connection ended"
+    );
 }
 
 /// TCP keepalive towards both peers (seconds).
@@ -136,26 +214,38 @@ pub async fn serve(
     }
 }
 
-/// Serves one accepted connection to its end and reports what happened.
+/// Serves one accepted connection to its end: route, connect, splice (or fall back to
+/// the userspace copy), finish.
 pub async fn handle_connection(
-    mut client: TcpStream,
+    client: TcpStream,
     frontend: &L4Frontend,
     datapath: Option<&Datapath>,
     metrics: &L4Metrics,
-) -> Option<SessionReport> {
+) {
     let _active = ActiveGuard::new(&metrics.active);
     metrics::add(&metrics.accepted, 1);
     let _ = client.set_nodelay(true);
+    let Some((upstream, upstream_addr)) = open_upstream(&client, frontend, metrics).await else {
+        return;
+    };
+    let outcome = carry(client, upstream, upstream_addr, frontend, datapath, metrics).await;
+    finish(&outcome, metrics);
+}
 
-    let pool = match route(&client, frontend, metrics).await {
+/// Routes the client and connects its upstream; `None` when the client was turned away.
+async fn open_upstream(
+    client: &TcpStream,
+    frontend: &L4Frontend,
+    metrics: &L4Metrics,
+) -> Option<(TcpStream, SocketAddr)> {
+    let pool = match route(client, frontend, metrics).await {
         Ok(pool) => pool,
         Err(reason) => {
             tracing::info!(%reason, "connection refused by routing");
             if reason.is_unknown_name() {
-                // TLS alert unrecognized_name (fatal): the client's TLS stack says why.
-                let _ = client
-                    .write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70])
-                    .await;
+                // TLS alert unrecognized_name (fatal): the client's TLS stack says why. Seven
+                // bytes into a fresh send buffer: a write that cannot wait is enough.
+                let _ = client.try_write(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70]);
             }
             return None;
         }
@@ -174,70 +264,110 @@ pub async fn handle_connection(
             tracing::debug!(%err, "could not set TCP keepalive");
         }
     }
+    Some((upstream, upstream_addr))
+}
 
+/// Carries a connected pair to its end: in the kernel when it can, else in userspace.
+async fn carry(
+    client: TcpStream,
+    upstream: TcpStream,
+    upstream_addr: SocketAddr,
+    frontend: &L4Frontend,
+    datapath: Option<&Datapath>,
+    metrics: &L4Metrics,
+) -> Outcome {
+    let pair = SplicedPair::of(client.as_fd(), upstream.as_fd());
     // Listed for `forwarder conns` while it lives (needs the maps, not the splice).
-    let mut registration = datapath.and_then(|dp| {
-        crate::registry::Registration::new(dp, &frontend.name, &client, &upstream, frontend.kernel)
-    });
-    if let (true, Some(datapath)) = (frontend.kernel, datapath) {
-        for s in [&client, &upstream] {
-            if let Err(err) = sys::set_sndbuf_force(s.as_fd(), SPLICE_SNDBUF) {
-                tracing::debug!(%err, "could not raise the send buffer");
+    let mut registration = match (datapath, &pair) {
+        (Some(dp), Ok(pair)) => Registration::l4(
+            dp,
+            &frontend.name,
+            &client,
+            upstream_addr,
+            *pair,
+            frontend.kernel,
+        ),
+        _ => None,
+    };
+    let (client, upstream) = match (frontend.kernel, datapath, pair) {
+        (true, Some(datapath), Ok(pair)) => {
+            match splice(datapath, pair, client, upstream, frontend.session.max_lag) {
+                Ok(spliced) => {
+                    metrics::add(&metrics.kernel_spliced, 1);
+                    tracing::debug!(%upstream_addr, cookie = pair.client, "spliced in the kernel");
+                    return session::run(datapath, spliced, &frontend.session, metrics).await;
+                }
+                Err(Unspliced::Fallback(client, upstream, err)) => {
+                    metrics::add(fallback_counter(&err, metrics), 1);
+                    tracing::info!(%err, "kernel splice unavailable; serving in userspace");
+                    (client, upstream)
+                }
+                Err(Unspliced::Lost(error)) => return Outcome::failed(Carrier::Kernel, error),
             }
         }
-        let written_before =
-            session::WrittenBefore::measure(&client, &upstream).unwrap_or_default();
-        match datapath.splice(client.as_fd(), upstream.as_fd(), frontend.session.max_lag) {
-            Ok(pair) => {
-                metrics::add(&metrics.kernel_spliced, 1);
-                tracing::debug!(%upstream_addr, cookie = pair.client, "spliced in the kernel");
-                let report = session::run(
-                    datapath,
-                    pair,
-                    client,
-                    upstream,
-                    written_before,
-                    &frontend.session,
-                    metrics,
-                )
-                .await;
-                return Some(finish(report, metrics));
-            }
-            Err(err) => {
-                let counter = match err {
-                    SpliceError::MapFull => &metrics.fallback_map_full,
-                    SpliceError::NotEstablished => &metrics.fallback_not_established,
-                    SpliceError::Io(_) => &metrics.fallback_other,
-                };
-                metrics::add(counter, 1);
-                tracing::info!(%err, "kernel splice unavailable; serving in userspace");
-            }
+        (true, _, _) => {
+            metrics::add(&metrics.fallback_other, 1);
+            (client, upstream)
         }
-    } else if frontend.kernel {
-        metrics::add(&metrics.fallback_other, 1);
-    }
+        (false, _, _) => (client, upstream),
+    };
     metrics::add(&metrics.userspace, 1);
     if let Some(registration) = registration.as_mut() {
         registration.set_userspace();
     }
-    let report = copy::run(
-        client,
-        upstream,
-        &frontend.session,
-        metrics,
-        registration.as_mut(),
-    )
-    .await;
-    Some(finish(report, metrics))
+    copy::run(client, upstream, &frontend.session, registration.as_mut()).await
 }
 
-fn finish(report: SessionReport, metrics: &L4Metrics) -> SessionReport {
-    metrics::add(&metrics.bytes_up, report.bytes_up);
-    metrics::add(&metrics.bytes_down, report.bytes_down);
-    tracing::debug!(?report, "connection ended");
-    report
+fn fallback_counter<'m>(err: &SpliceError, metrics: &'m L4Metrics) -> &'m AtomicU64 {
+    match err {
+        SpliceError::MapFull => &metrics.fallback_map_full,
+        SpliceError::NotEstablished => &metrics.fallback_not_established,
+        SpliceError::Io(_) => &metrics.fallback_other,
+    }
 }
 
+/// Why `splice` gave the pair back (or could not).
+enum Unspliced {
+    /// The kernel did not take it: serve it in userspace.
+    Fallback(TcpStream, TcpStream, SpliceError),
+    /// Moving a socket between tokio and the agent's own polling failed (the kernel
+    /// refused an epoll change); tokio closes the socket then, so the connection ends.
+    Lost(io::Error),
+}
+
+/// Hands the pair to the kernel. The sockets leave tokio first: tokio's registration
+/// (`EPOLLIN | EPOLLOUT`) would wake the agent for every redirected segment (see
+/// `supervisor`). On failure they come back, for the userspace path.
+fn splice(
+    datapath: &Datapath,
+    pair: SplicedPair,
+    client: TcpStream,
+    upstream: TcpStream,
+    max_lag: u64,
+) -> Result<session::Spliced, Unspliced> {
+    let (client, upstream) = match (client.into_std(), upstream.into_std()) {
+        (Ok(c), Ok(u)) => (c, u),
+        (Err(err), _) | (_, Err(err)) => return Err(Unspliced::Lost(err)),
+    };
+    for s in [&client, &upstream] {
+        if let Err(err) = sys::set_sndbuf_force(s.as_fd(), SPLICE_SNDBUF) {
+            tracing::debug!(%err, "could not raise the send buffer");
+        }
+    }
+    let written_before = session::WrittenBefore::measure(&client, &upstream).unwrap_or_default();
+    match datapath.splice(pair, client.as_fd(), upstream.as_fd(), max_lag) {
+        Ok(()) => Ok(session::Spliced {
+            pair,
+            client,
+            upstream,
+            written_before,
+        }),
+        Err(err) => match (TcpStream::from_std(client), TcpStream::from_std(upstream)) {
+            (Ok(c), Ok(u)) => Err(Unspliced::Fallback(c, u, err)),
+            (Err(e), _) | (_, Err(e)) => Err(Unspliced::Lost(e)),
+        },
+    }
+}
 #[derive(Debug, thiserror::Error)]
 enum RouteError {
     #[error("no route for server name {0:?} and no default backend")]

@@ -13,8 +13,8 @@ use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 use tracing::Instrument as _;
 
-use crate::l4::Keepalive;
 use crate::l4::upstream::Pool;
+use crate::l4::{Carrier, End, Keepalive, Outcome, finish};
 use crate::metrics::{self, ActiveGuard, L4Metrics};
 use crate::{relay, sys};
 
@@ -77,17 +77,22 @@ async fn handle(client: TcpStream, frontend: &OriginateFrontend, metrics: &L4Met
         }
     };
     let relayed = relay::join(client, tls, frontend.idle_timeout).await;
-    if relayed.idle_timeout {
-        metrics::add(&metrics.idle_timeouts, 1);
-    }
-    if relayed.error {
-        metrics::add(&metrics.resets, 1);
-    }
-    metrics::add(&metrics.bytes_up, relayed.bytes_a_to_b);
-    metrics::add(&metrics.bytes_down, relayed.bytes_b_to_a);
-    // Counted as payload the agent handled: this path is userspace by nature.
-    metrics::add(
-        &metrics.userspace_payload_bytes,
-        relayed.bytes_a_to_b + relayed.bytes_b_to_a,
-    );
+    let end = if relayed.idle_timeout {
+        End::IdleTimeout
+    } else if relayed.error {
+        // The relay does not say which side failed.
+        End::Reset { side: None }
+    } else {
+        End::Closed
+    };
+    // This path is userspace by nature: every byte is payload the agent handled.
+    let outcome = Outcome {
+        carrier: Carrier::Userspace,
+        bytes_up: relayed.bytes_a_to_b,
+        bytes_down: relayed.bytes_b_to_a,
+        userspace_bytes: relayed.bytes_a_to_b + relayed.bytes_b_to_a,
+        diverted: false,
+        end,
+    };
+    finish(&outcome, metrics);
 }

@@ -1,42 +1,47 @@
 //! One connection after it has been spliced in the kernel. The kernel moves the bytes;
-//! this task only watches: it forwards a FIN as a half-close once the peer's redirect
-//! backlog is flushed, propagates resets, enforces the idle timeout from the kernel's
-//! own activity stamps, keeps each direction's lag budget (enforced by the verdict) moving
-//! with what the peer has sent on, and copies the (rare) bytes the kernel handed to
-//! userspace instead of redirecting.
+//! this task only watches, and only when woken (see `supervisor`): it forwards a FIN as a
+//! half-close once the peer's redirect backlog is flushed, propagates resets, enforces the
+//! idle timeout from the kernel's own activity stamps, keeps each direction's lag budget
+//! (enforced by the verdict) moving with what the peer has acknowledged, and copies the
+//! (rare) bytes the kernel handed to userspace instead of redirecting.
+//!
+//! A healthy spliced connection costs the agent nothing per message: it sleeps until its
+//! idle deadline (at most `MAX_SLEEP`), a FIN, a reset, or a report from the verdict.
 
 use std::io;
+use std::net::TcpStream;
 use std::os::fd::AsFd;
 use std::time::Duration;
 
-use tokio::io::Interest;
-use tokio::net::TcpStream;
+use tokio::time::Instant;
 
-use crate::ebpf::{Datapath, SplicedPair};
-use crate::l4::{End, Path, SessionOptions, SessionReport};
+use crate::ebpf::{Datapath, SplicedPair, peer_link};
+use crate::l4::supervisor::{Watch, wake};
+use crate::l4::{Carrier, End, Outcome, SessionOptions, Side};
 use crate::metrics::{self, L4Metrics};
 use crate::sys;
 use forwarder_common::SockCounters;
 
-/// How often to look at the counters while bytes flow; doubled up to `MAX_TICK` while idle.
-const MIN_TICK: Duration = Duration::from_millis(20);
-/// While a direction moves more than a quarter of its lag budget per tick: the budget is
-/// refreshed often enough that a fast, healthy flow never runs into a stale limit.
-const FAST_TICK: Duration = Duration::from_millis(2);
-/// Longest sleep of an idle session: bytes arriving wake it (the verdict's data-ready
-/// hook signals the socket), and so do a FIN and a reset, so this only bounds how late
-/// the idle timeout is seen. Devices idle for minutes between keep-alives, and
-/// every wake costs a few syscalls: 3,000 idle connections took 2.2% of a core at 2 s,
-/// 0.17% at 30 s, 0.10% once a quiet direction's step stopped reading the sink.
-const MAX_TICK: Duration = Duration::from_secs(30);
-/// While userspace waits for a peer's kernel backlog to drain before copying.
-const COPY_TICK: Duration = Duration::from_millis(2);
+/// Longest sleep of a quiet session. Every condition that needs the agent wakes it (a FIN,
+/// a reset, a verdict event) and the idle deadline is a timer of its own, so this is only
+/// a safety net for a lost verdict event (ring full, counted as `events_lost`). 5,000
+/// connections cost about 170 wake-ups a second at 30 s.
+const MAX_SLEEP: Duration = Duration::from_secs(30);
+/// While a direction needs attention (bytes to copy, a FIN waiting for the backlog, a
+/// lag budget the peer has not yet made room in), the first look comes this soon...
+const ATTENTION_TICK: Duration = Duration::from_millis(2);
+/// ...and the pause doubles up to this while nothing moves: a peer that stopped reading
+/// costs a few wake-ups a second, not 500. Bytes arriving on a direction that runs
+/// through userspace wake the session at once (it is watched for data then).
+const MAX_ATTENTION_TICK: Duration = Duration::from_millis(100);
 const COPY_BUF: usize = 64 * 1024;
 
 /// One direction: bytes arriving on `src` leave through `sink`.
 struct Direction<'a> {
     src: &'a TcpStream,
     sink: &'a TcpStream,
+    /// `src`'s side in the pair: 0 the client, 1 the upstream.
+    side: usize,
     src_cookie: u64,
     sink_cookie: u64,
     /// FIN seen on `src`.
@@ -55,12 +60,15 @@ struct Direction<'a> {
     redirected: u64,
     /// On the userspace path because `sink` fell behind (until it catches up).
     diverted: bool,
-    /// The redirect limit last written for `src` (see `PeerLink::redirect_limit`).
+    /// The redirect limit and refresh mark last written for `src` (see `PeerLink`).
     limit: u64,
+    refresh_at: u64,
     /// The passed-bytes mark last written for `src` (see `PeerLink::passed_mark`).
     passed_mark: u64,
     /// `SockCounters::over_budget` as of the last divert we noticed.
     over_budget_seen: u64,
+    /// `src` is watched for arriving bytes (it runs through userspace).
+    watching_data: bool,
     /// `sink`'s written count before the splice: nothing we sent, but it can include the
     /// SYN (bytes_acked counts it on connected sockets).
     sink_base: u64,
@@ -68,18 +76,20 @@ struct Direction<'a> {
 
 impl<'a> Direction<'a> {
     fn new(
-        src: &'a TcpStream,
-        sink: &'a TcpStream,
-        src_cookie: u64,
-        sink_cookie: u64,
+        (src, sink): (&'a TcpStream, &'a TcpStream),
+        side: usize,
+        pair: SplicedPair,
         sink_base: u64,
-        limit: u64,
+        max_lag: u64,
     ) -> Self {
+        let cookies = [pair.client, pair.upstream];
+        let initial = peer_link(0, max_lag, max_lag, 0);
         Self {
             src,
             sink,
-            src_cookie,
-            sink_cookie,
+            side,
+            src_cookie: cookies[side],
+            sink_cookie: cookies[1 - side],
             eof: false,
             shut: false,
             copied: 0,
@@ -87,11 +97,29 @@ impl<'a> Direction<'a> {
             pending: Vec::new(),
             redirected: 0,
             diverted: false,
-            limit,
+            limit: initial.redirect_limit,
+            refresh_at: initial.refresh_at,
             passed_mark: 0,
             over_budget_seen: 0,
+            watching_data: false,
             sink_base,
         }
+    }
+
+    /// Writes `src`'s link with a new limit and mark.
+    fn set_link(
+        &mut self,
+        datapath: &Datapath,
+        limit: u64,
+        max_lag: u64,
+        mark: u64,
+    ) -> io::Result<()> {
+        let link = peer_link(self.sink_cookie, limit, max_lag, mark);
+        datapath.set_link(self.src_cookie, &link)?;
+        self.limit = link.redirect_limit;
+        self.refresh_at = link.refresh_at;
+        self.passed_mark = mark;
+        Ok(())
     }
 }
 
@@ -111,177 +139,222 @@ impl WrittenBefore {
     }
 }
 
-enum Wake {
-    Readable(usize, io::Result<tokio::io::Ready>, Interest),
-    Tick,
+/// The sockets of a spliced pair and what the session needs to watch them.
+pub struct Spliced {
+    pub pair: SplicedPair,
+    pub client: TcpStream,
+    pub upstream: TcpStream,
+    pub written_before: WrittenBefore,
+}
+
+/// What one look at both directions found.
+#[derive(Default)]
+struct Look {
+    /// A direction needs another look soon (see `ATTENTION_TICK`).
+    attention: bool,
+    /// Payload bytes seen moving (kernel or ours) up to now: a stalled look backs off.
+    progress: u64,
+    /// The newest activity stamp, kernel or ours.
+    last_active_ns: u64,
+}
+
+struct Session<'a> {
+    datapath: &'a Datapath,
+    options: &'a SessionOptions,
+    metrics: &'a L4Metrics,
+    dirs: [Direction<'a>; 2],
+    started_ns: u64,
+    last_userspace_io_ns: u64,
 }
 
 /// Runs until both directions are closed, a side resets, or the idle timeout hits.
 pub async fn run(
     datapath: &Datapath,
-    pair: SplicedPair,
-    client: TcpStream,
-    upstream: TcpStream,
-    written_before: WrittenBefore,
+    spliced: Spliced,
     options: &SessionOptions,
     metrics: &L4Metrics,
-) -> SessionReport {
-    let started_ns = sys::monotonic_ns();
-    let mut last_userspace_io_ns = started_ns;
-    let mut dirs = [
-        Direction::new(
-            &client,
-            &upstream,
-            pair.client,
-            pair.upstream,
-            written_before.upstream,
-            options.max_lag,
-        ),
-        Direction::new(
-            &upstream,
-            &client,
-            pair.upstream,
-            pair.client,
-            written_before.client,
-            options.max_lag,
-        ),
-    ];
-    let mut tick = MIN_TICK;
-    let mut last_progress = 0u64;
-    let idle_ns = u64::try_from(options.idle_timeout.as_nanos()).unwrap_or(u64::MAX);
-
-    let end = loop {
-        // After a side's FIN only its errors matter (a reset): it stays readable for ever.
-        let watch = |eof: bool| {
-            if eof {
-                Interest::ERROR
-            } else {
-                Interest::READABLE
-            }
-        };
-        let (watch_client, watch_upstream) = (watch(dirs[0].eof), watch(dirs[1].eof));
-        let wake = tokio::select! {
-            r = client.ready(watch_client) => Wake::Readable(0, r, watch_client),
-            r = upstream.ready(watch_upstream) => Wake::Readable(1, r, watch_upstream),
-            () = tokio::time::sleep(tick) => Wake::Tick,
-        };
-        if let Wake::Readable(i, ready, interest) = wake {
-            match ready {
-                Ok(ready) if ready.is_read_closed() => dirs[i].eof = true,
-                Ok(_) => {}
-                Err(err) => break End::Error(format!("polling a socket failed: {err}")),
-            }
-            // Readiness is edge-triggered: clear it, the counters say what happened.
-            let _ = dirs[i]
-                .src
-                .try_io(interest, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
-        }
-
-        if let Some(end) = check_resets(&client, &upstream) {
-            break end;
-        }
-
-        let mut needs_copy = false;
-        let mut failed = None;
-        let mut kernel = [None, None];
-        for (d, seen) in dirs.iter_mut().zip(kernel.iter_mut()) {
-            match step(datapath, d, options, metrics).await {
-                Ok(StepOutcome {
-                    waiting_to_copy,
-                    copied,
-                    counters,
-                }) => {
-                    needs_copy |= waiting_to_copy;
-                    if copied > 0 {
-                        last_userspace_io_ns = sys::monotonic_ns();
-                    }
-                    *seen = counters;
-                }
-                Err(err) => {
-                    failed = Some(err);
-                    break;
-                }
-            }
-        }
-        if let Some(err) = failed {
-            if let Some(end) = check_resets(&client, &upstream) {
-                break end;
-            }
-            break End::Error(err.to_string());
-        }
-        if dirs.iter().all(|d| d.shut) {
-            break End::Closed;
-        }
-
-        // The counters each step read (a shut direction's are read here).
-        for (seen, cookie) in kernel.iter_mut().zip([pair.client, pair.upstream]) {
-            if seen.is_none() {
-                *seen = datapath.counters(cookie).ok();
-            }
-        }
-        if kernel.iter().flatten().any(|c| c.stream_errors > 0) {
-            // The verdict met a segment it could not make exact, and dropped it.
-            break End::Broken;
-        }
-        // Idle: the kernel stamps every verdict; we stamp our own copies.
-        let last_kernel = kernel
-            .iter()
-            .flatten()
-            .map(|c| c.last_active_ns)
-            .max()
-            .unwrap_or(0);
-        let last_active = last_kernel.max(last_userspace_io_ns).max(started_ns);
-        if sys::monotonic_ns().saturating_sub(last_active) > idle_ns {
-            break End::IdleTimeout;
-        }
-
-        let progress: u64 = dirs.iter().map(|d| d.redirected + d.copied).sum();
-        let moved = progress.saturating_sub(last_progress);
-        tick = if needs_copy {
-            COPY_TICK
-        } else if moved > options.max_lag / 4 {
-            FAST_TICK
-        } else if moved > 0 {
-            MIN_TICK
-        } else {
-            (tick * 2)
-                .min(MAX_TICK)
-                .min(options.idle_timeout / 4)
-                .max(MIN_TICK)
-        };
-        last_progress = progress;
+) -> Outcome {
+    let Spliced {
+        pair,
+        client,
+        upstream,
+        written_before,
+    } = spliced;
+    let mut session = Session {
+        datapath,
+        options,
+        metrics,
+        dirs: [
+            Direction::new(
+                (&client, &upstream),
+                0,
+                pair,
+                written_before.upstream,
+                options.max_lag,
+            ),
+            Direction::new(
+                (&upstream, &client),
+                1,
+                pair,
+                written_before.client,
+                options.max_lag,
+            ),
+        ],
+        started_ns: sys::monotonic_ns(),
+        last_userspace_io_ns: 0,
     };
-
-    let report = SessionReport {
-        path: Path::Kernel,
-        bytes_up: dirs[0].redirected + dirs[0].copied,
-        bytes_down: dirs[1].redirected + dirs[1].copied,
-        userspace_bytes: dirs[0].copied + dirs[1].copied,
-        diverted: dirs.iter().any(|d| d.over_budget_seen > 0),
-        end,
+    let end = match datapath.supervisor().and_then(|s| {
+        s.watch(
+            [pair.client, pair.upstream],
+            [client.as_fd(), upstream.as_fd()],
+        )
+    }) {
+        Ok(watch) => session.supervise(&watch).await,
+        Err(error) => End::Error { side: None, error },
     };
-    if matches!(report.end, End::Reset | End::Broken) {
-        if matches!(report.end, End::Broken) {
-            metrics::add(&metrics.kernel_stream_errors, 1);
-            tracing::error!(
-                "the kernel could not cut a retransmitted segment's repeated bytes; \
-                 resetting the connection rather than forwarding them twice"
-            );
-        } else {
-            metrics::add(&metrics.resets, 1);
-        }
-        // Pass the reset on: close the surviving side with RST, not FIN.
-        let _ = sys::set_linger_zero(client.as_fd());
-        let _ = sys::set_linger_zero(upstream.as_fd());
-    }
-    if matches!(report.end, End::IdleTimeout) {
-        metrics::add(&metrics.idle_timeouts, 1);
-    }
-    check_kernel_accounting(datapath, &dirs, metrics);
+    let outcome = session.outcome(end);
+    session.close(&outcome.end);
     datapath.unsplice(pair);
     drop((client, upstream));
-    report
+    outcome
 }
+
+impl Session<'_> {
+    /// The session's life: wait for a wake-up, check resets, look at both directions,
+    /// check the end, plan the next wake-up.
+    async fn supervise(&mut self, watch: &Watch) -> End {
+        // The first look comes at once: the verdict may have passed bytes (a FIN ignores
+        // the hold during the hand-over) before this session was there to be told.
+        let mut wake_at = Instant::now();
+        let mut tick = ATTENTION_TICK;
+        let mut last_progress = 0;
+        loop {
+            let bits = watch.wait_until(wake_at).await;
+            for d in &mut self.dirs {
+                if bits & wake::hangup(d.side) != 0 {
+                    d.eof = true;
+                }
+            }
+            if bits & wake::ERROR != 0
+                && let Some(end) = check_resets(&self.dirs)
+            {
+                return end;
+            }
+            let look = match self.look(watch).await {
+                Ok(look) => look,
+                Err(error) => {
+                    return check_resets(&self.dirs).unwrap_or(End::Error { side: None, error });
+                }
+            };
+            if let Some(end) = self.ended(&look) {
+                return end;
+            }
+            wake_at = if look.attention {
+                tick = if look.progress > last_progress {
+                    ATTENTION_TICK
+                } else {
+                    (tick * 2).min(MAX_ATTENTION_TICK)
+                };
+                Instant::now() + tick
+            } else {
+                tick = ATTENTION_TICK;
+                self.quiet_until(look.last_active_ns)
+            };
+            last_progress = look.progress;
+        }
+    }
+
+    /// Steps both directions and gathers what the next wake-up depends on.
+    async fn look(&mut self, watch: &Watch) -> io::Result<Look> {
+        let mut look = Look::default();
+        let mut stream_errors = 0;
+        for i in 0..2 {
+            let step = step(self.datapath, &mut self.dirs[i], self.options, self.metrics).await?;
+            let d = &self.dirs[i];
+            if step.copied > 0 {
+                self.last_userspace_io_ns = sys::monotonic_ns();
+            }
+            // A shut direction's counters were not read by its step.
+            let counters = match step.counters {
+                Some(c) => Some(c),
+                None => self.datapath.counters(d.src_cookie).ok(),
+            };
+            if let Some(c) = counters {
+                stream_errors += c.stream_errors;
+                look.last_active_ns = look.last_active_ns.max(c.last_active_ns);
+            }
+            look.attention |= step.attention;
+            look.progress += d.redirected + d.copied;
+            let on_userspace = step.on_userspace && !d.eof;
+            if on_userspace != d.watching_data && !d.shut {
+                watch.watch_data(d.side, d.src.as_fd(), on_userspace)?;
+                self.dirs[i].watching_data = on_userspace;
+            }
+        }
+        if stream_errors > 0 {
+            return Err(io::Error::other(BrokenStream));
+        }
+        look.last_active_ns = look
+            .last_active_ns
+            .max(self.last_userspace_io_ns)
+            .max(self.started_ns);
+        Ok(look)
+    }
+
+    /// How the connection ended, if it has.
+    fn ended(&self, look: &Look) -> Option<End> {
+        if self.dirs.iter().all(|d| d.shut) {
+            return Some(End::Closed);
+        }
+        let idle_ns = u64::try_from(self.options.idle_timeout.as_nanos()).unwrap_or(u64::MAX);
+        (sys::monotonic_ns().saturating_sub(look.last_active_ns) > idle_ns)
+            .then_some(End::IdleTimeout)
+    }
+
+    /// When a quiet session looks again: at its idle deadline, or `MAX_SLEEP`.
+    fn quiet_until(&self, last_active_ns: u64) -> Instant {
+        let idle_ns = u64::try_from(self.options.idle_timeout.as_nanos()).unwrap_or(u64::MAX);
+        let deadline_ns = last_active_ns.saturating_add(idle_ns);
+        // A millisecond late, so the look finds the timeout passed rather than just short.
+        let until_idle = Duration::from_nanos(deadline_ns.saturating_sub(sys::monotonic_ns()))
+            + Duration::from_millis(1);
+        Instant::now() + until_idle.min(MAX_SLEEP)
+    }
+
+    fn outcome(&self, end: End) -> Outcome {
+        let end = match end {
+            End::Error { error, .. } if error.get_ref().is_some_and(|e| e.is::<BrokenStream>()) => {
+                End::Broken
+            }
+            other => other,
+        };
+        let [up, down] = &self.dirs;
+        Outcome {
+            carrier: Carrier::Kernel,
+            bytes_up: up.redirected + up.copied,
+            bytes_down: down.redirected + down.copied,
+            userspace_bytes: up.copied + down.copied,
+            diverted: self.dirs.iter().any(|d| d.over_budget_seen > 0),
+            end,
+        }
+    }
+
+    /// Passes a reset on (RST, not FIN, to the surviving side) and checks the kernel's
+    /// accounting.
+    fn close(&self, end: &End) {
+        if matches!(end, End::Reset { .. } | End::Broken) {
+            for d in &self.dirs {
+                let _ = sys::set_linger_zero(d.src.as_fd());
+            }
+        }
+        check_kernel_accounting(self.datapath, &self.dirs, self.metrics);
+    }
+}
+
+/// The verdict met a segment it could not make exact and dropped it.
+#[derive(Debug, thiserror::Error)]
+#[error("the kernel could not cut a retransmitted segment's repeated bytes")]
+struct BrokenStream;
 
 /// Every byte a socket received meets the verdict once: redirected plus passed equals what
 /// TCP received (plus one for a FIN), once the verdict has cut the repeated fronts of
@@ -302,6 +375,9 @@ fn check_kernel_accounting(datapath: &Datapath, dirs: &[Direction<'_>], metrics:
                 segments = counters.trimmed_segments,
                 "cut repeated bytes from retransmitted segments"
             );
+        }
+        if counters.events_lost > 0 {
+            metrics::add(&metrics.kernel_events_lost, counters.events_lost);
         }
         let seen = counters.redirected_bytes + counters.passed_bytes;
         // `received` counts a FIN's sequence number too (a reset takes none).
@@ -324,23 +400,33 @@ fn check_kernel_accounting(datapath: &Datapath, dirs: &[Direction<'_>], metrics:
     }
 }
 
-fn check_resets(client: &TcpStream, upstream: &TcpStream) -> Option<End> {
-    for stream in [client, upstream] {
-        match sys::take_socket_error(stream.as_fd()) {
+/// A pending socket error on either side: that side was reset.
+fn check_resets(dirs: &[Direction<'_>; 2]) -> Option<End> {
+    for d in dirs {
+        let side = Side::of(d.side);
+        match sys::take_socket_error(d.src.as_fd()) {
             Ok(Some(err)) => {
-                tracing::debug!(%err, "socket error: treating as reset");
-                return Some(End::Reset);
+                tracing::debug!(%err, ?side, "socket error: treating as reset");
+                return Some(End::Reset { side: Some(side) });
             }
             Ok(None) => {}
-            Err(err) => return Some(End::Error(format!("SO_ERROR: {err}"))),
+            Err(error) => {
+                return Some(End::Error {
+                    side: Some(side),
+                    error,
+                });
+            }
         }
     }
     None
 }
 
 struct StepOutcome {
-    /// Bytes wait in userspace's queue until the sink's kernel backlog drains.
-    waiting_to_copy: bool,
+    /// This direction needs another look soon: bytes to copy, a backlog to drain before a
+    /// FIN, or a lag budget the sink has not yet made room in.
+    attention: bool,
+    /// The direction runs through userspace: its arriving bytes are ours to copy.
+    on_userspace: bool,
     copied: u64,
     /// The source's kernel counters as read in this step (none once the direction is shut).
     counters: Option<SockCounters>,
@@ -354,7 +440,8 @@ async fn step(
     metrics: &L4Metrics,
 ) -> io::Result<StepOutcome> {
     let mut outcome = StepOutcome {
-        waiting_to_copy: false,
+        attention: false,
+        on_userspace: false,
         copied: 0,
         counters: None,
     };
@@ -367,15 +454,10 @@ async fn step(
     let in_kernel = counters.passed_bytes == d.passed_mark
         && !d.diverted
         && counters.over_budget == d.over_budget_seen;
-    if in_kernel
-        && !d.eof
-        && counters
-            .redirected_bytes
-            .saturating_add(options.max_lag / 2)
-            < d.limit
-    {
+    if in_kernel && !d.eof && counters.redirected_bytes < d.refresh_at {
         // The kernel carries this direction well inside its budget: nothing to copy, and
-        // the budget needs no move yet (so the sink's counters need no syscalls).
+        // the budget needs no move yet (so the sink's counters need no syscalls). The
+        // verdict reports when it reaches the refresh mark.
         return Ok(outcome);
     }
     let sink = sys::tcp_bytes(d.sink.as_fd())?;
@@ -408,9 +490,7 @@ async fn step(
         );
         if backlog == 0 {
             // The kernel's bytes are all in the sink: ours may follow without reordering.
-            let n = copy_ready_bytes(d).await?;
-            outcome.copied = n;
-            metrics::add(&metrics.userspace_payload_bytes, n);
+            outcome.copied = copy_ready_bytes(d).await?;
             // Back to the kernel only once the sink's peer has acknowledged most of what
             // it was sent: a large send buffer empties the backlog long before that, and
             // resuming then would spend the budget at once and divert again.
@@ -420,44 +500,61 @@ async fn step(
             }
         }
         // Passed bytes not yet copied (we wait for the backlog, the sink, or more to read).
-        outcome.waiting_to_copy = (counters.passed_bytes > d.read && !d.eof)
+        outcome.attention = (counters.passed_bytes > d.read && !d.eof)
             || !d.pending.is_empty()
             || backlog > 0
             || d.diverted;
+        outcome.on_userspace = d.diverted || counters.passed_bytes != d.passed_mark;
     } else {
-        // Move the budget along with what the sink's peer has acknowledged (not merely
-        // what entered the send buffer: spliced sockets have large ones, see
-        // `SPLICE_SNDBUF`, and the budget must bound them too); skip small moves to save
-        // map updates. Our own copies are in the count too, hence the subtraction.
-        let sink_acked = sink.acked.saturating_sub(d.sink_base);
-        let limit = sink_acked
-            .saturating_sub(d.copied)
-            .saturating_add(options.max_lag);
-        if limit >= d.limit.saturating_add(options.max_lag / 8) {
-            datapath.set_redirect_limit(d.src_cookie, d.sink_cookie, limit, d.passed_mark)?;
-            d.limit = limit;
-        }
+        move_budget(datapath, d, sink.acked, options.max_lag)?;
+        // Still past the refresh mark: the sink has not made room yet, so look again soon
+        // (the verdict reports a crossing only once).
+        outcome.attention = !d.eof && d.redirected >= d.refresh_at;
     }
 
-    if d.eof {
-        let src = sys::tcp_bytes(d.src.as_fd())?;
-        let counters = datapath.counters(d.src_cookie)?;
-        d.redirected = counters.redirected_bytes;
-        // The FIN takes one sequence number; every byte before it must have met the verdict
-        // (or been read by us), been copied if passed, and left the sink's backlog.
-        let accounted = counters.redirected_bytes + counters.passed_bytes.max(d.read) + 1;
-        let all_seen = accounted >= src.received;
-        let all_copied = d.read >= counters.passed_bytes && d.pending.is_empty();
-        let flushed =
-            sys::tcp_bytes(d.sink.as_fd())?.written() >= counters.redirected_bytes + d.copied;
-        if all_seen && all_copied && flushed {
-            sys::shutdown_write(d.sink.as_fd())?;
-            d.shut = true;
-        } else {
-            outcome.waiting_to_copy = true;
-        }
+    if d.eof && !pass_on_fin(datapath, d)? {
+        outcome.attention = true;
     }
     Ok(outcome)
+}
+
+/// Moves the budget along with what the sink's peer has acknowledged (not merely what
+/// entered the send buffer: spliced sockets have large ones, see `SPLICE_SNDBUF`, and the
+/// budget must bound them too); skips small moves to save map updates. Our own copies are
+/// in the count too, hence the subtraction.
+fn move_budget(
+    datapath: &Datapath,
+    d: &mut Direction<'_>,
+    sink_acked: u64,
+    max_lag: u64,
+) -> io::Result<()> {
+    let limit = sink_acked
+        .saturating_sub(d.sink_base)
+        .saturating_sub(d.copied)
+        .saturating_add(max_lag);
+    if limit >= d.limit.saturating_add(max_lag / 8) {
+        d.set_link(datapath, limit, max_lag, d.passed_mark)?;
+    }
+    Ok(())
+}
+
+/// Shuts the sink's write side once every byte before `src`'s FIN has reached it: met
+/// the verdict (or been read by us), been copied if passed, and left the sink's backlog.
+/// Returns whether it did.
+fn pass_on_fin(datapath: &Datapath, d: &mut Direction<'_>) -> io::Result<bool> {
+    let src = sys::tcp_bytes(d.src.as_fd())?;
+    let counters = datapath.counters(d.src_cookie)?;
+    d.redirected = counters.redirected_bytes;
+    // The FIN takes one sequence number.
+    let accounted = counters.redirected_bytes + counters.passed_bytes.max(d.read) + 1;
+    let all_seen = accounted >= src.received;
+    let all_copied = d.read >= counters.passed_bytes && d.pending.is_empty();
+    let flushed = sys::tcp_bytes(d.sink.as_fd())?.written() >= counters.redirected_bytes + d.copied;
+    if all_seen && all_copied && flushed {
+        sys::shutdown_write(d.sink.as_fd())?;
+        d.shut = true;
+    }
+    Ok(d.shut)
 }
 
 /// Hands a paused direction back to the kernel once userspace has read (and written out)
@@ -493,9 +590,7 @@ fn try_resume(
         let limit = sink_acked
             .saturating_sub(d.copied)
             .saturating_add(options.max_lag);
-        datapath.set_redirect_limit(d.src_cookie, d.sink_cookie, limit, now.passed_bytes)?;
-        d.limit = limit;
-        d.passed_mark = now.passed_bytes;
+        d.set_link(datapath, limit, options.max_lag, now.passed_bytes)?;
         d.diverted = false;
         metrics::add(&metrics.resumed_kernel, 1);
         tracing::debug!("peer caught up; direction back on the kernel path");
@@ -533,7 +628,7 @@ fn write_now(d: &mut Direction<'_>, bytes: &[u8]) -> io::Result<u64> {
 
 /// Sends what is pending first; then one read from `src` (without waiting), sent on as far
 /// as `sink` takes it. Never waits for the sink.
-async fn copy_once(d: &mut Direction<'_>, buf: &mut [u8]) -> io::Result<Read> {
+fn copy_once(d: &mut Direction<'_>, buf: &mut [u8]) -> io::Result<Read> {
     let mut flushed = 0;
     if !d.pending.is_empty() {
         let pending = std::mem::take(&mut d.pending);
@@ -576,9 +671,11 @@ async fn copy_ready_bytes(d: &mut Direction<'_>) -> io::Result<u64> {
     let mut buf = vec![0u8; COPY_BUF];
     let mut total = 0u64;
     loop {
-        match copy_once(d, &mut buf).await? {
+        match copy_once(d, &mut buf)? {
             Read::Copied(n) => total += n,
             Read::Empty | Read::Eof | Read::SinkFull => return Ok(total),
         }
+        // A long copy yields now and then, so one busy direction does not hold a worker.
+        tokio::task::yield_now().await;
     }
 }
