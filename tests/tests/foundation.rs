@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::time::Duration;
 
-use forwarder::ebpf::{Datapath, LoadOptions};
+use forwarder::ebpf::{Datapath, LoadOptions, SplicedPair};
 use forwarder_tests::*;
 
 const PAYLOAD: usize = 64 << 20;
@@ -27,8 +27,11 @@ fn kernel_splice_carries_64_mib_each_way_with_matching_counters() {
     server.write_all(&early_from_server).unwrap();
     std::thread::sleep(Duration::from_millis(50));
 
-    let pair = datapath
+    let pair = SplicedPair::of(proxy_client_side.as_fd(), proxy_upstream_side.as_fd())
+        .expect("socket cookies");
+    datapath
         .splice(
+            pair,
             proxy_client_side.as_fd(),
             proxy_upstream_side.as_fd(),
             forwarder_common::NO_LIMIT,
