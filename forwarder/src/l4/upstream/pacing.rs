@@ -1,0 +1,377 @@
+//! Pacing of new upstream connections per backend, for reconnect storms: after a network
+//! flap or a restart thousands of devices reconnect at once, IoT Hub throttles new
+//! connections per unit (S1 12/s per unit with a floor of 100/s, S2 120/s, S3 6,000/s)
+//! and rejects the excess, and the rejected devices back off and retry for minutes. Held
+//! here in a bounded queue and released at a steady rate, they get through the first time.
+//!
+//! The limiter is a token bucket (rate R per second, burst B = max(1, R/10)) written as
+//! GCRA "virtual scheduling": one instant, `next`, is the theoretical time of the next
+//! connect at an empty bucket. A connect reserves its slot under a mutex, in arrival order
+//! (so waiters form a FIFO), and sleeps until that slot: no polling, no wake-up but its
+//! own. Over any window of T seconds at most B + R*T connects are released.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::metrics::{self, BackendMetrics};
+
+/// The burst is this fraction of a second's rate (at least one connect): enough to serve
+/// a lone device at once, too little for the hub to see a spike.
+pub const BURST_DIVISOR: u32 = 10;
+
+/// A backend's pacing settings (`max_new_connections_per_sec`, `connect_queue`,
+/// `queue_timeout_ms`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PacingLimits {
+    /// New connections per second, at most (> 0).
+    pub rate_per_sec: u32,
+    /// Devices that may wait for a slot at once; more are refused at once.
+    pub queue: u32,
+    /// Longest wait for a slot; a device whose slot is further away is refused at once.
+    pub queue_timeout: Duration,
+}
+
+impl PacingLimits {
+    /// Connects released at once after a quiet spell.
+    pub fn burst(&self) -> u32 {
+        (self.rate_per_sec / BURST_DIVISOR).max(1)
+    }
+
+    /// Time between two slots, rounded up to the nanosecond so the rate is never exceeded.
+    pub fn interval(&self) -> Duration {
+        let rate = u64::from(self.rate_per_sec.max(1));
+        Duration::from_nanos(1_000_000_000u64.div_ceil(rate))
+    }
+
+    /// How far ahead of its theoretical time a slot may be given: what makes the burst.
+    fn tolerance(&self) -> Duration {
+        self.interval() * (self.burst() - 1)
+    }
+}
+
+/// Why a device was refused instead of queued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// `connect_queue` devices are already waiting.
+    QueueFull,
+    /// The next free slot is further away than `queue_timeout_ms`.
+    QueueTimeout,
+}
+
+/// The outcome of one reservation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Decision {
+    Go,
+    WaitUntil(Instant),
+    Refuse(Refusal),
+}
+
+/// What the mutex guards: the schedule and the number of devices sleeping on it.
+#[derive(Debug, Default)]
+struct Schedule {
+    /// Theoretical time of the next connect (GCRA's TAT); `None` before the first one.
+    next: Option<Instant>,
+    /// Devices holding a future slot and sleeping until it.
+    waiting: u32,
+}
+
+impl Schedule {
+    /// Reserves a slot for a connect asked for at `now`, or refuses it. A refusal takes
+    /// nothing: the schedule is unchanged, so refused devices cost later ones no time.
+    fn reserve(&mut self, limits: &PacingLimits, now: Instant) -> Decision {
+        let start = self.next.map_or(now, |next| next.max(now));
+        let slot = start
+            .checked_sub(limits.tolerance())
+            .map_or(now, |early| early.max(now));
+        if slot > now {
+            if self.waiting >= limits.queue {
+                return Decision::Refuse(Refusal::QueueFull);
+            }
+            if slot - now > limits.queue_timeout {
+                return Decision::Refuse(Refusal::QueueTimeout);
+            }
+            self.waiting += 1;
+        }
+        self.next = Some(start + limits.interval());
+        if slot > now {
+            Decision::WaitUntil(slot)
+        } else {
+            Decision::Go
+        }
+    }
+}
+
+/// Paces one backend's new connections (shared by every frontend using the backend).
+#[derive(Debug)]
+pub struct Pacer {
+    limits: PacingLimits,
+    schedule: Mutex<Schedule>,
+}
+
+impl Pacer {
+    pub fn new(limits: PacingLimits) -> Self {
+        Self {
+            limits,
+            schedule: Mutex::default(),
+        }
+    }
+
+    pub fn limits(&self) -> PacingLimits {
+        self.limits
+    }
+
+    /// Returns when this connect may go (at once, or after sleeping until its slot), or
+    /// refuses it. Counted in `metrics`; `connect_queue_depth` holds the sleepers.
+    pub async fn admit(&self, metrics: &BackendMetrics) -> Result<(), Refusal> {
+        let decision = self.lock().reserve(&self.limits, Instant::now());
+        match decision {
+            Decision::Go => Ok(()),
+            Decision::WaitUntil(slot) => {
+                metrics::add(&metrics.connects_paced, 1);
+                // Held across the sleep: a device that goes away while waiting (its task
+                // dropped) leaves the queue too. Its slot stays used, which errs on the
+                // hub's side.
+                let _waiter = Waiter::new(self, metrics);
+                tokio::time::sleep_until(slot).await;
+                Ok(())
+            }
+            Decision::Refuse(refusal) => {
+                let counter = match refusal {
+                    Refusal::QueueFull => &metrics.connects_refused_queue_full,
+                    Refusal::QueueTimeout => &metrics.connects_refused_queue_timeout,
+                };
+                metrics::add(counter, 1);
+                Err(refusal)
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Schedule> {
+        // The schedule stays consistent even if a holder panicked: every update is one
+        // assignment.
+        self.schedule.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One device sleeping for its slot: counted in the queue until dropped.
+struct Waiter<'a> {
+    pacer: &'a Pacer,
+    metrics: &'a BackendMetrics,
+}
+
+impl<'a> Waiter<'a> {
+    /// `Schedule::reserve` already counted it in `waiting`; this mirrors it in the gauge.
+    fn new(pacer: &'a Pacer, metrics: &'a BackendMetrics) -> Self {
+        metrics::add(&metrics.connect_queue_depth, 1);
+        Self { pacer, metrics }
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        let mut schedule = self.pacer.lock();
+        schedule.waiting = schedule.waiting.saturating_sub(1);
+        metrics::sub(&self.metrics.connect_queue_depth, 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(rate_per_sec: u32, queue: u32, timeout_ms: u64) -> PacingLimits {
+        PacingLimits {
+            rate_per_sec,
+            queue,
+            queue_timeout: Duration::from_millis(timeout_ms),
+        }
+    }
+
+    /// Offsets from `t0` of the slots given to `n` connects asked for at `t0`, none of
+    /// them released (the queue is large enough).
+    fn slots_at_once(limits: &PacingLimits, n: usize) -> Vec<Duration> {
+        let t0 = Instant::now();
+        let mut schedule = Schedule::default();
+        (0..n)
+            .map(|_| match schedule.reserve(limits, t0) {
+                Decision::Go => Duration::ZERO,
+                Decision::WaitUntil(slot) => slot - t0,
+                Decision::Refuse(r) => panic!("refused: {r:?}"),
+            })
+            .collect()
+    }
+
+    /// The most slots inside any closed window `[s, s + width]`.
+    fn max_in_window(slots: &[Duration], width: Duration) -> usize {
+        let mut sorted = slots.to_vec();
+        sorted.sort();
+        let mut best = 0;
+        let mut first = 0;
+        for last in 0..sorted.len() {
+            while sorted[last] - sorted[first] > width {
+                first += 1;
+            }
+            best = best.max(last - first + 1);
+        }
+        best
+    }
+
+    #[test]
+    fn burst_and_interval_follow_the_rate() {
+        let l = limits(500, 10_000, 30_000);
+        assert_eq!((l.burst(), l.interval()), (50, Duration::from_millis(2)));
+        assert_eq!(limits(1, 1, 1).burst(), 1);
+        assert_eq!(limits(6_000, 1, 1).burst(), 600);
+        // 1/3 s is not a whole number of nanoseconds: rounded up, never faster than asked.
+        assert_eq!(
+            limits(3, 1, 1).interval(),
+            Duration::from_nanos(333_333_334)
+        );
+    }
+
+    #[test]
+    fn a_storm_gets_the_burst_at_once_then_one_slot_per_interval() {
+        let l = limits(500, 10_000, 30_000);
+        let slots = slots_at_once(&l, 2_000);
+        assert!(
+            slots[..50].iter().all(|s| s.is_zero()),
+            "the burst goes at once"
+        );
+        for (k, slot) in slots.iter().enumerate().skip(50) {
+            let expected = Duration::from_millis(2) * u32::try_from(k - 49).unwrap();
+            assert_eq!(*slot, expected, "connect {k}");
+        }
+        // Any one second: the burst plus one second's rate, and no more.
+        assert_eq!(max_in_window(&slots, Duration::from_secs(1)), 550);
+        assert_eq!(slots[1_999], Duration::from_millis(3_900));
+    }
+
+    #[test]
+    fn arrivals_spread_over_time_never_beat_burst_plus_rate() {
+        let l = limits(100, u32::MAX, 3_600_000);
+        let t0 = Instant::now();
+        let mut schedule = Schedule::default();
+        let mut slots = Vec::new();
+        // Irregular arrivals: bunches, gaps, idle spells (a fixed pseudo-random walk).
+        let mut at = Duration::ZERO;
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        for _ in 0..5_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            at += Duration::from_micros(seed % 40_000);
+            match schedule.reserve(&l, t0 + at) {
+                Decision::Go => slots.push(at),
+                Decision::WaitUntil(slot) => {
+                    slots.push(slot - t0);
+                    // Released at its slot (the queue bookkeeping is the Waiter's job).
+                    schedule.waiting -= 1;
+                }
+                Decision::Refuse(r) => panic!("refused: {r:?}"),
+            }
+        }
+        for width_ms in [10, 100, 1_000, 5_000] {
+            let width = Duration::from_millis(width_ms);
+            let bound = 10 + usize::try_from(width_ms / 10).unwrap();
+            let seen = max_in_window(&slots, width);
+            assert!(seen <= bound, "{seen} slots in {width:?}, bound {bound}");
+        }
+    }
+
+    #[test]
+    fn a_full_queue_refuses_at_once_and_takes_no_slot() {
+        let l = limits(1, 5, 30_000);
+        let t0 = Instant::now();
+        let mut schedule = Schedule::default();
+        let decisions: Vec<Decision> = (0..20).map(|_| schedule.reserve(&l, t0)).collect();
+        assert_eq!(decisions[0], Decision::Go);
+        for (k, d) in decisions.iter().enumerate().take(6).skip(1) {
+            let secs = u64::try_from(k).unwrap();
+            assert_eq!(*d, Decision::WaitUntil(t0 + Duration::from_secs(secs)));
+        }
+        assert!(
+            decisions[6..]
+                .iter()
+                .all(|d| *d == Decision::Refuse(Refusal::QueueFull))
+        );
+        // One waiter leaves: the next device gets the slot after the last one given.
+        schedule.waiting -= 1;
+        assert_eq!(
+            schedule.reserve(&l, t0),
+            Decision::WaitUntil(t0 + Duration::from_secs(6))
+        );
+    }
+
+    #[test]
+    fn a_slot_beyond_the_queue_timeout_is_refused() {
+        let l = limits(2, 100, 1_200);
+        let t0 = Instant::now();
+        let mut schedule = Schedule::default();
+        let decisions: Vec<Decision> = (0..10).map(|_| schedule.reserve(&l, t0)).collect();
+        assert_eq!(decisions[0], Decision::Go);
+        assert_eq!(
+            decisions[1],
+            Decision::WaitUntil(t0 + Duration::from_millis(500))
+        );
+        assert_eq!(
+            decisions[2],
+            Decision::WaitUntil(t0 + Duration::from_millis(1_000))
+        );
+        assert!(
+            decisions[3..]
+                .iter()
+                .all(|d| *d == Decision::Refuse(Refusal::QueueTimeout))
+        );
+        // Later, the schedule has room again.
+        assert_eq!(
+            schedule.reserve(&l, t0 + Duration::from_millis(1_400)),
+            Decision::WaitUntil(t0 + Duration::from_millis(1_500))
+        );
+    }
+
+    #[test]
+    fn an_idle_spell_refills_the_burst_and_no_more() {
+        let l = limits(100, 1_000, 30_000);
+        let t0 = Instant::now();
+        let mut schedule = Schedule::default();
+        for _ in 0..500 {
+            schedule.reserve(&l, t0);
+        }
+        let later = t0 + Duration::from_secs(60);
+        schedule.waiting = 0;
+        let goes = (0..100)
+            .filter(|_| schedule.reserve(&l, later) == Decision::Go)
+            .count();
+        assert_eq!(
+            goes, 10,
+            "after an idle minute: the burst, not a minute's worth"
+        );
+    }
+
+    #[tokio::test]
+    async fn admit_sleeps_until_the_slot_and_counts() {
+        let pacer = std::sync::Arc::new(Pacer::new(limits(10, 1, 30_000)));
+        let counters = std::sync::Arc::new(BackendMetrics::default());
+        let t0 = Instant::now();
+        pacer.admit(&counters).await.unwrap();
+        assert!(
+            t0.elapsed() < Duration::from_millis(50),
+            "the burst of one goes at once"
+        );
+        let (p, m) = (pacer.clone(), counters.clone());
+        let waiter = tokio::spawn(async move { p.admit(&m).await });
+        tokio::task::yield_now().await;
+        assert_eq!(metrics::get(&counters.connect_queue_depth), 1);
+        assert_eq!(pacer.admit(&counters).await, Err(Refusal::QueueFull));
+        waiter.await.unwrap().unwrap();
+        assert!(
+            t0.elapsed() >= Duration::from_millis(100),
+            "released before its slot"
+        );
+        assert_eq!(metrics::get(&counters.connect_queue_depth), 0);
+        assert_eq!(metrics::get(&counters.connects_paced), 1);
+        assert_eq!(metrics::get(&counters.connects_refused_queue_full), 1);
+    }
+}
