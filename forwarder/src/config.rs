@@ -426,33 +426,7 @@ impl Config {
                 self.instance
             ));
         }
-        let mut backends = HashSet::new();
-        for b in &self.backends {
-            if !backends.insert(b.name.as_str()) {
-                return invalid(format!("backend {:?} is defined twice", b.name));
-            }
-            if b.servers.is_empty() {
-                return invalid(format!("backend {:?} has no servers", b.name));
-            }
-            for s in &b.servers {
-                if s.address
-                    .rsplit_once(':')
-                    .and_then(|(_, p)| p.parse::<u16>().ok())
-                    .is_none()
-                {
-                    return invalid(format!(
-                        "backend {:?}: server address {:?} is not host:port",
-                        b.name, s.address
-                    ));
-                }
-            }
-            if b.servers.iter().all(|s| s.weight == 0) {
-                return invalid(format!("backend {:?}: every server has weight 0", b.name));
-            }
-            if let Some(problem) = b.pacing_problem() {
-                return invalid(problem);
-            }
-        }
+        let backends = self.validate_backends()?;
         let mut names = HashSet::new();
         let mut binds = HashSet::new();
         for f in &self.frontends {
@@ -506,6 +480,39 @@ impl Config {
             crate::xdp::validate(xdp).map_err(ConfigError::Invalid)?;
         }
         Ok(())
+    }
+
+    /// Each backend on its own; returns the backend names, for the frontends' references.
+    fn validate_backends(&self) -> Result<HashSet<&str>, ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        let mut backends = HashSet::new();
+        for b in &self.backends {
+            if !backends.insert(b.name.as_str()) {
+                return invalid(format!("backend {:?} is defined twice", b.name));
+            }
+            if b.servers.is_empty() {
+                return invalid(format!("backend {:?} has no servers", b.name));
+            }
+            for s in &b.servers {
+                if s.address
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<u16>().ok())
+                    .is_none()
+                {
+                    return invalid(format!(
+                        "backend {:?}: server address {:?} is not host:port",
+                        b.name, s.address
+                    ));
+                }
+            }
+            if b.servers.iter().all(|s| s.weight == 0) {
+                return invalid(format!("backend {:?}: every server has weight 0", b.name));
+            }
+            if let Some(problem) = b.pacing_problem() {
+                return invalid(problem);
+            }
+        }
+        Ok(backends)
     }
 
     fn validate_originate_frontend(&self, f: &Frontend) -> Result<(), ConfigError> {

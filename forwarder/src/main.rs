@@ -106,6 +106,24 @@ fn init_logging(json: bool) {
     }
 }
 
+/// `forwarder check`: validates, prints the warnings, then what each backend's connect
+/// pacing will be (so an operator sees the defaults that apply).
+fn check(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    for w in config.warnings() {
+        println!("warning: {w}");
+    }
+    println!(
+        "ok: {} frontend(s), {} backend(s)",
+        config.frontends.len(),
+        config.backends.len()
+    );
+    for b in &config.backends {
+        println!("{}", b.pacing_summary());
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -121,21 +139,7 @@ async fn main() -> anyhow::Result<()> {
             forwarder::inspect::print_maps(&Pinned::open(&i.instance)?, i.json, &mut stdout())
         }
         Command::Xdp { command } => forwarder::xdp::cli::run(command, &mut std::io::stdout()),
-        Command::Check { config } => {
-            let config = Config::load(&config)?;
-            for w in config.warnings() {
-                println!("warning: {w}");
-            }
-            println!(
-                "ok: {} frontend(s), {} backend(s)",
-                config.frontends.len(),
-                config.backends.len()
-            );
-            for b in &config.backends {
-                println!("{}", b.pacing_summary());
-            }
-            Ok(())
-        }
+        Command::Check { config } => check(&config),
         Command::Run {
             config,
             hub,

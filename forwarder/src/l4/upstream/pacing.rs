@@ -5,10 +5,12 @@
 //! here in a bounded queue and released at a steady rate, they get through the first time.
 //!
 //! The limiter is a token bucket (rate R per second, burst B = max(1, R/10)) written as
-//! GCRA "virtual scheduling": one instant, `next`, is the theoretical time of the next
+//! GCRA "virtual scheduling": one instant per bucket, the theoretical time of the next
 //! connect at an empty bucket. A connect reserves its slot under a mutex, in arrival order
 //! (so waiters form a FIFO), and sleeps until that slot: no polling, no wake-up but its
-//! own. Over any window of T seconds at most B + R*T connects are released.
+//! own. At wake-up it is checked against a second bucket kept in real release times, so
+//! waiters woken late together (a stalled runtime) cannot go as a spike. Over any window
+//! of T seconds at most B + R*T connects are released.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -68,11 +70,34 @@ enum Decision {
     Refuse(Refusal),
 }
 
-/// What the mutex guards: the schedule and the number of devices sleeping on it.
+/// One GCRA bucket: `tat` is the theoretical time of the next connect at an empty bucket
+/// (`None` before the first connect).
+#[derive(Clone, Copy, Debug, Default)]
+struct Bucket {
+    tat: Option<Instant>,
+}
+
+impl Bucket {
+    /// The earliest instant, not before `now`, at which one more connect conforms, and
+    /// the bucket's `tat` once that connect is taken.
+    fn next_slot(&self, limits: &PacingLimits, now: Instant) -> (Instant, Instant) {
+        let start = self.tat.map_or(now, |tat| tat.max(now));
+        let slot = start
+            .checked_sub(limits.tolerance())
+            .map_or(now, |early| early.max(now));
+        (slot, start + limits.interval())
+    }
+}
+
+/// What the mutex guards. Two buckets of the same rate: `booked` hands out slots when
+/// devices arrive (what the queue and its timeout are judged by), `released` counts
+/// connects when they really go. They agree while waiters wake on time; after a stall
+/// (the agent's threads busy or descheduled) the overdue waiters wake together, and
+/// `released` holds them to the burst instead of letting them all connect at once.
 #[derive(Debug, Default)]
 struct Schedule {
-    /// Theoretical time of the next connect (GCRA's TAT); `None` before the first one.
-    next: Option<Instant>,
+    booked: Bucket,
+    released: Bucket,
     /// Devices holding a future slot and sleeping until it.
     waiting: u32,
 }
@@ -81,25 +106,34 @@ impl Schedule {
     /// Reserves a slot for a connect asked for at `now`, or refuses it. A refusal takes
     /// nothing: the schedule is unchanged, so refused devices cost later ones no time.
     fn reserve(&mut self, limits: &PacingLimits, now: Instant) -> Decision {
-        let start = self.next.map_or(now, |next| next.max(now));
-        let slot = start
-            .checked_sub(limits.tolerance())
-            .map_or(now, |early| early.max(now));
-        if slot > now {
-            if self.waiting >= limits.queue {
-                return Decision::Refuse(Refusal::QueueFull);
-            }
-            if slot - now > limits.queue_timeout {
-                return Decision::Refuse(Refusal::QueueTimeout);
-            }
-            self.waiting += 1;
+        let (slot, booked) = self.booked.next_slot(limits, now);
+        let (release, released) = self.released.next_slot(limits, now);
+        if slot <= now && release <= now {
+            self.booked.tat = Some(booked);
+            self.released.tat = Some(released);
+            return Decision::Go;
         }
-        self.next = Some(start + limits.interval());
-        if slot > now {
-            Decision::WaitUntil(slot)
-        } else {
-            Decision::Go
+        let slot = slot.max(release);
+        if self.waiting >= limits.queue {
+            return Decision::Refuse(Refusal::QueueFull);
         }
+        if slot - now > limits.queue_timeout {
+            return Decision::Refuse(Refusal::QueueTimeout);
+        }
+        self.waiting += 1;
+        self.booked.tat = Some(booked);
+        Decision::WaitUntil(slot)
+    }
+
+    /// A waiter woke at `now`: it goes if one more connect conforms now, else it learns
+    /// when to look again.
+    fn release(&mut self, limits: &PacingLimits, now: Instant) -> Result<(), Instant> {
+        let (release, released) = self.released.next_slot(limits, now);
+        if release > now {
+            return Err(release);
+        }
+        self.released.tat = Some(released);
+        Ok(())
     }
 }
 
@@ -126,24 +160,29 @@ impl Pacer {
     /// refuses it. Counted in `metrics`; `connect_queue_depth` holds the sleepers.
     pub async fn admit(&self, metrics: &BackendMetrics) -> Result<(), Refusal> {
         let decision = self.lock().reserve(&self.limits, Instant::now());
-        match decision {
-            Decision::Go => Ok(()),
-            Decision::WaitUntil(slot) => {
-                metrics::add(&metrics.connects_paced, 1);
-                // Held across the sleep: a device that goes away while waiting (its task
-                // dropped) leaves the queue too. Its slot stays used, which errs on the
-                // hub's side.
-                let _waiter = Waiter::new(self, metrics);
-                tokio::time::sleep_until(slot).await;
-                Ok(())
-            }
+        let slot = match decision {
+            Decision::Go => return Ok(()),
+            Decision::WaitUntil(slot) => slot,
             Decision::Refuse(refusal) => {
                 let counter = match refusal {
                     Refusal::QueueFull => &metrics.connects_refused_queue_full,
                     Refusal::QueueTimeout => &metrics.connects_refused_queue_timeout,
                 };
                 metrics::add(counter, 1);
-                Err(refusal)
+                return Err(refusal);
+            }
+        };
+        metrics::add(&metrics.connects_paced, 1);
+        // Held across the sleep: a device that goes away while waiting (its task dropped)
+        // leaves the queue too. Its slot stays used, which errs on the hub's side.
+        let _waiter = Waiter::new(self, metrics);
+        let mut at = slot;
+        loop {
+            tokio::time::sleep_until(at).await;
+            let released = self.lock().release(&self.limits, Instant::now());
+            match released {
+                Ok(()) => return Ok(()),
+                Err(later) => at = later,
             }
         }
     }
@@ -249,6 +288,52 @@ mod tests {
     }
 
     #[test]
+    fn waiters_waking_on_time_are_released_at_once() {
+        let l = limits(500, 10_000, 30_000);
+        let t0 = Instant::now();
+        let mut schedule = Schedule::default();
+        let mut slots = Vec::new();
+        for _ in 0..2_000 {
+            if let Decision::WaitUntil(slot) = schedule.reserve(&l, t0) {
+                slots.push(slot);
+            }
+        }
+        assert_eq!(slots.len(), 1_950);
+        for slot in slots {
+            assert_eq!(schedule.release(&l, slot), Ok(()), "at {:?}", slot - t0);
+        }
+    }
+
+    #[test]
+    fn waiters_woken_late_together_go_no_faster_than_the_burst() {
+        let l = limits(100, 1_000, 30_000);
+        let t0 = Instant::now();
+        let mut schedule = Schedule::default();
+        // 10 go at once, 30 wait for slots 10 ms apart (the last at 300 ms).
+        for _ in 0..40 {
+            schedule.reserve(&l, t0);
+        }
+        // The agent stalls for half a second: all 30 are overdue when it resumes.
+        let resumed = t0 + Duration::from_millis(500);
+        let went = (0..30)
+            .filter(|_| schedule.release(&l, resumed).is_ok())
+            .count();
+        assert_eq!(
+            went, 10,
+            "a stall must not turn into a spike: the burst goes, no more"
+        );
+        assert_eq!(
+            schedule.release(&l, resumed),
+            Err(resumed + Duration::from_millis(10))
+        );
+        // A newcomer during the catch-up waits too, although the booked schedule is idle.
+        assert_eq!(
+            schedule.reserve(&l, resumed),
+            Decision::WaitUntil(resumed + Duration::from_millis(10))
+        );
+    }
+
+    #[test]
     fn arrivals_spread_over_time_never_beat_burst_plus_rate() {
         let l = limits(100, u32::MAX, 3_600_000);
         let t0 = Instant::now();
@@ -265,8 +350,9 @@ mod tests {
             match schedule.reserve(&l, t0 + at) {
                 Decision::Go => slots.push(at),
                 Decision::WaitUntil(slot) => {
+                    // Wakes on time and goes (the queue bookkeeping is the Waiter's job).
+                    assert_eq!(schedule.release(&l, slot), Ok(()));
                     slots.push(slot - t0);
-                    // Released at its slot (the queue bookkeeping is the Waiter's job).
                     schedule.waiting -= 1;
                 }
                 Decision::Refuse(r) => panic!("refused: {r:?}"),
