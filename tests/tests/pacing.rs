@@ -275,6 +275,8 @@ async fn a_storm_of_2000_devices_reaches_the_upstream_at_the_paced_rate() {
     let agent = paced_agent(upstream.addr, 500).await;
     let addr: SocketAddr = ([127, 0, 0, 1], agent.port(0)).into();
     let pool = agent.running[0].pools[0].clone();
+    let pacing = pool.pacing().expect("the backend's pool is paced");
+    assert_eq!((pacing.rate_per_sec, pacing.burst()), (500, 50));
     let (stop_watch, peak) = watch_peak(pool.clone());
 
     let started = Instant::now();
