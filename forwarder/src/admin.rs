@@ -1,5 +1,6 @@
 //! The admin HTTP server (off unless `admin = "ADDR"` is set): Prometheus text metrics at
-//! `/metrics`, for every frontend (kept current across reloads) and the XDP guard.
+//! `/metrics`, for every frontend and backend (kept current across reloads) and the XDP
+//! guard.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -18,8 +19,17 @@ use tokio::sync::watch;
 
 use crate::agent::FrontendMetrics;
 
-/// Counters that go up and down (the rest only go up).
-const GAUGES: [&str; 2] = ["active", "websockets_active"];
+/// Counters that go up and down (the rest only go up), of frontends and backends.
+const GAUGES: [&str; 3] = ["active", "websockets_active", "connect_queue_depth"];
+
+/// The metric name and Prometheus type of a counter: `_total` for counters only.
+fn metric_name(prefix: &str, counter: &str) -> (String, &'static str) {
+    if GAUGES.contains(&counter) {
+        (format!("{prefix}{counter}"), "gauge")
+    } else {
+        (format!("{prefix}{counter}_total"), "counter")
+    }
+}
 
 /// What `/metrics` reports: the agent replaces the list on every reload.
 #[derive(Default)]
@@ -72,11 +82,7 @@ impl Registry {
         }
         let mut out = String::new();
         for (counter, samples) in by_counter {
-            let (metric, kind) = if GAUGES.contains(&counter) {
-                (format!("forwarder_{counter}"), "gauge")
-            } else {
-                (format!("forwarder_{counter}_total"), "counter")
-            };
+            let (metric, kind) = metric_name("forwarder_", counter);
             let _ = writeln!(out, "# TYPE {metric} {kind}");
             for (frontend, mode, value) in samples {
                 let _ = writeln!(
@@ -97,8 +103,8 @@ impl Registry {
             }
         }
         for (counter, samples) in by_counter {
-            let metric = format!("forwarder_backend_{counter}_total");
-            let _ = writeln!(out, "# TYPE {metric} counter");
+            let (metric, kind) = metric_name("forwarder_backend_", counter);
+            let _ = writeln!(out, "# TYPE {metric} {kind}");
             for (backend, value) in samples {
                 let _ = writeln!(out, "{metric}{{backend=\"{backend}\"}} {value}");
             }
@@ -201,6 +207,9 @@ mod tests {
         pool.metrics
             .connects
             .store(5, std::sync::atomic::Ordering::Relaxed);
+        pool.metrics
+            .connect_queue_depth
+            .store(3, std::sync::atomic::Ordering::Relaxed);
         registry.set(
             vec![
                 ("mqtt".into(), FrontendMetrics::L4(l4)),
@@ -226,8 +235,18 @@ mod tests {
             text.contains("forwarder_backend_connects_total{backend=\"hub\"} 5"),
             "{text}"
         );
+        // Pacing: the queue depth is a gauge, the refusals are counters.
         assert!(
-            text.contains("forwarder_backend_connects_total{backend=\"hub\"} 5"),
+            text.contains("# TYPE forwarder_backend_connect_queue_depth gauge")
+                && text.contains("forwarder_backend_connect_queue_depth{backend=\"hub\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE forwarder_backend_connects_refused_queue_full_total counter")
+                && text.contains(
+                    "forwarder_backend_connects_refused_queue_timeout_total{backend=\"hub\"} 0"
+                )
+                && text.contains("forwarder_backend_connects_paced_total{backend=\"hub\"} 0"),
             "{text}"
         );
     }

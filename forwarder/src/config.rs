@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
+
+use crate::l4::upstream::pacing::PacingLimits;
 
 #[derive(Debug, Deserialize, Clone, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -127,6 +129,16 @@ pub struct Backend {
     /// HTTP backends: time the hub gets to answer a request's headers (then 504).
     #[serde(default = "default_response_timeout")]
     pub response_timeout_ms: u64,
+    /// New upstream connections per second at most, for reconnect storms (IoT Hub
+    /// throttles new connections per unit and rejects the excess). Absent: no pacing.
+    #[serde(default, deserialize_with = "connect_rate")]
+    pub max_new_connections_per_sec: Option<u32>,
+    /// With pacing: devices that may wait for a connect slot; more are refused at once.
+    #[serde(default = "default_connect_queue", deserialize_with = "connect_queue")]
+    pub connect_queue: u32,
+    /// With pacing: how long a device may wait for its slot before it is refused.
+    #[serde(default = "default_queue_timeout", deserialize_with = "queue_timeout")]
+    pub queue_timeout_ms: u64,
 }
 
 impl Config {
@@ -182,7 +194,55 @@ impl Backend {
             tls_server_name: None,
             ca_file: None,
             response_timeout_ms: default_response_timeout(),
+            max_new_connections_per_sec: None,
+            connect_queue: default_connect_queue(),
+            queue_timeout_ms: default_queue_timeout(),
         }
+    }
+
+    /// The pacing of new connections this backend asks for (`None`: off).
+    pub fn pacing(&self) -> Option<PacingLimits> {
+        self.max_new_connections_per_sec
+            .map(|rate_per_sec| PacingLimits {
+                rate_per_sec,
+                queue: self.connect_queue,
+                queue_timeout: std::time::Duration::from_millis(self.queue_timeout_ms),
+            })
+    }
+
+    /// One line for `forwarder check`: the pacing in force.
+    pub fn pacing_summary(&self) -> String {
+        match self.pacing() {
+            Some(p) => format!(
+                "backend {:?}: max_new_connections_per_sec = {} (burst {}), connect_queue = {}, queue_timeout_ms = {}",
+                self.name,
+                p.rate_per_sec,
+                p.burst(),
+                self.connect_queue,
+                self.queue_timeout_ms
+            ),
+            None => format!(
+                "backend {:?}: max_new_connections_per_sec off (connects are not paced)",
+                self.name
+            ),
+        }
+    }
+
+    /// Out-of-range pacing settings (also refused while parsing, with the line; this
+    /// covers configurations built in code, e.g. `--connect-rate`).
+    fn pacing_problem(&self) -> Option<String> {
+        let checks = [
+            (
+                CONNECT_RATE,
+                self.max_new_connections_per_sec.map(u64::from),
+            ),
+            (CONNECT_QUEUE, Some(u64::from(self.connect_queue))),
+            (QUEUE_TIMEOUT, Some(self.queue_timeout_ms)),
+        ];
+        checks
+            .into_iter()
+            .find_map(|(bounds, value)| bounds.check(value?).err())
+            .map(|m| format!("backend {:?}: {m}", self.name))
     }
 
     /// The name HTTP requests are addressed to: `host`, else the first server's host.
@@ -240,6 +300,84 @@ fn default_response_timeout() -> u64 {
     60_000
 }
 
+/// `connect_queue` when absent: enough devices for a large reconnect storm, each holding
+/// only its accepted socket while it waits.
+pub const DEFAULT_CONNECT_QUEUE: u32 = 10_000;
+/// `queue_timeout_ms` when absent: below the 30-60 s device SDKs give a connect (TLS and
+/// MQTT CONNECT still have to follow).
+pub const DEFAULT_QUEUE_TIMEOUT_MS: u64 = 30_000;
+
+fn default_connect_queue() -> u32 {
+    DEFAULT_CONNECT_QUEUE
+}
+fn default_queue_timeout() -> u64 {
+    DEFAULT_QUEUE_TIMEOUT_MS
+}
+
+/// The accepted range of a numeric setting, and why.
+#[derive(Clone, Copy)]
+struct Bounds {
+    key: &'static str,
+    min: u64,
+    max: u64,
+    why: &'static str,
+}
+
+impl Bounds {
+    fn check(&self, value: u64) -> Result<u64, String> {
+        if (self.min..=self.max).contains(&value) {
+            return Ok(value);
+        }
+        Err(format!(
+            "{} = {value} is out of range {}..={} ({})",
+            self.key, self.min, self.max, self.why
+        ))
+    }
+
+    /// Reads the value and checks it, so the TOML parser's error carries the line.
+    fn read<'de, D: Deserializer<'de>>(&self, d: D) -> Result<u64, D::Error> {
+        let value = u64::deserialize(d)?;
+        self.check(value).map_err(serde::de::Error::custom)
+    }
+}
+
+/// IoT Hub S3 takes 6,000 new connections per second per unit; a million is beyond any hub.
+pub const MAX_CONNECT_RATE: u32 = 1_000_000;
+const CONNECT_RATE: Bounds = Bounds {
+    key: "max_new_connections_per_sec",
+    min: 1,
+    max: MAX_CONNECT_RATE as u64,
+    why: "leave it out to turn pacing off",
+};
+/// Each waiting device holds one socket of the agent.
+const CONNECT_QUEUE: Bounds = Bounds {
+    key: "connect_queue",
+    min: 1,
+    max: 1_000_000,
+    why: "devices waiting for a connect slot",
+};
+/// Beyond ten minutes a device has long given up on its connect.
+const QUEUE_TIMEOUT: Bounds = Bounds {
+    key: "queue_timeout_ms",
+    min: 1,
+    max: 600_000,
+    why: "how long a device may wait for a connect slot",
+};
+
+fn connect_rate<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    let value = CONNECT_RATE.read(d)?;
+    u32::try_from(value)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+fn connect_queue<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let value = CONNECT_QUEUE.read(d)?;
+    u32::try_from(value).map_err(serde::de::Error::custom)
+}
+fn queue_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    QUEUE_TIMEOUT.read(d)
+}
+
 /// Idle timeouts shorter than 1.5x the longest MQTT keep-alive drop healthy devices.
 pub const MIN_SAFE_IDLE_SECS: u64 = 450;
 
@@ -288,30 +426,7 @@ impl Config {
                 self.instance
             ));
         }
-        let mut backends = HashSet::new();
-        for b in &self.backends {
-            if !backends.insert(b.name.as_str()) {
-                return invalid(format!("backend {:?} is defined twice", b.name));
-            }
-            if b.servers.is_empty() {
-                return invalid(format!("backend {:?} has no servers", b.name));
-            }
-            for s in &b.servers {
-                if s.address
-                    .rsplit_once(':')
-                    .and_then(|(_, p)| p.parse::<u16>().ok())
-                    .is_none()
-                {
-                    return invalid(format!(
-                        "backend {:?}: server address {:?} is not host:port",
-                        b.name, s.address
-                    ));
-                }
-            }
-            if b.servers.iter().all(|s| s.weight == 0) {
-                return invalid(format!("backend {:?}: every server has weight 0", b.name));
-            }
-        }
+        let backends = self.validate_backends()?;
         let mut names = HashSet::new();
         let mut binds = HashSet::new();
         for f in &self.frontends {
@@ -365,6 +480,39 @@ impl Config {
             crate::xdp::validate(xdp).map_err(ConfigError::Invalid)?;
         }
         Ok(())
+    }
+
+    /// Each backend on its own; returns the backend names, for the frontends' references.
+    fn validate_backends(&self) -> Result<HashSet<&str>, ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        let mut backends = HashSet::new();
+        for b in &self.backends {
+            if !backends.insert(b.name.as_str()) {
+                return invalid(format!("backend {:?} is defined twice", b.name));
+            }
+            if b.servers.is_empty() {
+                return invalid(format!("backend {:?} has no servers", b.name));
+            }
+            for s in &b.servers {
+                if s.address
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<u16>().ok())
+                    .is_none()
+                {
+                    return invalid(format!(
+                        "backend {:?}: server address {:?} is not host:port",
+                        b.name, s.address
+                    ));
+                }
+            }
+            if b.servers.iter().all(|s| s.weight == 0) {
+                return invalid(format!("backend {:?}: every server has weight 0", b.name));
+            }
+            if let Some(problem) = b.pacing_problem() {
+                return invalid(problem);
+            }
+        }
+        Ok(backends)
     }
 
     fn validate_originate_frontend(&self, f: &Frontend) -> Result<(), ConfigError> {
@@ -488,6 +636,12 @@ impl Config {
             plain.backend = Some("mqtt".into());
             config.frontends.push(plain);
         }
+        // The hub's own backends only: DPS is another service with its own limits.
+        for b in &mut config.backends {
+            if !b.name.starts_with("dps-") {
+                b.max_new_connections_per_sec = extras.connect_rate;
+            }
+        }
         config
     }
 }
@@ -502,6 +656,8 @@ pub struct HubExtras {
     pub dps: bool,
     /// Also accept plain MQTT on 1883 and originate TLS to the hub (legacy devices).
     pub plain_mqtt: bool,
+    /// `max_new_connections_per_sec` of each of the hub's backends (`--connect-rate`).
+    pub connect_rate: Option<u32>,
 }
 
 #[cfg(test)]
@@ -619,9 +775,14 @@ servers = [{ address = "a.azure-devices.net:8883", weight = 2 }]
             HubExtras {
                 dps: true,
                 plain_mqtt: true,
+                connect_rate: Some(200),
             },
         );
         c.validate().unwrap();
+        for b in &c.backends {
+            let expected = (!b.name.starts_with("dps-")).then_some(200);
+            assert_eq!(b.max_new_connections_per_sec, expected, "{}", b.name);
+        }
         assert_eq!(c.frontends[0].sni_routes[DPS_HOST], "dps-mqtt");
         assert_eq!(c.frontends[1].sni_routes["myhub.azure-devices.net"], "amqp");
         assert_eq!(c.frontends[3].mode, Mode::Originate);
@@ -669,5 +830,77 @@ servers = [{ address = "a.azure-devices.net:8883", weight = 2 }]
         assert_eq!(b.http_host().as_deref(), Some("2001:db8::1"));
         b.host = Some("hub.example".into());
         assert_eq!(b.http_host().as_deref(), Some("hub.example"));
+    }
+
+    #[test]
+    fn pacing_is_off_by_default_and_parses_with_its_defaults() {
+        let c = Config::parse(GOOD, "x").unwrap();
+        let b = &c.backends[0];
+        assert_eq!(b.max_new_connections_per_sec, None);
+        assert_eq!(b.pacing(), None);
+        assert!(b.pacing_summary().contains("off"), "{}", b.pacing_summary());
+        let paced = GOOD.replace(
+            "weight = 2 }]\n",
+            "weight = 2 }]\nmax_new_connections_per_sec = 500\n",
+        );
+        let c = Config::parse(&paced, "x").unwrap();
+        let p = c.backends[0].pacing().expect("pacing on");
+        assert_eq!(
+            (p.rate_per_sec, p.queue, p.queue_timeout.as_millis()),
+            (
+                500,
+                DEFAULT_CONNECT_QUEUE,
+                u128::from(DEFAULT_QUEUE_TIMEOUT_MS)
+            )
+        );
+        let summary = c.backends[0].pacing_summary();
+        assert!(
+            summary.contains("max_new_connections_per_sec = 500 (burst 50)")
+                && summary.contains("connect_queue = 10000")
+                && summary.contains("queue_timeout_ms = 30000"),
+            "{summary}"
+        );
+        let tuned = paced.replace(
+            "= 500\n",
+            "= 500\nconnect_queue = 5\nqueue_timeout_ms = 1500\n",
+        );
+        let p = Config::parse(&tuned, "x").unwrap().backends[0].pacing();
+        assert_eq!(
+            p.map(|p| (p.queue, p.queue_timeout.as_millis())),
+            Some((5, 1500))
+        );
+    }
+
+    #[test]
+    fn pacing_values_out_of_range_are_refused_with_the_line() {
+        for (setting, why) in [
+            (
+                "max_new_connections_per_sec = 0",
+                "out of range 1..=1000000",
+            ),
+            ("max_new_connections_per_sec = 5000000", "out of range"),
+            ("max_new_connections_per_sec = -3", "invalid value"),
+            ("connect_queue = 0", "connect_queue = 0 is out of range"),
+            (
+                "queue_timeout_ms = 0",
+                "queue_timeout_ms = 0 is out of range",
+            ),
+            ("queue_timeout_ms = 86400000", "out of range 1..=600000"),
+        ] {
+            let bad = GOOD.replace("weight = 2 }]\n", &format!("weight = 2 }}]\n{setting}\n"));
+            let err = Config::parse(&bad, "bad.toml").unwrap_err().to_string();
+            assert!(
+                err.contains(why) && err.contains("line 13"),
+                "{setting}: {err}"
+            );
+        }
+        // Built in code (e.g. `--connect-rate 0`): refused by validate, naming the backend.
+        let mut c = Config::parse(GOOD, "x").unwrap();
+        c.backends[0].max_new_connections_per_sec = Some(0);
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("backend \"hub\"") && err.contains("max_new_connections_per_sec = 0"),
+            "{err}"
+        );
     }
 }

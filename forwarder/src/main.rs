@@ -50,6 +50,13 @@ enum Command {
         /// relayed in userspace and cannot be spliced, and X.509 devices cannot use it.
         #[arg(long, requires = "hub")]
         mqtt_1883: bool,
+        /// Pace new connections to the hub: at most N per second on each of the hub's
+        /// backends (MQTT, AMQP, HTTPS; not DPS), devices beyond that wait in a queue
+        /// (10,000 at most, 30 s at most). IoT Hub accepts S1 12/s per unit (at least
+        /// 100/s), S2 120/s per unit, S3 6,000/s per unit. Off when absent.
+        #[arg(long, requires = "hub", value_name = "N",
+              value_parser = clap::value_parser!(u32).range(1..=i64::from(forwarder::config::MAX_CONNECT_RATE)))]
+        connect_rate: Option<u32>,
         /// Address the --hub frontends bind to.
         #[arg(long, default_value = "0.0.0.0", requires = "hub")]
         bind_ip: std::net::IpAddr,
@@ -99,6 +106,24 @@ fn init_logging(json: bool) {
     }
 }
 
+/// `forwarder check`: validates, prints the warnings, then what each backend's connect
+/// pacing will be (so an operator sees the defaults that apply).
+fn check(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    for w in config.warnings() {
+        println!("warning: {w}");
+    }
+    println!(
+        "ok: {} frontend(s), {} backend(s)",
+        config.frontends.len(),
+        config.backends.len()
+    );
+    for b in &config.backends {
+        println!("{}", b.pacing_summary());
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -114,18 +139,7 @@ async fn main() -> anyhow::Result<()> {
             forwarder::inspect::print_maps(&Pinned::open(&i.instance)?, i.json, &mut stdout())
         }
         Command::Xdp { command } => forwarder::xdp::cli::run(command, &mut std::io::stdout()),
-        Command::Check { config } => {
-            let config = Config::load(&config)?;
-            for w in config.warnings() {
-                println!("warning: {w}");
-            }
-            println!(
-                "ok: {} frontend(s), {} backend(s)",
-                config.frontends.len(),
-                config.backends.len()
-            );
-            Ok(())
-        }
+        Command::Check { config } => check(&config),
         Command::Run {
             config,
             hub,
@@ -133,6 +147,7 @@ async fn main() -> anyhow::Result<()> {
             key,
             dps,
             mqtt_1883,
+            connect_rate,
             bind_ip,
             no_ebpf,
             drain_secs,
@@ -147,6 +162,7 @@ async fn main() -> anyhow::Result<()> {
                     HubExtras {
                         dps,
                         plain_mqtt: mqtt_1883,
+                        connect_rate,
                     },
                 ),
                 (None, None) => forwarder::demo::start().await?,
@@ -178,5 +194,33 @@ async fn main() -> anyhow::Result<()> {
             };
             agent::run(config, options, stopped, reloads).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connect_rate(args: &[&str]) -> Result<Option<u32>, clap::Error> {
+        let base = ["forwarder", "run"];
+        let cli = Cli::try_parse_from(base.iter().chain(args))?;
+        match cli.command {
+            Command::Run { connect_rate, .. } => Ok(connect_rate),
+            _ => unreachable!("parsed as run"),
+        }
+    }
+
+    #[test]
+    fn connect_rate_goes_with_hub_and_must_be_positive() {
+        let hub = ["--hub", "h.azure-devices.net"];
+        assert_eq!(connect_rate(&hub).unwrap(), None);
+        let with = |n: &'static str| connect_rate(&[hub[0], hub[1], "--connect-rate", n]);
+        assert_eq!(with("500").unwrap(), Some(500));
+        assert!(with("0").is_err(), "a rate of 0 would refuse every device");
+        assert!(with("2000000").is_err());
+        assert!(
+            connect_rate(&["--connect-rate", "5"]).is_err(),
+            "needs --hub"
+        );
     }
 }

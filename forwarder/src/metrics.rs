@@ -1,4 +1,4 @@
-//! Counters of the agent, per frontend. Cheap atomics, read by `stats` and the tests.
+//! Counters of the agent, per frontend and per backend. Cheap atomics, read by `stats` and the tests.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -115,10 +115,23 @@ counters!(BackendMetrics {
     connect_timeouts,
     /// Connections for which no server of the backend could be reached.
     exhausted,
+    /// Devices waiting now for a connect slot (`max_new_connections_per_sec`): a gauge.
+    connect_queue_depth,
+    /// Connects that waited for a slot before going out (pacing).
+    connects_paced,
+    /// Devices refused at once because `connect_queue` devices were already waiting.
+    connects_refused_queue_full,
+    /// Devices refused because their slot was further away than `queue_timeout_ms`.
+    connects_refused_queue_timeout,
 });
 
 pub fn add(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
+}
+
+/// For gauges only (counters only go up).
+pub fn sub(gauge: &AtomicU64, n: u64) {
+    gauge.fetch_sub(n, Ordering::Relaxed);
 }
 
 pub fn get(counter: &AtomicU64) -> u64 {

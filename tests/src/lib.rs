@@ -38,6 +38,26 @@ pub fn require_root() {
     );
 }
 
+/// Raises this process's soft limit of open descriptors to its hard limit: a test that
+/// holds thousands of connections (client, agent and upstream sockets all in one process)
+/// would otherwise hit a soft limit of 1,024 and fail with EMFILE. Returns the new limit.
+pub fn raise_fd_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit through the pointer, which outlives the call.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    assert_eq!(rc, 0, "getrlimit(RLIMIT_NOFILE) failed");
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: setrlimit reads the struct we pass.
+        let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+        assert_eq!(rc, 0, "setrlimit(RLIMIT_NOFILE) failed");
+    }
+    limit.rlim_cur
+}
+
 pub fn random_payload(len: usize) -> Vec<u8> {
     let mut buf = vec![0u8; len];
     rand::rng().fill_bytes(&mut buf);

@@ -366,6 +366,36 @@ fn the_cli_checks_configs_and_says_clearly_when_no_agent_runs() {
         "{text}"
     );
 
+    // Connect pacing: shown per backend, off unless set; out-of-range values refused
+    // with their line.
+    assert!(
+        text.contains("backend \"hub\": max_new_connections_per_sec off"),
+        "{text}"
+    );
+    let paced = dir.join("paced.toml");
+    let paced_config = |rate: &str| {
+        format!(
+            "[[frontend]]\nname = \"mqtt\"\nbind = \"0.0.0.0:8883\"\nbackend = \"hub\"\n\
+             [[backend]]\nname = \"hub\"\nservers = [{{ address = \"h.example:8883\" }}]\n\
+             max_new_connections_per_sec = {rate}\n"
+        )
+    };
+    std::fs::write(&paced, paced_config("90")).unwrap();
+    let (ok, text) = run(&["check", "-c", paced.to_str().unwrap()]);
+    assert!(
+        ok && text.contains(
+            "backend \"hub\": max_new_connections_per_sec = 90 (burst 9), connect_queue = 10000, queue_timeout_ms = 30000"
+        ),
+        "{text}"
+    );
+    std::fs::write(&paced, paced_config("0")).unwrap();
+    let (ok, text) = run(&["check", "-c", paced.to_str().unwrap()]);
+    assert!(
+        !ok && text.contains("max_new_connections_per_sec = 0 is out of range")
+            && text.contains("line 8"),
+        "{text}"
+    );
+
     for command in ["conns", "stats", "maps"] {
         let (ok, text) = run(&[command, "--instance", "no-such-agent"]);
         assert!(!ok, "{command} succeeded without an agent");

@@ -42,7 +42,8 @@ pub fn pools(
                 b.name.clone(),
                 servers,
                 Duration::from_millis(b.connect_timeout_ms),
-            );
+            )
+            .with_pacing(b.pacing());
             (b.name.clone(), Arc::new(pool))
         })
         .collect()

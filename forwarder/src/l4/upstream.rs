@@ -1,5 +1,9 @@
 //! Picks and connects an upstream server: smooth weighted round robin (nginx's), failover
-//! to the next server on a failed or timed-out connect.
+//! to the next server on a failed or timed-out connect, and optional pacing of new
+//! connections (`pacing`). Every upstream connect of the agent goes through `Pool::connect`:
+//! the L4 splice path, the originate path (plain MQTT 1883) and the HTTPS connector.
+
+pub mod pacing;
 
 use std::io;
 use std::net::SocketAddr;
@@ -9,6 +13,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 use crate::metrics::{self, BackendMetrics};
+use pacing::{Pacer, PacingLimits, Refusal};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Server {
@@ -24,17 +29,44 @@ pub struct Pool {
     servers: Vec<Server>,
     current: Mutex<Vec<i64>>,
     connect_timeout: Duration,
+    /// New connections wait for a slot here first (`max_new_connections_per_sec`).
+    pacer: Option<Pacer>,
     pub metrics: BackendMetrics,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("no server of backend {backend} accepted a connection: {attempts}")]
+#[derive(Debug)]
 pub struct ConnectError {
     pub backend: String,
     pub attempts: String,
-    /// True when every failure was a timeout (HTTP maps it to 504 rather than 502).
+    /// True when every failure was a timeout (HTTP maps it to 504 rather than 502); also
+    /// for a device refused by pacing's `queue_timeout_ms`.
     pub timed_out: bool,
+    /// Set when pacing refused the connect: no server was tried.
+    pub paced: Option<Refusal>,
 }
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let backend = &self.backend;
+        match self.paced {
+            Some(Refusal::QueueFull) => write!(
+                f,
+                "backend {backend}: connect queue full (pacing new connections); device refused"
+            ),
+            Some(Refusal::QueueTimeout) => write!(
+                f,
+                "backend {backend}: no connect slot within queue_timeout_ms (pacing new connections); device refused"
+            ),
+            None => write!(
+                f,
+                "no server of backend {backend} accepted a connection: {}",
+                self.attempts
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ConnectError {}
 
 impl Pool {
     pub fn new(name: impl Into<String>, servers: Vec<Server>, connect_timeout: Duration) -> Self {
@@ -44,8 +76,19 @@ impl Pool {
             servers,
             current,
             connect_timeout,
+            pacer: None,
             metrics: BackendMetrics::default(),
         }
+    }
+
+    /// Paces this backend's new connections (`None`: every connect goes at once).
+    pub fn with_pacing(mut self, limits: Option<PacingLimits>) -> Self {
+        self.pacer = limits.map(Pacer::new);
+        self
+    }
+
+    pub fn pacing(&self) -> Option<PacingLimits> {
+        self.pacer.as_ref().map(Pacer::limits)
     }
 
     /// Order in which to try the servers for the next connection: the weighted pick
@@ -71,8 +114,25 @@ impl Pool {
             .collect()
     }
 
-    /// Connects to the next server, failing over to the others.
+    /// Connects to the next server, failing over to the others; with pacing, first waits
+    /// for a slot (or is refused). One slot per device: failover attempts after a failed
+    /// connect are not paced again (the hub did not count a connection it never accepted).
     pub async fn connect(&self) -> Result<(TcpStream, SocketAddr), ConnectError> {
+        if let Some(pacer) = &self.pacer
+            && let Err(refusal) = pacer.admit(&self.metrics).await
+        {
+            return Err(ConnectError {
+                backend: self.name.clone(),
+                attempts: String::new(),
+                timed_out: refusal == Refusal::QueueTimeout,
+                paced: Some(refusal),
+            });
+        }
+        self.connect_now().await
+    }
+
+    /// Tries the servers in `attempt_order`, each within the connect timeout.
+    async fn connect_now(&self) -> Result<(TcpStream, SocketAddr), ConnectError> {
         let mut attempts = Vec::new();
         let mut timed_out = true;
         for index in self.attempt_order() {
@@ -105,6 +165,7 @@ impl Pool {
             backend: self.name.clone(),
             attempts: attempts.join("; "),
             timed_out,
+            paced: None,
         })
     }
 }
@@ -189,5 +250,37 @@ mod tests {
             let (_, addr) = p.connect().await.expect("failover to the live server");
             assert_eq!(addr.to_string(), good);
         }
+    }
+
+    #[tokio::test]
+    async fn a_paced_pool_refuses_without_trying_a_server() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = Server {
+            address: listener.local_addr().unwrap().to_string(),
+            weight: 1,
+        };
+        let p =
+            Pool::new("b", vec![server], Duration::from_secs(2)).with_pacing(Some(PacingLimits {
+                rate_per_sec: 1,
+                queue: 10,
+                queue_timeout: Duration::from_millis(1),
+            }));
+        p.connect().await.expect("the burst of one goes at once");
+        // The next slot is a second away, beyond the 1 ms the queue allows.
+        let err = p.connect().await.unwrap_err();
+        assert_eq!(
+            (err.paced, err.timed_out),
+            (Some(Refusal::QueueTimeout), true)
+        );
+        assert!(err.to_string().contains("queue_timeout_ms"), "{err}");
+        let m = &p.metrics;
+        assert_eq!(
+            [
+                metrics::get(&m.connects),
+                metrics::get(&m.exhausted),
+                metrics::get(&m.connects_refused_queue_timeout),
+            ],
+            [1, 0, 1]
+        );
     }
 }
