@@ -253,8 +253,7 @@ async fn open_upstream(
     let (upstream, upstream_addr) = match pool.connect().await {
         Ok(found) => found,
         Err(err) => {
-            metrics::add(&metrics.upstream_connect_failed, 1);
-            tracing::warn!(%err, "upstream unreachable; closing client");
+            upstream_failed(&err, metrics);
             return None;
         }
     };
@@ -265,6 +264,18 @@ async fn open_upstream(
         }
     }
     Some((upstream, upstream_addr))
+}
+
+/// Counts and logs a client turned away for want of an upstream. A device refused by
+/// connect pacing is counted by its backend and logged at debug: in a reconnect storm
+/// there are thousands, and the log must not flood.
+pub fn upstream_failed(err: &upstream::ConnectError, metrics: &L4Metrics) {
+    if err.paced.is_some() {
+        tracing::debug!(%err, "device refused by connect pacing; closing client");
+    } else {
+        metrics::add(&metrics.upstream_connect_failed, 1);
+        tracing::warn!(%err, "upstream unreachable; closing client");
+    }
 }
 
 /// Carries a connected pair to its end: in the kernel when it can, else in userspace.

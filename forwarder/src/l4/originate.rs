@@ -52,8 +52,7 @@ async fn handle(client: TcpStream, frontend: &OriginateFrontend, metrics: &L4Met
     let (upstream, server) = match frontend.pool.connect().await {
         Ok(found) => found,
         Err(err) => {
-            metrics::add(&metrics.upstream_connect_failed, 1);
-            tracing::warn!(%err, "upstream unreachable; closing client");
+            crate::l4::upstream_failed(&err, metrics);
             return;
         }
     };
