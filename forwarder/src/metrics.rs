@@ -57,6 +57,10 @@ counters!(L4Metrics {
     /// Connections ended because the agent could not go on (a failed socket or map call;
     /// logged with the error). Should stay 0.
     session_errors,
+    /// Times a spliced session woke to look at its connection: a FIN, a reset, a report
+    /// from the verdict, its idle deadline or a tick while it copies. A few per connection;
+    /// never one per message (the kernel's data wake-ups do not reach the agent).
+    session_wakeups,
     /// Verdict events lost because the agent's event ring was full: the sessions they
     /// concerned were looked at by their safety tick instead (at most 30 s later).
     kernel_events_lost,

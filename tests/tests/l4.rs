@@ -445,6 +445,60 @@ async fn spliced_bytes_never_cross_userspace() {
     assert_no_leaks(&proxy);
 }
 
+/// The IoT shape: a device exchanging small messages. The kernel wakes pollers of a
+/// spliced socket for every segment it redirects; the agent must not be among them. Its
+/// session wakes for the hand-over, the FINs and the close, not for the 1,000 messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_messages_do_not_wake_the_agent() {
+    const MESSAGES: usize = 1_000;
+    let (server, proxy) = proxy_to_new_upstream(true, SessionOptions::default()).await;
+    let echo = tokio::spawn(async move {
+        let (mut s, _) = server.accept().await.unwrap();
+        let (mut r, mut w) = s.split();
+        tokio::io::copy(&mut r, &mut w).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    client.set_nodelay(true).unwrap();
+    let m = proxy.metrics.clone();
+    eventually("spliced", || get(&m.kernel_spliced) == 1).await;
+    let supervisor = proxy.datapath.as_ref().unwrap().supervisor().unwrap();
+    let dispatch_before = supervisor.wakeups();
+    let mut reply = [0u8; 64];
+    for i in 0..MESSAGES {
+        let message = [i as u8; 64];
+        client.write_all(&message).await.unwrap();
+        tokio::time::timeout(LIMIT, client.read_exact(&mut reply))
+            .await
+            .expect("echo in time")
+            .unwrap();
+        assert_eq!(reply, message, "message {i} came back changed");
+    }
+    let during = get(&m.session_wakeups);
+    let dispatch_during = supervisor.wakeups() - dispatch_before;
+    client.shutdown().await.unwrap();
+    assert!(read_to_end(&mut client).await.is_empty());
+    echo.await.unwrap();
+    eventually("connection finished", || get(&m.active) == 0).await;
+    let total = get(&m.session_wakeups);
+    println!(
+        "session wake-ups: {during} during {MESSAGES} round trips, {total} in all; \
+         dispatch wake-ups during: {dispatch_during}"
+    );
+    assert!(
+        dispatch_during <= 3,
+        "the supervisor woke {dispatch_during} times for {MESSAGES} messages"
+    );
+    assert!(
+        during <= 3,
+        "the agent woke {during} times for {MESSAGES} messages: it must not wake per message"
+    );
+    assert!(total <= 20, "{total} wake-ups for one short connection");
+    assert_eq!(get(&m.userspace_payload_bytes), 0);
+    assert_eq!(get(&m.bytes_up), (MESSAGES * 64) as u64);
+    assert_no_leaks(&proxy);
+}
+
 async fn expect_path(proxy: &Proxy, kernel: bool) {
     let m = proxy.metrics.clone();
     eventually("connection finished", || get(&m.active) == 0).await;

@@ -230,6 +230,7 @@ impl Session<'_> {
         let mut last_progress = 0;
         loop {
             let bits = watch.wait_until(wake_at).await;
+            metrics::add(&self.metrics.session_wakeups, 1);
             for d in &mut self.dirs {
                 if bits & wake::hangup(d.side) != 0 {
                     d.eof = true;

@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::BorrowedFd;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use aya::maps::{MapData, RingBuf};
@@ -64,6 +64,7 @@ type Routes = Mutex<HashMap<u64, (Arc<Signal>, usize)>>;
 pub struct Supervisor {
     epoll: Arc<Epoll>,
     routes: Arc<Routes>,
+    wakeups: Arc<AtomicU64>,
     /// Dropping it ends the dispatch task (with the data path).
     _stop: oneshot::Sender<()>,
 }
@@ -76,12 +77,24 @@ impl Supervisor {
         let epoll_fd = sys::async_fd_readable(epoll.clone())?;
         let ring = sys::async_fd_readable(events)?;
         let (stop, stopped) = oneshot::channel();
-        tokio::spawn(dispatch(epoll_fd, ring, routes.clone(), stopped));
+        let wakeups = Arc::new(AtomicU64::new(0));
+        let sources = Sources {
+            epoll: epoll_fd,
+            ring,
+        };
+        tokio::spawn(dispatch(sources, routes.clone(), wakeups.clone(), stopped));
         Ok(Self {
             epoll,
             routes,
+            wakeups,
             _stop: stop,
         })
+    }
+
+    /// Times the dispatch task woke (for any session): with every spliced connection
+    /// healthy, it stays still however many messages flow.
+    pub fn wakeups(&self) -> u64 {
+        self.wakeups.load(Ordering::Relaxed)
     }
 
     /// Routes wake-ups for a spliced pair (client first) to a new `Watch`. The sockets
@@ -153,15 +166,23 @@ impl Drop for Watch {
     }
 }
 
+/// What the dispatch task waits on.
+struct Sources {
+    epoll: AsyncFd<Arc<Epoll>>,
+    ring: AsyncFd<RingBuf<MapData>>,
+}
+
 /// Routes epoll and verdict events to sessions until the supervisor is dropped.
 async fn dispatch(
-    epoll: AsyncFd<Arc<Epoll>>,
-    mut ring: AsyncFd<RingBuf<MapData>>,
+    sources: Sources,
     routes: Arc<Routes>,
+    wakeups: Arc<AtomicU64>,
     mut stopped: oneshot::Receiver<()>,
 ) {
+    let Sources { epoll, mut ring } = sources;
     let mut ready = Vec::new();
     loop {
+        wakeups.fetch_add(1, Ordering::Relaxed);
         tokio::select! {
             _ = &mut stopped => return,
             guard = epoll.readable() => {
