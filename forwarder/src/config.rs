@@ -268,9 +268,8 @@ pub struct ServerConfig {
 fn default_instance() -> String {
     "default".into()
 }
-/// IoT Hub SDKs send MQTT keep-alives every 240-300 s: 15 minutes leaves a wide margin.
 fn default_idle_timeout() -> u64 {
-    900
+    DEFAULT_IDLE_TIMEOUT_SECS
 }
 fn default_max_lag() -> u64 {
     32 << 20
@@ -378,8 +377,12 @@ fn queue_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     QUEUE_TIMEOUT.read(d)
 }
 
-/// Idle timeouts shorter than 1.5x the longest MQTT keep-alive drop healthy devices.
-pub const MIN_SAFE_IDLE_SECS: u64 = 450;
+/// IoT Hub lets a device set an MQTT keep-alive of up to 1,177 s and waits 1.5 times
+/// that (29.45 min) before it drops the device: a shorter idle timeout here cuts devices
+/// the hub still considers connected.
+pub const MIN_SAFE_IDLE_SECS: u64 = 1_767;
+/// The default idle timeout: above `MIN_SAFE_IDLE_SECS` (SDK defaults are 240-300 s).
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 1_800;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -584,7 +587,7 @@ impl Config {
             .filter(|f| f.idle_timeout_secs < MIN_SAFE_IDLE_SECS)
             .map(|f| {
                 format!(
-                    "frontend {:?}: idle timeout {} s is shorter than {} s; MQTT devices idle 240-300 s between keep-alives and will be dropped",
+                    "frontend {:?}: idle timeout {} s is shorter than {} s; IoT Hub allows MQTT keep-alives up to 1,177 s (and waits 1.5x), so quiet devices will be dropped",
                     f.name, f.idle_timeout_secs, MIN_SAFE_IDLE_SECS
                 )
             })
@@ -681,7 +684,7 @@ servers = [{ address = "a.azure-devices.net:8883", weight = 2 }]
     #[test]
     fn a_good_config_parses_with_safe_defaults() {
         let c = Config::parse(GOOD, "good.toml").unwrap();
-        assert_eq!(c.frontends[0].idle_timeout_secs, 900);
+        assert_eq!(c.frontends[0].idle_timeout_secs, DEFAULT_IDLE_TIMEOUT_SECS);
         assert_eq!(c.frontends[0].mode, Mode::Splice);
         assert!(c.warnings().is_empty());
     }

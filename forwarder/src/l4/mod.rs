@@ -41,8 +41,8 @@ const SPLICE_SNDBUF: libc::c_int = 8 << 20;
 /// Per-connection limits of the L4 path.
 #[derive(Clone, Debug)]
 pub struct SessionOptions {
-    /// Close a connection with no byte in either direction for this long. IoT devices send
-    /// MQTT keep-alives every 240-300 s, so the default is well above that.
+    /// Close a connection with no byte in either direction for this long (default: see
+    /// `config::DEFAULT_IDLE_TIMEOUT_SECS`).
     pub idle_timeout: Duration,
     /// Bytes a spliced direction may queue in the kernel for a peer that does not read
     /// before that direction moves to the userspace path (where TCP flow control holds).
@@ -52,7 +52,7 @@ pub struct SessionOptions {
 impl Default for SessionOptions {
     fn default() -> Self {
         Self {
-            idle_timeout: Duration::from_secs(15 * 60),
+            idle_timeout: Duration::from_secs(crate::config::DEFAULT_IDLE_TIMEOUT_SECS),
             max_lag: 32 << 20,
         }
     }
