@@ -71,8 +71,22 @@ impl TcpBytes {
     }
 }
 
-/// Reads the counters of a TCP socket.
+/// Reads the counters of a TCP socket, its send queue included (one more syscall than
+/// `tcp_counts`).
 pub fn tcp_bytes(fd: BorrowedFd<'_>) -> io::Result<TcpBytes> {
+    let mut bytes = tcp_counts(fd)?;
+    let mut unacked: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int into `unacked`.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &raw mut unacked) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    bytes.unacked = u64::try_from(unacked).unwrap_or(0);
+    Ok(bytes)
+}
+
+/// Reads the counters `TCP_INFO` gives (`unacked` is left 0: see `tcp_bytes`).
+pub fn tcp_counts(fd: BorrowedFd<'_>) -> io::Result<TcpBytes> {
     let mut info = RawTcpInfo::default();
     let mut len = size_of::<RawTcpInfo>() as libc::socklen_t;
     // SAFETY: `info` is a writable buffer of `len` bytes that outlives the call.
@@ -93,16 +107,10 @@ pub fn tcp_bytes(fd: BorrowedFd<'_>) -> io::Result<TcpBytes> {
             "kernel tcp_info lacks byte counters (needs Linux >= 4.19)",
         ));
     }
-    let mut unacked: libc::c_int = 0;
-    // SAFETY: SIOCOUTQ writes one int into `unacked`.
-    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &raw mut unacked) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
     Ok(TcpBytes {
         acked: info.bytes_acked,
         received: info.bytes_received,
-        unacked: u64::try_from(unacked).unwrap_or(0),
+        unacked: 0,
         fin_received: matches!(
             i32::from(info.state),
             TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING | TCP_TIME_WAIT

@@ -136,7 +136,8 @@ async fn mosquitto_over_tls_through_the_kernel_splice_loses_nothing() {
     assert_eq!(
         get(&metrics.userspace_payload_bytes),
         0,
-        "TLS bytes crossed userspace"
+        "TLS bytes crossed userspace: {:?}",
+        metrics.snapshot()
     );
     assert!(
         get(&metrics.bytes_up) > 10_000 * 20,

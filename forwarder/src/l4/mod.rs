@@ -366,12 +366,23 @@ fn splice(
         }
     }
     let written_before = session::WrittenBefore::measure(&client, &upstream).unwrap_or_default();
-    match datapath.splice(pair, client.as_fd(), upstream.as_fd(), max_lag) {
-        Ok(()) => Ok(session::Spliced {
+    let watched = datapath.supervisor().and_then(|s| {
+        s.watch(
+            [pair.client, pair.upstream],
+            [client.as_fd(), upstream.as_fd()],
+        )
+    });
+    let spliced = watched.map_err(SpliceError::Io).and_then(|watch| {
+        datapath.splice(pair, client.as_fd(), upstream.as_fd(), max_lag)?;
+        Ok(watch)
+    });
+    match spliced {
+        Ok(watch) => Ok(session::Spliced {
             pair,
             client,
             upstream,
             written_before,
+            watch,
         }),
         Err(err) => match (TcpStream::from_std(client), TcpStream::from_std(upstream)) {
             (Ok(c), Ok(u)) => Err(Unspliced::Fallback(c, u, err)),

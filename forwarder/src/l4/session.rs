@@ -145,6 +145,9 @@ pub struct Spliced {
     pub client: TcpStream,
     pub upstream: TcpStream,
     pub written_before: WrittenBefore,
+    /// Registered before the splice, so no report of the verdict's is missed and a FIN or
+    /// reset from before is reported at once.
+    pub watch: Watch,
 }
 
 /// What one look at both directions found.
@@ -179,6 +182,7 @@ pub async fn run(
         client,
         upstream,
         written_before,
+        watch,
     } = spliced;
     let mut session = Session {
         datapath,
@@ -203,19 +207,24 @@ pub async fn run(
         started_ns: sys::monotonic_ns(),
         last_userspace_io_ns: 0,
     };
-    let end = match datapath.supervisor().and_then(|s| {
-        s.watch(
-            [pair.client, pair.upstream],
-            [client.as_fd(), upstream.as_fd()],
-        )
-    }) {
-        Ok(watch) => session.supervise(&watch).await,
-        Err(error) => End::Error { side: None, error },
-    };
+    let end = session.supervise(&watch).await;
+    // The kernel's last word: a direction nobody looked at lately has moved on since.
+    let last = session
+        .dirs
+        .each_ref()
+        .map(|d| datapath.counters(d.src_cookie).ok());
+    for (d, c) in session.dirs.iter_mut().zip(&last) {
+        if let Some(c) = c {
+            d.redirected = c.redirected_bytes;
+        }
+    }
     let outcome = session.outcome(end);
-    session.close(&outcome.end);
-    datapath.unsplice(pair);
+    session.close(&outcome.end, &last);
+    drop(session);
+    drop(watch);
+    // Closing takes the sockets out of the socket map; then their entries go.
     drop((client, upstream));
+    datapath.release(pair);
     outcome
 }
 
@@ -223,9 +232,9 @@ impl Session<'_> {
     /// The session's life: wait for a wake-up, check resets, look at both directions,
     /// check the end, plan the next wake-up.
     async fn supervise(&mut self, watch: &Watch) -> End {
-        // The first look comes at once: the verdict may have passed bytes (a FIN ignores
-        // the hold during the hand-over) before this session was there to be told.
-        let mut wake_at = Instant::now();
+        // The watch was there before the splice: whatever happened since has been
+        // reported, so the first look can wait like any other.
+        let mut wake_at = self.quiet_until(self.started_ns);
         let mut tick = ATTENTION_TICK;
         let mut last_progress = 0;
         loop {
@@ -342,13 +351,17 @@ impl Session<'_> {
 
     /// Passes a reset on (RST, not FIN, to the surviving side) and checks the kernel's
     /// accounting.
-    fn close(&self, end: &End) {
+    fn close(&self, end: &End, last: &[Option<SockCounters>; 2]) {
         if matches!(end, End::Reset { .. } | End::Broken) {
             for d in &self.dirs {
                 let _ = sys::set_linger_zero(d.src.as_fd());
             }
         }
-        check_kernel_accounting(self.datapath, &self.dirs, self.metrics);
+        for (d, counters) in self.dirs.iter().zip(last) {
+            if let Some(counters) = counters {
+                check_kernel_accounting(d, counters, self.metrics);
+            }
+        }
     }
 }
 
@@ -361,43 +374,38 @@ struct BrokenStream;
 /// TCP received (plus one for a FIN), once the verdict has cut the repeated fronts of
 /// retransmitted segments (counted here). More would mean bytes went to the peer twice:
 /// logged and counted so it cannot go unnoticed.
-fn check_kernel_accounting(datapath: &Datapath, dirs: &[Direction<'_>], metrics: &L4Metrics) {
-    for d in dirs {
-        let (Ok(counters), Ok(tcp)) = (
-            datapath.counters(d.src_cookie),
-            sys::tcp_bytes(d.src.as_fd()),
-        ) else {
-            continue;
-        };
-        if counters.trimmed_bytes > 0 {
-            metrics::add(&metrics.retransmit_overlap_bytes, counters.trimmed_bytes);
-            tracing::debug!(
-                bytes = counters.trimmed_bytes,
-                segments = counters.trimmed_segments,
-                "cut repeated bytes from retransmitted segments"
-            );
-        }
-        if counters.events_lost > 0 {
-            metrics::add(&metrics.kernel_events_lost, counters.events_lost);
-        }
-        let seen = counters.redirected_bytes + counters.passed_bytes;
-        // `received` counts a FIN's sequence number too (a reset takes none).
-        let received = if tcp.fin_received {
-            tcp.received.saturating_sub(1)
-        } else {
-            tcp.received
-        };
-        let extra = seen.saturating_sub(received);
-        if extra > 0 {
-            metrics::add(&metrics.kernel_duplicated_bytes, extra);
-            tracing::error!(
-                extra,
-                redirected = counters.redirected_bytes,
-                passed = counters.passed_bytes,
-                received = tcp.received,
-                "the verdict saw more bytes than TCP received: some went to the peer twice"
-            );
-        }
+fn check_kernel_accounting(d: &Direction<'_>, counters: &SockCounters, metrics: &L4Metrics) {
+    let Ok(tcp) = sys::tcp_counts(d.src.as_fd()) else {
+        return;
+    };
+    if counters.trimmed_bytes > 0 {
+        metrics::add(&metrics.retransmit_overlap_bytes, counters.trimmed_bytes);
+        tracing::debug!(
+            bytes = counters.trimmed_bytes,
+            segments = counters.trimmed_segments,
+            "cut repeated bytes from retransmitted segments"
+        );
+    }
+    if counters.events_lost > 0 {
+        metrics::add(&metrics.kernel_events_lost, counters.events_lost);
+    }
+    let seen = counters.redirected_bytes + counters.passed_bytes;
+    // `received` counts a FIN's sequence number too (a reset takes none).
+    let received = if tcp.fin_received {
+        tcp.received.saturating_sub(1)
+    } else {
+        tcp.received
+    };
+    let extra = seen.saturating_sub(received);
+    if extra > 0 {
+        metrics::add(&metrics.kernel_duplicated_bytes, extra);
+        tracing::error!(
+            extra,
+            redirected = counters.redirected_bytes,
+            passed = counters.passed_bytes,
+            received = tcp.received,
+            "the verdict saw more bytes than TCP received: some went to the peer twice"
+        );
     }
 }
 
@@ -543,7 +551,7 @@ fn move_budget(
 /// the verdict (or been read by us), been copied if passed, and left the sink's backlog.
 /// Returns whether it did.
 fn pass_on_fin(datapath: &Datapath, d: &mut Direction<'_>) -> io::Result<bool> {
-    let src = sys::tcp_bytes(d.src.as_fd())?;
+    let src = sys::tcp_counts(d.src.as_fd())?;
     let counters = datapath.counters(d.src_cookie)?;
     d.redirected = counters.redirected_bytes;
     // The FIN takes one sequence number.
@@ -585,7 +593,7 @@ fn try_resume(
         if now.passed_bytes != d.read {
             return Ok(());
         }
-        let sink_acked = sys::tcp_bytes(d.sink.as_fd())?
+        let sink_acked = sys::tcp_counts(d.sink.as_fd())?
             .acked
             .saturating_sub(d.sink_base);
         let limit = sink_acked
