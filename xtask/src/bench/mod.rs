@@ -4,8 +4,13 @@
 //! Each round measures every path once, one after the other (interleaved, so a burst of
 //! other load on the machine hits all paths alike); each figure is the median of the
 //! rounds with min and max. Results go to `bench/RESULTS.md` and `bench/chart.svg`.
+//!
+//! After those, the fleet part (`fleet.rs`, alone with `--fleet`): thousands of small-message
+//! connections and a TLS reconnect storm on the same paths.
 
 mod cpu;
+mod fleet;
+mod fleet_report;
 mod http;
 mod load;
 mod peers;
@@ -42,6 +47,57 @@ pub struct Options {
     /// Output directory (default: bench/, or target/bench-quick/ with --quick).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Only the fleet part: many IoT-shaped connections, then a TLS reconnect storm.
+    #[arg(long)]
+    pub fleet: bool,
+    /// Skip the fleet part of the full bench.
+    #[arg(long, conflicts_with = "fleet")]
+    pub no_fleet: bool,
+    /// Fleet: concurrent connections (and devices in the storm).
+    #[arg(long, default_value_t = 5000)]
+    pub fleet_conns: usize,
+    /// Fleet: message sizes in bytes, 64 and/or 1024 (default both; 64 with --quick).
+    #[arg(long, value_delimiter = ',', value_parser = parse_fleet_size)]
+    pub fleet_size: Vec<u16>,
+    /// Fleet: messages per second per connection.
+    #[arg(long, default_value_t = 5.0)]
+    pub fleet_rate: f64,
+    /// Fleet: seconds measured per path and size (default 10; 3 with --quick).
+    #[arg(long)]
+    pub fleet_secs: Option<f64>,
+}
+
+fn parse_fleet_size(s: &str) -> Result<u16, String> {
+    match s {
+        "64" => Ok(64),
+        "1024" => Ok(1024),
+        _ => Err(format!("{s}: 64 or 1024")),
+    }
+}
+
+impl Options {
+    /// The fleet part's settings, or `None` when it is skipped.
+    fn fleet_settings(&self, rounds: usize) -> Option<fleet::Settings> {
+        if self.no_fleet {
+            return None;
+        }
+        let sizes = match (&self.fleet_size[..], self.quick) {
+            ([], true) => vec![64],
+            ([], false) => vec![64, 1024],
+            (sizes, _) => sizes.to_vec(),
+        };
+        Some(fleet::Settings {
+            conns: self.fleet_conns.max(1),
+            sizes,
+            rate: self.fleet_rate,
+            secs: self
+                .fleet_secs
+                .unwrap_or(if self.quick { 3.0 } else { 10.0 }),
+            warmup: if self.quick { 0.5 } else { 1.0 },
+            rounds,
+            nofile: 0,
+        })
+    }
 }
 
 /// How long each measurement runs.
@@ -104,6 +160,9 @@ pub enum Metric {
     PostP99,
     WsP50,
     WsP99,
+    /// A fleet figure at one message size (bytes).
+    Fleet(u16, fleet::FleetMetric),
+    Storm(fleet::StormMetric),
 }
 
 /// Samples of every figure, by topology, path and metric.
@@ -111,6 +170,68 @@ pub type Results = BTreeMap<(Kind, Via, Metric), Vec<f64>>;
 
 pub fn run(options: &Options) -> anyhow::Result<()> {
     let started = Instant::now();
+    prepare()?;
+    let settings = Settings::new(options);
+    let mut fleet = options.fleet_settings(settings.rounds);
+    if let Some(fleet) = &mut fleet {
+        fleet.nofile = fleet::raise_nofile(fleet.conns)?;
+    }
+    let vias = select_vias(&options.only)?;
+    let kinds = match options.topology.as_deref() {
+        None => vec![Kind::Loopback, Kind::Netns],
+        Some("loopback") => vec![Kind::Loopback],
+        Some("netns") => vec![Kind::Netns],
+        Some(other) => bail!("--topology {other}: loopback or netns"),
+    };
+    let out = options.out.clone().unwrap_or_else(|| {
+        if options.quick {
+            PathBuf::from("target/bench-quick")
+        } else {
+            PathBuf::from("bench")
+        }
+    });
+    std::fs::create_dir_all(&out)?;
+    let scratch = Scratch::create()?;
+    let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut run = Run {
+        settings,
+        results: Results::new(),
+        failures: Vec::new(),
+        forwarder_stats: Vec::new(),
+        fleet,
+    };
+    let parts = Parts {
+        classic: !options.fleet,
+        http: !options.fleet && !options.no_http,
+    };
+    for &kind in &kinds {
+        run.topology(kind, &vias, parts, &scratch.0)
+            .with_context(|| format!("topology {}", kind.label()))?;
+    }
+    let machine = report::machine_description(
+        &load_before,
+        &std::fs::read_to_string("/proc/loadavg").unwrap_or_default(),
+        started.elapsed(),
+    );
+    // What was tried on the spliced path belongs with the classic figures.
+    let tried = std::fs::read_to_string("bench/tried.md")
+        .ok()
+        .filter(|_| parts.classic);
+    let markdown = report::markdown(&run, &machine, tried.as_deref());
+    println!("\n{markdown}");
+    std::fs::write(out.join("RESULTS.md"), &markdown)?;
+    report::chart(&run.results, &out.join("chart.svg"))?;
+    eprintln!(
+        "bench: wrote {} and {} in {:.0?}",
+        out.join("RESULTS.md").display(),
+        out.join("chart.svg").display(),
+        started.elapsed()
+    );
+    Ok(())
+}
+
+/// Root, the peers installed, and the release binaries the bench runs built.
+fn prepare() -> anyhow::Result<()> {
     if !crate::setup::is_root() {
         bail!("the bench creates network namespaces and loads eBPF: run it as root");
     }
@@ -134,55 +255,29 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         "forwarder",
         "--bin",
         "bench_http",
-    ]))?;
-    let settings = Settings::new(options);
-    let vias = select_vias(&options.only)?;
-    let kinds = match options.topology.as_deref() {
-        None => vec![Kind::Loopback, Kind::Netns],
-        Some("loopback") => vec![Kind::Loopback],
-        Some("netns") => vec![Kind::Netns],
-        Some(other) => bail!("--topology {other}: loopback or netns"),
-    };
-    let out = options.out.clone().unwrap_or_else(|| {
-        if options.quick {
-            PathBuf::from("target/bench-quick")
-        } else {
-            PathBuf::from("bench")
-        }
-    });
-    std::fs::create_dir_all(&out)?;
-    let scratch = Scratch::create()?;
-    let scratch = &scratch.0;
-    let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        "--bin",
+        "fleet",
+    ]))
+}
 
-    let mut run = Run {
-        settings,
-        results: Results::new(),
-        failures: Vec::new(),
-        forwarder_stats: Vec::new(),
-    };
-    for &kind in &kinds {
-        run.topology(kind, &vias, !options.no_http, scratch)
-            .with_context(|| format!("topology {}", kind.label()))?;
-    }
-
-    let machine = report::machine_description(
-        &load_before,
-        &std::fs::read_to_string("/proc/loadavg").unwrap_or_default(),
-        started.elapsed(),
-    );
-    let tried = std::fs::read_to_string("bench/tried.md").ok();
-    let markdown = report::markdown(&run, &machine, tried.as_deref());
-    println!("\n{markdown}");
-    std::fs::write(out.join("RESULTS.md"), &markdown)?;
-    report::chart(&run.results, &out.join("chart.svg"))?;
-    eprintln!(
-        "bench: wrote {} and {} in {:.0?}",
-        out.join("RESULTS.md").display(),
-        out.join("chart.svg").display(),
-        started.elapsed()
-    );
-    Ok(())
+/// The classic part's servers: our echo server (threads in this process, for good) and
+/// iperf3 (stopped when the returned process drops).
+fn classic_servers(topology: &Topology, dir: &Path) -> anyhow::Result<peers::Process> {
+    let server = |s: Service| std::net::SocketAddr::new(topology.server_ip(), s.server_port());
+    load::start_echo_server(topology, server(Service::Echo))?;
+    let mut iperf_cmd = topology.command(Role::Server, "iperf3");
+    iperf_cmd.args(["-s", "-B", &topology.server_ip().to_string(), "-p"]);
+    iperf_cmd.arg(Service::Iperf.server_port().to_string());
+    let iperf_log = dir.join("iperf3.log");
+    let mut iperf = peers::Process::spawn("iperf3 server", iperf_cmd, &iperf_log, libc::SIGTERM)?;
+    peers::wait_listening(
+        topology,
+        Role::Server,
+        &[Service::Iperf.server_port()],
+        &mut iperf,
+        &iperf_log,
+    )?;
+    Ok(iperf)
 }
 
 /// Configs, logs and certificates of one run; removed on drop.
@@ -267,6 +362,17 @@ pub struct Run {
     pub failures: Vec<String>,
     /// The spliced forwarder's closing counters per topology (how often it diverted).
     pub forwarder_stats: Vec<(Kind, String)>,
+    /// The fleet part's settings, if it runs.
+    pub fleet: Option<fleet::Settings>,
+}
+
+/// Which parts of the bench run.
+#[derive(Clone, Copy, Debug)]
+struct Parts {
+    /// Bulk, ping-pong and connection setup (the measurements before the fleet part).
+    classic: bool,
+    /// The HTTPS comparison (with the classic part).
+    http: bool,
 }
 
 impl Run {
@@ -281,7 +387,7 @@ impl Run {
         &mut self,
         kind: Kind,
         vias: &[Via],
-        with_http: bool,
+        parts: Parts,
         scratch: &Path,
     ) -> anyhow::Result<()> {
         eprintln!("bench: topology {}", kind.label());
@@ -291,43 +397,53 @@ impl Run {
         });
         std::fs::create_dir_all(&dir)?;
         let topology = Topology::create(kind)?;
-        let server = |s: Service| std::net::SocketAddr::new(topology.server_ip(), s.server_port());
-        load::start_echo_server(&topology, server(Service::Echo))?;
-        let mut iperf_cmd = topology.command(Role::Server, "iperf3");
-        iperf_cmd.args(["-s", "-B", &topology.server_ip().to_string(), "-p"]);
-        iperf_cmd.arg(Service::Iperf.server_port().to_string());
-        let iperf_log = dir.join("iperf3.log");
-        let mut iperf =
-            peers::Process::spawn("iperf3 server", iperf_cmd, &iperf_log, libc::SIGTERM)?;
-        peers::wait_listening(
-            &topology,
-            Role::Server,
-            &[Service::Iperf.server_port()],
-            &mut iperf,
-            &iperf_log,
-        )?;
-
         let http_vias: Vec<Via> = http::VIAS
             .into_iter()
-            .filter(|v| vias.contains(v))
+            .filter(|v| parts.http && vias.contains(v))
             .collect();
-        let with_http = with_http && !http_vias.is_empty();
-        let pki = if with_http {
+        // One set of certificates for the HTTPS comparison and the fleet's TLS storm.
+        let pki = if !http_vias.is_empty() || self.fleet.is_some() {
             Some(http::make_pki(&dir)?)
         } else {
             None
         };
-        let _upstream = match &pki {
-            Some(pki) => Some(http::start_upstream(&topology, pki, &dir)?),
+        if parts.classic {
+            let http_pki = pki.as_ref().filter(|_| !http_vias.is_empty());
+            self.classic(&topology, vias, &http_vias, http_pki, &dir)?;
+        }
+        if let Some(pki) = &pki {
+            fleet::run(self, &topology, vias, pki, &dir)?;
+        }
+        Ok(())
+    }
+
+    /// Bulk, echo, ping-pong, connection setup and HTTPS, on proxies started once.
+    fn classic(
+        &mut self,
+        topology: &Topology,
+        vias: &[Via],
+        http_vias: &[Via],
+        pki: Option<&peers::Pki>,
+        dir: &Path,
+    ) -> anyhow::Result<()> {
+        let kind = topology.kind;
+        let _iperf = classic_servers(topology, dir)?;
+        let _upstream = match pki {
+            Some(pki) => Some(http::start_upstream(topology, pki, dir)?),
             None => None,
+        };
+        let setup = peers::Setup {
+            services: &[Service::Echo, Service::Iperf],
+            pki,
+            max_conns: 4000,
+            tag: "classic",
         };
         let mut proxies = Vec::new();
         for &via in vias {
-            if let Some(proxy) = peers::start_proxy(&topology, via, &dir, pki.as_ref())? {
+            if let Some(proxy) = peers::start_proxy(topology, via, dir, &setup)? {
                 proxies.push(proxy);
             }
         }
-
         for round in 0..self.settings.rounds {
             for &via in vias {
                 let pids: Vec<u32> = proxies
@@ -341,28 +457,11 @@ impl Run {
                     round + 1,
                     via.label()
                 );
-                self.l4(&topology, via, &pids);
+                self.l4(topology, via, &pids);
             }
-            if let Some(pki) = &pki {
-                for &via in &http_vias {
-                    for load in [http::Load::Get, http::Load::Post, http::Load::Ws] {
-                        match http::run(&topology, pki, via, load, self.settings.http_secs) {
-                            Ok(f) => {
-                                let (first, first_value, p99) = match load {
-                                    http::Load::Get => {
-                                        (Metric::GetRps, f.per_second, Metric::GetP99)
-                                    }
-                                    http::Load::Post => {
-                                        (Metric::PostRps, f.per_second, Metric::PostP99)
-                                    }
-                                    http::Load::Ws => (Metric::WsP50, f.p50_us, Metric::WsP99),
-                                };
-                                self.push(kind, via, first, first_value);
-                                self.push(kind, via, p99, f.p99_us);
-                            }
-                            Err(err) => self.fail(kind, via, &format!("https {load:?}"), &err),
-                        }
-                    }
+            if let Some(pki) = pki {
+                for &via in http_vias {
+                    self.https(topology, pki, via);
                 }
             }
         }
@@ -378,6 +477,25 @@ impl Run {
             }
         }
         Ok(())
+    }
+
+    /// The three HTTPS loads through one path.
+    fn https(&mut self, topology: &Topology, pki: &peers::Pki, via: Via) {
+        let kind = topology.kind;
+        for load in [http::Load::Get, http::Load::Post, http::Load::Ws] {
+            match http::run(topology, pki, via, load, self.settings.http_secs) {
+                Ok(f) => {
+                    let (first, first_value, p99) = match load {
+                        http::Load::Get => (Metric::GetRps, f.per_second, Metric::GetP99),
+                        http::Load::Post => (Metric::PostRps, f.per_second, Metric::PostP99),
+                        http::Load::Ws => (Metric::WsP50, f.p50_us, Metric::WsP99),
+                    };
+                    self.push(kind, via, first, first_value);
+                    self.push(kind, via, p99, f.p99_us);
+                }
+                Err(err) => self.fail(kind, via, &format!("https {load:?}"), &err),
+            }
+        }
     }
 
     fn fail(&mut self, kind: Kind, via: Via, what: &str, err: &anyhow::Error) {

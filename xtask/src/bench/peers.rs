@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -67,6 +67,10 @@ pub enum Service {
     Echo,
     Iperf,
     Https,
+    /// The fleet's plain echo server (`fleet echo-server`, one task per connection).
+    FleetEcho,
+    /// The same echo server behind TLS, for the reconnect storm (passed through at L4).
+    TlsEcho,
 }
 
 impl Service {
@@ -75,6 +79,8 @@ impl Service {
             Self::Echo => 7000,
             Self::Iperf => 5201,
             Self::Https => 8443,
+            Self::FleetEcho => 7100,
+            Self::TlsEcho => 7443,
         }
     }
 
@@ -83,6 +89,19 @@ impl Service {
             Self::Echo => 0,
             Self::Iperf => 201,
             Self::Https => 443,
+            Self::FleetEcho => 100,
+            Self::TlsEcho => 543,
+        }
+    }
+
+    /// Frontend, backend and listener name in the proxies' configurations.
+    fn name(self) -> &'static str {
+        match self {
+            Self::Echo => "echo",
+            Self::Iperf => "iperf",
+            Self::Https => "https",
+            Self::FleetEcho => "fleet-echo",
+            Self::TlsEcho => "tls-echo",
         }
     }
 }
@@ -113,12 +132,34 @@ impl Process {
         log: &Path,
         stop_signal: libc::c_int,
     ) -> anyhow::Result<Self> {
-        use std::os::unix::process::CommandExt as _;
         let log_file = std::fs::File::create(log)?;
-        cmd.stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file)
-            .process_group(0);
+        cmd.stdin(Stdio::null()).stdout(log_file.try_clone()?);
+        Self::start(name, cmd, log_file, stop_signal)
+    }
+
+    /// Like `spawn`, with stdin and stdout piped to the caller (stderr goes to `log`): for
+    /// a load generator that reports its phases as it goes and waits to be told to end.
+    pub fn spawn_piped(
+        name: &str,
+        mut cmd: Command,
+        log: &Path,
+        stop_signal: libc::c_int,
+    ) -> anyhow::Result<(Self, ChildStdin, ChildStdout)> {
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+        let mut this = Self::start(name, cmd, std::fs::File::create(log)?, stop_signal)?;
+        let stdin = this.child.stdin.take().context("no stdin pipe")?;
+        let stdout = this.child.stdout.take().context("no stdout pipe")?;
+        Ok((this, stdin, stdout))
+    }
+
+    fn start(
+        name: &str,
+        mut cmd: Command,
+        stderr: std::fs::File,
+        stop_signal: libc::c_int,
+    ) -> anyhow::Result<Self> {
+        use std::os::unix::process::CommandExt as _;
+        cmd.stderr(stderr).process_group(0);
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {name}: {cmd:?}"))?;
@@ -179,20 +220,33 @@ pub struct Proxy {
     pub log: PathBuf,
 }
 
+/// What a proxy is started for.
+pub struct Setup<'a> {
+    /// One L4 listener each (the HTTPS frontend comes with `pki`).
+    pub services: &'a [Service],
+    /// The HTTPS comparison's certificates: adds the TLS-terminating frontend.
+    pub pki: Option<&'a Pki>,
+    /// Client connections it must hold at once (sizes HAProxy's maxconn and nginx's
+    /// worker_connections; the forwarder has no such limit at L4).
+    pub max_conns: usize,
+    /// Prefix of its configuration and log files in the scratch directory.
+    pub tag: &'a str,
+}
+
 /// Starts the proxy for `via` in the proxy namespace, listening for every service.
 pub fn start_proxy(
     topology: &Topology,
     via: Via,
     dir: &Path,
-    pki: Option<&Pki>,
+    setup: &Setup,
 ) -> anyhow::Result<Option<Proxy>> {
-    let log = dir.join(format!("{}.log", via.short()));
-    let services = [Service::Echo, Service::Iperf];
+    let file = |ext: &str| dir.join(format!("{}-{}.{ext}", setup.tag, via.short()));
+    let log = file("log");
     let (cmd, stop) = match via {
         Via::Direct => return Ok(None),
         Via::Splice | Via::Userspace => {
-            let config = dir.join(format!("forwarder-{}.toml", via.short()));
-            std::fs::write(&config, forwarder_config(topology, via, pki))?;
+            let config = file("toml");
+            std::fs::write(&config, forwarder_config(topology, via, setup))?;
             let mut cmd = topology.command(Role::Proxy, forwarder_binary()?);
             cmd.args(["run", "--drain-secs", "1", "-c"]).arg(&config);
             if via == Via::Userspace {
@@ -202,26 +256,27 @@ pub fn start_proxy(
             (cmd, libc::SIGINT)
         }
         Via::Haproxy => {
-            let config = dir.join("haproxy.cfg");
-            std::fs::write(&config, haproxy_config(topology, pki))?;
+            let config = file("cfg");
+            std::fs::write(&config, haproxy_config(topology, setup))?;
             let mut cmd = topology.command(Role::Proxy, "haproxy");
             cmd.args(["-db", "-f"]).arg(&config);
             (cmd, libc::SIGTERM)
         }
         Via::Nginx => {
-            let config = dir.join("nginx.conf");
-            std::fs::write(&config, nginx_config(topology, dir))?;
+            let config = file("conf");
+            std::fs::write(&config, nginx_config(topology, dir, setup))?;
             let mut cmd = topology.command(Role::Proxy, "nginx");
             cmd.arg("-p").arg(dir).arg("-c").arg(&config);
             (cmd, libc::SIGTERM)
         }
     };
     let mut process = Process::spawn(via.short(), cmd, &log, stop)?;
-    let mut ports: Vec<u16> = services
+    let mut ports: Vec<u16> = setup
+        .services
         .iter()
         .map(|&s| target(topology, via, s).port())
         .collect();
-    if pki.is_some() && matches!(via, Via::Splice | Via::Haproxy) {
+    if setup.pki.is_some() && matches!(via, Via::Splice | Via::Haproxy) {
         ports.push(target(topology, via, Service::Https).port());
     }
     wait_listening(topology, Role::Proxy, &ports, &mut process, &log)?;
@@ -271,17 +326,23 @@ pub fn wait_listening(
     }
 }
 
-fn forwarder_config(topology: &Topology, via: Via, pki: Option<&Pki>) -> String {
+/// Idle timeout of the bench's frontends, as the agent's default: fleet connections sit
+/// open through a whole run and must never be reaped in the middle of one.
+const IDLE_TIMEOUT_SECS: u64 = 900;
+
+fn forwarder_config(topology: &Topology, via: Via, setup: &Setup) -> String {
     let mut text = format!("instance = \"bench-{}\"\n", via.short());
-    for (name, service) in [("echo", Service::Echo), ("iperf", Service::Iperf)] {
+    for &service in setup.services {
         text += &format!(
             "[[frontend]]\nname = \"{name}\"\nbind = \"{}\"\nbackend = \"{name}\"\n\
+             idle_timeout_secs = {IDLE_TIMEOUT_SECS}\n\
              [[backend]]\nname = \"{name}\"\nservers = [{{ address = \"{}\" }}]\n",
             target(topology, via, service),
-            upstream(topology, service)
+            upstream(topology, service),
+            name = service.name(),
         );
     }
-    if let (Some(pki), Via::Splice) = (pki, via) {
+    if let (Some(pki), Via::Splice) = (setup.pki, via) {
         text += &format!(
             "[[frontend]]\nname = \"https\"\nmode = \"http\"\nbind = \"{}\"\nbackend = \"hub\"\n\
              tls_cert = \"{}\"\ntls_key = \"{}\"\n\
@@ -296,21 +357,37 @@ fn forwarder_config(topology: &Topology, via: Via, pki: Option<&Pki>) -> String 
     text
 }
 
+/// HAProxy's connection limit (global and per listener, which defaults lower): the
+/// clients asked for plus headroom; HAProxy sizes its own fd limit from it (and refuses
+/// to start if it cannot have it: `strict-limits` is on by default in 2.6).
+pub fn haproxy_maxconn(max_conns: usize) -> usize {
+    (max_conns + 1000).max(4000)
+}
+
+/// nginx's per-worker limit: either worker may end up holding every connection, and each
+/// proxied connection takes two.
+pub fn nginx_worker_connections(max_conns: usize) -> usize {
+    (2 * max_conns + 1000).max(8000)
+}
+
 /// tcp mode with splice(2) forced both ways; http mode terminating TLS with the same
 /// certificate as the forwarder and re-originating TLS to the hub with verification.
-fn haproxy_config(topology: &Topology, pki: Option<&Pki>) -> String {
-    let mut text = String::from(
-        "global\n  maxconn 4000\n  nbthread 2\n\
-         defaults\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n",
+fn haproxy_config(topology: &Topology, setup: &Setup) -> String {
+    let maxconn = haproxy_maxconn(setup.max_conns);
+    let mut text = format!(
+        "global\n  maxconn {maxconn}\n  nbthread 2\n\
+         defaults\n  maxconn {maxconn}\n  timeout connect 5s\n\
+         \x20 timeout client {IDLE_TIMEOUT_SECS}s\n  timeout server {IDLE_TIMEOUT_SECS}s\n",
     );
-    for (name, service) in [("echo", Service::Echo), ("iperf", Service::Iperf)] {
+    for &service in setup.services {
         text += &format!(
-            "listen {name}\n  mode tcp\n  bind {}\n  option splice-request\n  option splice-response\n  server s {}\n",
+            "listen {}\n  mode tcp\n  bind {}\n  option splice-request\n  option splice-response\n  server s {}\n",
+            service.name(),
             target(topology, Via::Haproxy, service),
             upstream(topology, service)
         );
     }
-    if let Some(pki) = pki {
+    if let Some(pki) = setup.pki {
         text += &format!(
             "listen https\n  mode http\n  bind {} ssl crt {} alpn http/1.1\n\
              \x20 http-request set-header Host hub.test\n  http-reuse always\n\
@@ -324,20 +401,40 @@ fn haproxy_config(topology: &Topology, pki: Option<&Pki>) -> String {
     text
 }
 
-fn nginx_config(topology: &Topology, dir: &Path) -> String {
+/// The hard RLIMIT_NOFILE of this process (and of what it starts).
+pub fn nofile_hard_limit() -> anyhow::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
+    }
+    Ok(limit.rlim_max)
+}
+
+/// Two workers (`auto` on this machine), each allowed every connection (see
+/// `nginx_worker_connections`). The accept queue is the forwarder's (nginx asks for 511
+/// by default), so a storm meets the same queue on every path.
+fn nginx_config(topology: &Topology, dir: &Path, setup: &Setup) -> String {
+    let worker_connections = nginx_worker_connections(setup.max_conns);
+    // Asking for more than the hard limit only logs an alert (nginx keeps what it has).
+    let rlimit =
+        nofile_hard_limit().map_or(20_000, |hard| (worker_connections as u64 + 1000).min(hard));
     let mut servers = String::new();
-    for service in [Service::Echo, Service::Iperf] {
+    for &service in setup.services {
         servers += &format!(
-            "  server {{ listen {}; proxy_pass {}; }}\n",
+            "  server {{ listen {} backlog=4096; proxy_pass {}; }}\n",
             target(topology, Via::Nginx, service),
             upstream(topology, service)
         );
     }
     format!(
         "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
-         daemon off;\nworker_processes auto;\nworker_rlimit_nofile 20000;\n\
+         daemon off;\nworker_processes auto;\nworker_rlimit_nofile {rlimit};\n\
          pid {dir}/nginx.pid;\nerror_log {dir}/nginx-error.log warn;\n\
-         events {{ worker_connections 8000; }}\n\
+         events {{ worker_connections {worker_connections}; }}\n\
          stream {{\n{servers}}}\n",
         dir = dir.display()
     )

@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use plotters::prelude::*;
 
+use super::fleet::{FleetMetric, StormMetric};
 use super::peers::Via;
 use super::topology::Kind;
-use super::{Metric, Results, Run, http};
+use super::{Metric, Results, Run, fleet_report, http};
 
 impl Metric {
     fn label(self) -> &'static str {
@@ -33,6 +34,21 @@ impl Metric {
             Self::PostP99 => "POST p99 (ms)",
             Self::WsP50 => "WebSocket 64 B round trip p50 (µs)",
             Self::WsP99 => "WebSocket round trip p99 (µs)",
+            Self::Fleet(_, m) => m.label(),
+            Self::Storm(m) => m.label(),
+        }
+    }
+
+    pub(super) fn is_fleet(self) -> bool {
+        matches!(self, Self::Fleet(..) | Self::Storm(..))
+    }
+
+    /// The label with what it belongs to, for a chart panel's caption.
+    fn caption(self) -> String {
+        match self {
+            Self::Fleet(size, m) => format!("fleet {size} B: {}", m.label()),
+            Self::Storm(m) => format!("TLS storm: {}", m.label()),
+            _ => self.label().to_owned(),
         }
     }
 
@@ -49,6 +65,8 @@ impl Metric {
             Self::OneWay1 | Self::OneWay8 | Self::Echo1 | Self::Echo8 => 1,
             Self::ProxyCpu1 | Self::MachineCpu1 | Self::MachineCpu8 => 2,
             Self::GetP99 | Self::PostP99 => 2,
+            Self::Fleet(_, m) => m.decimals(),
+            Self::Storm(m) => m.decimals(),
             _ => 0,
         }
     }
@@ -63,6 +81,8 @@ impl Metric {
                 | Self::ConnRate
                 | Self::GetRps
                 | Self::PostRps
+                | Self::Fleet(_, FleetMetric::PerSecond)
+                | Self::Storm(StormMetric::PerSecond)
         )
     }
 }
@@ -103,7 +123,7 @@ const HTTP_METRICS: [Metric; 6] = [
 ];
 
 /// (min, median, max) of the samples.
-pub fn summary(samples: &[f64]) -> Option<(f64, f64, f64)> {
+pub(super) fn summary(samples: &[f64]) -> Option<(f64, f64, f64)> {
     let mut v = samples.to_vec();
     v.sort_by(f64::total_cmp);
     let mid = if v.len() % 2 == 1 {
@@ -114,11 +134,11 @@ pub fn summary(samples: &[f64]) -> Option<(f64, f64, f64)> {
     Some((*v.first()?, mid, *v.last()?))
 }
 
-fn median(results: &Results, kind: Kind, via: Via, metric: Metric) -> Option<f64> {
+pub(super) fn median(results: &Results, kind: Kind, via: Via, metric: Metric) -> Option<f64> {
     summary(results.get(&(kind, via, metric))?).map(|(_, m, _)| m)
 }
 
-fn cell(results: &Results, kind: Kind, via: Via, metric: Metric) -> String {
+pub(super) fn cell(results: &Results, kind: Kind, via: Via, metric: Metric) -> String {
     let Some((lo, mid, hi)) = results.get(&(kind, via, metric)).and_then(|s| summary(s)) else {
         return "-".into();
     };
@@ -130,7 +150,13 @@ fn cell(results: &Results, kind: Kind, via: Via, metric: Metric) -> String {
     format!("{:.d$} ({:.d$}-{:.d$})", mid * k, lo * k, hi * k)
 }
 
-fn ratio(results: &Results, kind: Kind, via: Via, base: Via, metric: Metric) -> Option<f64> {
+pub(super) fn ratio(
+    results: &Results,
+    kind: Kind,
+    via: Via,
+    base: Via,
+    metric: Metric,
+) -> Option<f64> {
     let a = median(results, kind, via, metric)?;
     let b = median(results, kind, base, metric)?;
     (b > 0.0).then(|| a / b)
@@ -182,102 +208,24 @@ pub fn machine_description(load_before: &str, load_after: &str, took: Duration) 
 
 pub fn markdown(run: &Run, machine: &str, tried: Option<&str>) -> String {
     let r = &run.results;
-    let s = run.settings;
     let mut md = String::new();
     let _ = writeln!(md, "# forwarder benchmark (`cargo xtask bench`)\n");
     let _ = writeln!(md, "{machine}");
-    let _ = writeln!(
-        md,
-        "Each figure: median of {} interleaved round(s) (min-max). Bulk runs {} s each (iperf3 \
-         one way; echo {:.1} s = our client writing 128 KiB chunks and counting bytes echoed back), \
-         64 B ping-pong {:.1} s, connection setup {:.1} s with 4 clients (connect, 1 byte each \
-         way, reset), HTTPS {:.1} s per load. CPU-s/GiB: CPU seconds per GiB of payload \
-         received, over the one-way run; machine = all CPUs from /proc/stat (user, system, \
-         irq, softirq: the kernel splice's work is there), proxy = the proxy's processes \
-         (/proc/PID/stat). The load generators and servers run on the same 2 cores and are \
-         in the machine figure for every path alike. The namespaces' veth pairs have GRO on, \
-         as physical NICs do by default. The machine is shared with other work (compiles): \
-         figures are noisy, compare within a run.\n",
-        s.rounds,
-        s.bulk_secs,
-        s.echo.as_secs_f64(),
-        s.rtt.as_secs_f64(),
-        s.connect.as_secs_f64(),
-        s.http_secs
-    );
     let kinds: Vec<Kind> = {
         let mut k: Vec<Kind> = r.keys().map(|(k, _, _)| *k).collect();
         k.dedup();
         k
     };
-    for &kind in &kinds {
-        let vias: Vec<Via> = Via::ALL
-            .into_iter()
-            .filter(|v| L4_METRICS.iter().any(|m| r.contains_key(&(kind, *v, *m))))
-            .collect();
-        let _ = writeln!(md, "## TCP, {}\n", kind.label());
-        let _ = write!(md, "| path |");
-        for m in L4_METRICS {
-            let _ = write!(md, " {} |", m.label());
+    let classic = r.keys().any(|(_, _, m)| !m.is_fleet());
+    if classic {
+        md += &classic_intro(run);
+        for &kind in &kinds {
+            md += &l4_section(r, kind);
+            md += &http_section(r, kind);
         }
-        let _ = writeln!(md, "\n|---|{}", "---|".repeat(L4_METRICS.len()));
-        for &via in &vias {
-            let _ = write!(md, "| {} |", via.label());
-            for m in L4_METRICS {
-                let _ = write!(md, " {} |", cell(r, kind, via, m));
-            }
-            let _ = writeln!(md);
-        }
-        let _ = writeln!(
-            md,
-            "\nRatios of medians, to direct / to HAProxy (for times and CPU, lower is better):\n"
-        );
-        let _ = write!(md, "| path |");
-        for m in RATIO_METRICS {
-            let _ = write!(md, " {} |", m.label());
-        }
-        let _ = writeln!(md, "\n|---|{}", "---|".repeat(RATIO_METRICS.len()));
-        for &via in vias.iter().filter(|v| **v != Via::Direct) {
-            let _ = write!(md, "| {} |", via.label());
-            for m in RATIO_METRICS {
-                let f = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.2}x"));
-                let _ = write!(
-                    md,
-                    " {} / {} |",
-                    f(ratio(r, kind, via, Via::Direct, m)),
-                    f(ratio(r, kind, via, Via::Haproxy, m))
-                );
-            }
-            let _ = writeln!(md);
-        }
-        let _ = writeln!(md);
-        let http_vias: Vec<Via> = http::VIAS
-            .into_iter()
-            .filter(|v| HTTP_METRICS.iter().any(|m| r.contains_key(&(kind, *v, *m))))
-            .collect();
-        if !http_vias.is_empty() {
-            let _ = writeln!(
-                md,
-                "## HTTPS, {} (TLS terminated and re-originated to a stand-in hub; GET: 16 \
-                 keep-alive clients, POST: 4, WebSocket: 1)\n",
-                kind.label()
-            );
-            let _ = write!(md, "| path |");
-            for m in HTTP_METRICS {
-                let _ = write!(md, " {} |", m.label());
-            }
-            let _ = writeln!(md, "\n|---|{}", "---|".repeat(HTTP_METRICS.len()));
-            for &via in &http_vias {
-                let _ = write!(md, "| {} |", http::label(via));
-                for m in HTTP_METRICS {
-                    let _ = write!(md, " {} |", cell(r, kind, via, m));
-                }
-                let _ = writeln!(md);
-            }
-            let _ = writeln!(md);
-        }
+        md += &targets(r, &kinds);
     }
-    md += &targets(r, &kinds);
+    md += &fleet_report::markdown(run, &kinds);
     if !run.forwarder_stats.is_empty() {
         let _ = writeln!(
             md,
@@ -298,6 +246,110 @@ pub fn markdown(run: &Run, machine: &str, tried: Option<&str>) -> String {
     if let Some(tried) = tried {
         let _ = writeln!(md, "{}", tried.trim());
     }
+    md
+}
+
+fn classic_intro(run: &Run) -> String {
+    let s = run.settings;
+    format!(
+        "Each figure: median of {} interleaved round(s) (min-max). Bulk runs {} s each (iperf3 \
+         one way; echo {:.1} s = our client writing 128 KiB chunks and counting bytes echoed back), \
+         64 B ping-pong {:.1} s, connection setup {:.1} s with 4 clients (connect, 1 byte each \
+         way, reset), HTTPS {:.1} s per load. CPU-s/GiB: CPU seconds per GiB of payload \
+         received, over the one-way run; machine = all CPUs from /proc/stat (user, system, \
+         irq, softirq: the kernel splice's work is there), proxy = the proxy's processes \
+         (/proc/PID/stat). The load generators and servers run on the same 2 cores and are \
+         in the machine figure for every path alike. The namespaces' veth pairs have GRO on, \
+         as physical NICs do by default. The machine is shared with other work (compiles): \
+         figures are noisy, compare within a run.\n\n",
+        s.rounds,
+        s.bulk_secs,
+        s.echo.as_secs_f64(),
+        s.rtt.as_secs_f64(),
+        s.connect.as_secs_f64(),
+        s.http_secs
+    )
+}
+
+/// A Markdown table: a row per path, a column per metric, cells median (min-max).
+pub(super) fn table(
+    r: &Results,
+    kind: Kind,
+    vias: &[Via],
+    metrics: &[Metric],
+    name: impl Fn(Via) -> &'static str,
+) -> String {
+    let mut md = String::from("| path |");
+    for m in metrics {
+        let _ = write!(md, " {} |", m.label());
+    }
+    let _ = writeln!(md, "\n|---|{}", "---|".repeat(metrics.len()));
+    for &via in vias {
+        let _ = write!(md, "| {} |", name(via));
+        for &m in metrics {
+            let _ = write!(md, " {} |", cell(r, kind, via, m));
+        }
+        let _ = writeln!(md);
+    }
+    md.push('\n');
+    md
+}
+
+/// The paths that have any of `metrics` in `kind`.
+pub(super) fn vias_with(r: &Results, kind: Kind, metrics: &[Metric]) -> Vec<Via> {
+    Via::ALL
+        .into_iter()
+        .filter(|v| metrics.iter().any(|m| r.contains_key(&(kind, *v, *m))))
+        .collect()
+}
+
+fn l4_section(r: &Results, kind: Kind) -> String {
+    let vias = vias_with(r, kind, &L4_METRICS);
+    if vias.is_empty() {
+        return String::new();
+    }
+    let mut md = format!("## TCP, {}\n\n", kind.label());
+    md += &table(r, kind, &vias, &L4_METRICS, Via::label);
+    let _ = writeln!(
+        md,
+        "Ratios of medians, to direct / to HAProxy (for times and CPU, lower is better):\n"
+    );
+    let _ = write!(md, "| path |");
+    for m in RATIO_METRICS {
+        let _ = write!(md, " {} |", m.label());
+    }
+    let _ = writeln!(md, "\n|---|{}", "---|".repeat(RATIO_METRICS.len()));
+    for &via in vias.iter().filter(|v| **v != Via::Direct) {
+        let _ = write!(md, "| {} |", via.label());
+        for m in RATIO_METRICS {
+            let f = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.2}x"));
+            let _ = write!(
+                md,
+                " {} / {} |",
+                f(ratio(r, kind, via, Via::Direct, m)),
+                f(ratio(r, kind, via, Via::Haproxy, m))
+            );
+        }
+        let _ = writeln!(md);
+    }
+    md.push('\n');
+    md
+}
+
+fn http_section(r: &Results, kind: Kind) -> String {
+    let vias: Vec<Via> = vias_with(r, kind, &HTTP_METRICS)
+        .into_iter()
+        .filter(|v| http::VIAS.contains(v))
+        .collect();
+    if vias.is_empty() {
+        return String::new();
+    }
+    let mut md = format!(
+        "## HTTPS, {} (TLS terminated and re-originated to a stand-in hub; GET: 16 \
+         keep-alive clients, POST: 4, WebSocket: 1)\n\n",
+        kind.label()
+    );
+    md += &table(r, kind, &vias, &HTTP_METRICS, http::label);
     md
 }
 
@@ -399,14 +451,36 @@ fn color(via: Via) -> RGBColor {
     }
 }
 
-/// One panel per (topology, metric): a bar per path at its median, a line from min to max.
-pub fn chart(results: &Results, path: &Path) -> anyhow::Result<()> {
+/// The chart's rows: per topology, the classic panels and the fleet panels, each only if
+/// the run measured them.
+fn chart_rows(results: &Results) -> Vec<(Kind, Vec<Metric>)> {
     let mut kinds: Vec<Kind> = results.keys().map(|(k, _, _)| *k).collect();
     kinds.dedup();
-    if kinds.is_empty() {
+    let has = |kind: Kind, metrics: &[Metric]| {
+        results
+            .keys()
+            .any(|(k, _, m)| *k == kind && metrics.contains(m))
+    };
+    let mut rows = Vec::new();
+    for kind in kinds {
+        if has(kind, &PANELS) {
+            rows.push((kind, PANELS.to_vec()));
+        }
+        let fleet = fleet_report::panels(results, kind);
+        if !fleet.is_empty() {
+            rows.push((kind, fleet));
+        }
+    }
+    rows
+}
+
+/// One panel per (topology, metric): a bar per path at its median, a line from min to max.
+pub fn chart(results: &Results, path: &Path) -> anyhow::Result<()> {
+    let rows = chart_rows(results);
+    if rows.is_empty() {
         return Ok(());
     }
-    let root = SVGBackend::new(path, (1600, 460 * kinds.len() as u32)).into_drawing_area();
+    let root = SVGBackend::new(path, (1600, 460 * rows.len() as u32)).into_drawing_area();
     root.fill(&WHITE).map_err(draw_error)?;
     let root = root
         .titled(
@@ -414,66 +488,92 @@ pub fn chart(results: &Results, path: &Path) -> anyhow::Result<()> {
             ("sans-serif", 24),
         )
         .map_err(draw_error)?;
-    let areas = root.split_evenly((kinds.len(), PANELS.len()));
+    let columns = rows.iter().map(|(_, m)| m.len()).max().unwrap_or(1);
+    let areas = root.split_evenly((rows.len(), columns));
     for (i, area) in areas.iter().enumerate() {
-        let kind = kinds[i / PANELS.len()];
-        let metric = PANELS[i % PANELS.len()];
-        let bars: Vec<(Via, (f64, f64, f64))> = Via::ALL
-            .into_iter()
-            .filter_map(|v| Some((v, summary(results.get(&(kind, v, metric))?)?)))
-            .collect();
-        if bars.is_empty() {
-            continue;
+        let (kind, metrics) = &rows[i / columns];
+        if let Some(&metric) = metrics.get(i % columns) {
+            panel(results, area, *kind, metric)?;
         }
-        let top = bars.iter().map(|(_, (_, _, hi))| *hi).fold(0.0, f64::max) * 1.15;
-        let n = bars.len();
-        let mut chart = ChartBuilder::on(area)
-            .caption(
-                format!("{}: {}", kind.label(), metric.label()),
-                ("sans-serif", 16),
-            )
-            .margin(12)
-            .x_label_area_size(30)
-            .y_label_area_size(50)
-            .build_cartesian_2d((0..n).into_segmented(), 0.0..top.max(1e-9))
-            .map_err(draw_error)?;
-        let names: Vec<&str> = bars.iter().map(|(v, _)| v.short()).collect();
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .x_labels(n)
-            .x_label_formatter(&|x| match x {
-                SegmentValue::CenterOf(i) => names.get(*i).map_or(String::new(), |s| s.to_string()),
-                _ => String::new(),
-            })
-            .draw()
-            .map_err(draw_error)?;
-        chart
-            .draw_series(bars.iter().enumerate().map(|(i, (via, (_, mid, _)))| {
-                let mut bar = Rectangle::new(
-                    [
-                        (SegmentValue::Exact(i), 0.0),
-                        (SegmentValue::Exact(i + 1), *mid),
-                    ],
-                    color(*via).filled(),
-                );
-                bar.set_margin(0, 0, 8, 8);
-                bar
-            }))
-            .map_err(draw_error)?;
-        chart
-            .draw_series(bars.iter().enumerate().map(|(i, (_, (lo, _, hi)))| {
-                PathElement::new(
-                    vec![
-                        (SegmentValue::CenterOf(i), *lo),
-                        (SegmentValue::CenterOf(i), *hi),
-                    ],
-                    BLACK.stroke_width(2),
-                )
-            }))
-            .map_err(draw_error)?;
     }
     root.present().map_err(draw_error)?;
+    Ok(())
+}
+
+fn panel(
+    results: &Results,
+    area: &DrawingArea<SVGBackend, plotters::coord::Shift>,
+    kind: Kind,
+    metric: Metric,
+) -> anyhow::Result<()> {
+    let bars: Vec<(Via, (f64, f64, f64))> = Via::ALL
+        .into_iter()
+        .filter_map(|v| Some((v, summary(results.get(&(kind, v, metric))?)?)))
+        .collect();
+    if bars.is_empty() {
+        return Ok(());
+    }
+    let top = bars.iter().map(|(_, (_, _, hi))| *hi).fold(0.0, f64::max) * 1.15;
+    let n = bars.len();
+    let mut chart = ChartBuilder::on(area)
+        .caption(
+            format!("{}: {}", kind.label(), metric.caption()),
+            ("sans-serif", 16),
+        )
+        .margin(12)
+        .x_label_area_size(30)
+        .y_label_area_size(50)
+        .build_cartesian_2d((0..n).into_segmented(), 0.0..top.max(1e-9))
+        .map_err(draw_error)?;
+    let names: Vec<&str> = bars.iter().map(|(v, _)| v.short()).collect();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(n)
+        .x_label_formatter(&|x| match x {
+            SegmentValue::CenterOf(i) => names.get(*i).map_or(String::new(), |s| s.to_string()),
+            _ => String::new(),
+        })
+        .draw()
+        .map_err(draw_error)?;
+    draw_bars(&mut chart, &bars)
+}
+
+type Panel<'a> = ChartContext<
+    'a,
+    SVGBackend<'a>,
+    Cartesian2d<
+        plotters::coord::ranged1d::SegmentedCoord<plotters::coord::types::RangedCoordusize>,
+        plotters::coord::types::RangedCoordf64,
+    >,
+>;
+
+/// A bar per path at its median, and a line from min to max.
+fn draw_bars(chart: &mut Panel, bars: &[(Via, (f64, f64, f64))]) -> anyhow::Result<()> {
+    chart
+        .draw_series(bars.iter().enumerate().map(|(i, (via, (_, mid, _)))| {
+            let mut bar = Rectangle::new(
+                [
+                    (SegmentValue::Exact(i), 0.0),
+                    (SegmentValue::Exact(i + 1), *mid),
+                ],
+                color(*via).filled(),
+            );
+            bar.set_margin(0, 0, 8, 8);
+            bar
+        }))
+        .map_err(draw_error)?;
+    chart
+        .draw_series(bars.iter().enumerate().map(|(i, (_, (lo, _, hi)))| {
+            PathElement::new(
+                vec![
+                    (SegmentValue::CenterOf(i), *lo),
+                    (SegmentValue::CenterOf(i), *hi),
+                ],
+                BLACK.stroke_width(2),
+            )
+        }))
+        .map_err(draw_error)?;
     Ok(())
 }
 
