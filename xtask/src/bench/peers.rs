@@ -328,7 +328,7 @@ pub fn wait_listening(
 
 /// Idle timeout of the bench's frontends, as the agent's default: fleet connections sit
 /// open through a whole run and must never be reaped in the middle of one.
-const IDLE_TIMEOUT_SECS: u64 = 900;
+const IDLE_TIMEOUT_SECS: u64 = 1800;
 
 fn forwarder_config(topology: &Topology, via: Via, setup: &Setup) -> String {
     let mut text = format!("instance = \"bench-{}\"\n", via.short());
