@@ -52,6 +52,7 @@ pub mod names {
 pub const MAX_SPLICED_SOCKETS: u32 = 65_536;
 
 /// Which socket a socket forwards to, and how. Owned by userspace: the kernel only reads it.
+/// Userspace never lowers a field (see `SockCounters::link`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PeerLink {
@@ -113,8 +114,14 @@ pub struct SockCounters {
     /// Events the verdict could not put in `FWD_EVENTS` (ring full). The agent's coarse
     /// safety tick still finds what they would have reported, only later.
     pub events_lost: u64,
+    /// The verdict's copy of this socket's `PeerLink`, so a segment costs one map lookup,
+    /// not two. Sound because userspace only ever raises a link's limit, mark and refresh
+    /// mark (the peer never changes): a stale copy can only be too strict, and the verdict
+    /// reads `FWD_LINKS` again whenever the copy would stop it (a passed byte, a spent
+    /// budget, a refresh mark reached). All zero until the first segment.
+    pub link: PeerLink,
 }
-const _: () = assert!(core::mem::size_of::<SockCounters>() == 88);
+const _: () = assert!(core::mem::size_of::<SockCounters>() == 120);
 
 /// One record in `FWD_EVENTS`: socket `cookie` needs the agent's attention.
 #[repr(C)]

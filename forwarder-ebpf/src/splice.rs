@@ -53,8 +53,6 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
         // it would make the peer's send worker write after our shutdown(): EPIPE.
         return SK_DROP;
     }
-    // SAFETY: the value is only read; userspace replaces whole entries atomically.
-    let link = unsafe { LINKS.get(cookie) }.copied();
     let Some(counters) = COUNTERS.get_ptr_mut(cookie) else {
         // Not set up by the agent: keep the bytes on this socket for userspace.
         return SK_PASS;
@@ -90,20 +88,36 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
         }
     }
 
-    let Some(link) = link else {
-        // No link (not expected while the socket is in the map): as with a mark of 0.
-        let first = counters.passed_bytes == 0;
-        pass(counters, cookie, len, first);
-        return SK_PASS;
-    };
+    let before = counters.redirected_bytes;
+    let after = before.saturating_add(len);
+    let mut link = counters.link;
+    if link.peer_cookie == 0
+        || counters.passed_bytes != link.passed_mark
+        || after > link.redirect_limit
+        || after >= link.refresh_at
+    {
+        // The copy would stop this segment, or there is none yet: the agent may have moved
+        // the link since (it only ever raises it), so read the real one.
+        // SAFETY: the value is only read; userspace replaces whole entries atomically.
+        match unsafe { LINKS.get(cookie) } {
+            Some(fresh) => {
+                link = *fresh;
+                counters.link = link;
+            }
+            None => {
+                // No link (not expected while the socket is in the map): as with a mark of 0.
+                let first = counters.passed_bytes == 0;
+                pass(counters, cookie, len, first);
+                return SK_PASS;
+            }
+        }
+    }
     // Once a byte has gone to userspace, every later byte must too, or the order breaks
     // (until userspace has copied them all and moves the mark).
     if counters.passed_bytes != link.passed_mark {
         pass(counters, cookie, len, false);
         return SK_PASS;
     }
-    let before = counters.redirected_bytes;
-    let after = before.saturating_add(len);
     if after > link.redirect_limit {
         // The peer is not draining: the kernel gives redirects no backpressure, so stop
         // here and let this socket's receive queue (and TCP's window) hold the sender.

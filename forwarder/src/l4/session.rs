@@ -106,7 +106,10 @@ impl<'a> Direction<'a> {
         }
     }
 
-    /// Writes `src`'s link with a new limit and mark.
+    /// Writes `src`'s link with a new limit and mark. Neither ever goes down: the verdict
+    /// keeps a copy of the link and reads the real one only when the copy would stop a
+    /// segment (see `SockCounters::link`). A limit kept from an earlier, smaller ack is
+    /// still a sound bound: acknowledgements only grow.
     fn set_link(
         &mut self,
         datapath: &Datapath,
@@ -114,11 +117,16 @@ impl<'a> Direction<'a> {
         max_lag: u64,
         mark: u64,
     ) -> io::Result<()> {
-        let link = peer_link(self.sink_cookie, limit, max_lag, mark);
+        let link = peer_link(
+            self.sink_cookie,
+            limit.max(self.limit),
+            max_lag,
+            mark.max(self.passed_mark),
+        );
         datapath.set_link(self.src_cookie, &link)?;
         self.limit = link.redirect_limit;
         self.refresh_at = link.refresh_at;
-        self.passed_mark = mark;
+        self.passed_mark = link.passed_mark;
         Ok(())
     }
 }
