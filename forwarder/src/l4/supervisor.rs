@@ -186,17 +186,27 @@ async fn dispatch(
         tokio::select! {
             _ = &mut stopped => return,
             guard = epoll.readable() => {
-                let Ok(mut guard) = guard else { return };
+                let Ok(mut guard) = guard else { return dispatch_failed("epoll set") };
                 drain_epoll(guard.get_inner(), &routes, &mut ready);
                 guard.clear_ready();
             }
             guard = ring.readable_mut() => {
-                let Ok(mut guard) = guard else { return };
+                let Ok(mut guard) = guard else { return dispatch_failed("event ring") };
                 drain_ring(guard.get_inner_mut(), &routes);
                 guard.clear_ready();
             }
         }
     }
+}
+
+/// Only tokio's reactor going away ends a readiness wait; sessions then still see their
+/// idle deadlines and safety ticks, but FINs and resets late. Said loudly.
+fn dispatch_failed(source: &str) {
+    tracing::error!(
+        source,
+        "spliced sessions' wake-up source failed: FINs and resets are now seen only at each \
+         session's safety tick (30 s)"
+    );
 }
 
 fn drain_epoll(epoll: &Epoll, routes: &Routes, ready: &mut Vec<(u64, u32)>) {
