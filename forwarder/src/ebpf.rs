@@ -212,7 +212,7 @@ impl Datapath {
     /// `SockCounters::passed_bytes` says so.
     ///
     /// `lag_budget` bounds what the kernel redirects ahead of what each peer has sent on
-    /// (`NO_LIMIT` for none); keep it current with `set_redirect_limit`.
+    /// (`NO_LIMIT` for none); keep it current with `set_link`.
     pub fn splice(
         &self,
         pair: SplicedPair,
