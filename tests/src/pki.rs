@@ -63,14 +63,33 @@ impl TestCa {
     pub fn client_config(&self, alpn: &[&[u8]]) -> std::sync::Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.issuer.der().clone()).expect("add CA root");
-        let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("protocol versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let mut config = client_config_with(roots).expect("protocol versions");
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         std::sync::Arc::new(config)
     }
+}
+
+/// A rustls client configuration (ring, safe defaults) that trusts only the CA
+/// certificates in the PEM file `ca`: for the bench's clients, run apart from the test
+/// that made the CA.
+pub fn client_config_trusting(ca: &Path) -> anyhow::Result<rustls::ClientConfig> {
+    use anyhow::Context as _;
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).with_context(|| format!("{}", ca.display()))? {
+        roots.add(cert?)?;
+    }
+    Ok(client_config_with(roots)?)
+}
+
+fn client_config_with(roots: rustls::RootCertStore) -> Result<rustls::ClientConfig, rustls::Error> {
+    Ok(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    )
 }

@@ -96,11 +96,7 @@ async fn pump(
     last_io: &AtomicU64,
     ended: &Ended,
 ) -> Result<(), Side> {
-    let sink_side = if src_side == Side::Client {
-        Side::Upstream
-    } else {
-        Side::Client
-    };
+    let sink_side = src_side.other();
     let mut buf = vec![0u8; COPY_BUF];
     let result = async {
         loop {

@@ -81,6 +81,14 @@ impl Side {
             Self::Upstream
         }
     }
+
+    /// The far end.
+    pub fn other(self) -> Self {
+        match self {
+            Self::Client => Self::Upstream,
+            Self::Upstream => Self::Client,
+        }
+    }
 }
 
 /// How a connection ended.

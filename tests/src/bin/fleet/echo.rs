@@ -10,12 +10,7 @@ use anyhow::Context as _;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpSocket};
 use tokio_rustls::TlsAcceptor;
-
-/// The same accept queue the forwarder asks for (the kernel caps it at somaxconn): a
-/// reconnect storm must not be throttled by the stand-in hub's queue before the proxy's.
-pub const BACKLOG: u32 = 4096;
 
 /// A device that connected but never finished its TLS handshake is dropped after this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -29,7 +24,10 @@ pub async fn serve(listen: SocketAddr, tls: Option<(PathBuf, PathBuf)>) -> anyho
         Some((cert, key)) => Some(acceptor(&cert, &key)?),
         None => None,
     };
-    let listener = bind(listen).with_context(|| format!("listening on {listen}"))?;
+    // The forwarder's own listener (same accept queue): a reconnect storm must not be
+    // throttled by the stand-in hub's queue before the proxy's.
+    let listener =
+        forwarder::listener::bind(listen).with_context(|| format!("listening on {listen}"))?;
     loop {
         let tcp = match listener.accept().await {
             Ok((tcp, _)) => tcp,
@@ -55,17 +53,6 @@ pub async fn serve(listen: SocketAddr, tls: Option<(PathBuf, PathBuf)>) -> anyho
             }
         }
     }
-}
-
-pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(BACKLOG)
 }
 
 fn acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
