@@ -15,7 +15,8 @@
 //!    every frontend (`listener`), optionally attaches the XDP guard (`xdp`), and serves
 //!    Prometheus text on the admin port (`admin`, from `metrics`).
 //! 2. **Ingress** (`xdp`): unwanted TCP to a frontend port is dropped before a socket sees
-//!    it (deny/allow lists, per-source SYN rate).
+//!    it (deny/allow lists, per-source SYN rate). `admission` then holds every accept
+//!    to the connection caps (per frontend, agent-wide, per source).
 //! 3. **Passthrough** (`l4`): the listener accepts; `l4::sni` peeks the ClientHello when
 //!    the frontend routes by name; `l4::upstream` picks and connects a server. Then
 //!    `ebpf::Datapath::splice` hands both sockets to the kernel and `l4::session` watches
@@ -32,6 +33,7 @@
 //!
 //! `sys` holds the few raw socket calls (and all of the agent's `unsafe`).
 pub mod admin;
+pub mod admission;
 pub mod agent;
 pub mod config;
 pub mod demo;
@@ -40,6 +42,7 @@ pub mod http;
 pub mod inspect;
 pub mod l4;
 pub mod listener;
+pub mod log_limit;
 pub mod metrics;
 pub mod registry;
 pub mod relay;

@@ -106,17 +106,31 @@ fn init_logging(json: bool) {
     }
 }
 
-/// `forwarder check`: validates, prints the warnings, then what each backend's connect
-/// pacing will be (so an operator sees the defaults that apply).
+/// `forwarder check`: validates, prints the warnings, then the connection budget and
+/// what each backend's connect pacing will be (so an operator sees the defaults that
+/// apply). The fd limit is this process's hard limit: the agent raises its soft limit
+/// to it (under systemd, `LimitNOFILE` sets both).
 fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
-    for w in config.warnings() {
+    let budget = forwarder::agent::fd_budget::FdBudget::hard();
+    for w in config.warnings().into_iter().chain(budget.warnings(&config)) {
         println!("warning: {w}");
     }
     println!(
         "ok: {} frontend(s), {} backend(s)",
         config.frontends.len(),
         config.backends.len()
+    );
+    println!(
+        "connections: at most {} at once for the agent (fd limit {}); per frontend: {}",
+        budget.agent_cap(&config),
+        budget.limit,
+        config
+            .frontends
+            .iter()
+            .map(|f| format!("{} {}", f.name, f.max_connections()))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     for b in &config.backends {
         println!("{}", b.pacing_summary());

@@ -21,6 +21,11 @@ counters!(L4Metrics {
     accepted,
     /// Connections open now.
     active,
+    /// Times the accept loop waited because a `max_connections` cap (the frontend's or
+    /// the agent's) was reached: new clients wait in the accept queue meanwhile.
+    at_capacity,
+    /// Clients reset at once because their source held `max_connections_per_source`.
+    refused_per_source,
     /// Connections spliced in the kernel.
     kernel_spliced,
     /// Connections served by the userspace copy path, for any reason.
@@ -80,8 +85,11 @@ counters!(HttpMetrics {
     accepted,
     /// Connections open now (TLS and HTTP; upgraded sessions are counted apart).
     active,
-    /// Times the accept loop waited because `max_connections` were open.
+    /// Times the accept loop waited because a `max_connections` cap (the frontend's or
+    /// the agent's) was reached: new clients wait in the accept queue meanwhile.
     at_capacity,
+    /// Clients reset at once because their source held `max_connections_per_source`.
+    refused_per_source,
     /// Client TLS handshakes that failed or timed out.
     tls_handshake_failed,
     /// Requests received (each HTTP/1.1 request or HTTP/2 stream).
@@ -128,6 +136,24 @@ counters!(BackendMetrics {
     /// Devices refused because their slot was further away than `queue_timeout_ms`.
     connects_refused_queue_timeout,
 });
+
+impl L4Metrics {
+    pub fn gate(&self) -> crate::admission::GateCounters<'_> {
+        crate::admission::GateCounters {
+            at_capacity: &self.at_capacity,
+            refused_per_source: &self.refused_per_source,
+        }
+    }
+}
+
+impl HttpMetrics {
+    pub fn gate(&self) -> crate::admission::GateCounters<'_> {
+        crate::admission::GateCounters {
+            at_capacity: &self.at_capacity,
+            refused_per_source: &self.refused_per_source,
+        }
+    }
+}
 
 pub fn add(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);

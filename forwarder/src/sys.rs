@@ -271,6 +271,36 @@ pub fn raise_memlock_limit() -> io::Result<()> {
     Ok(())
 }
 
+/// RLIMIT_NOFILE as (soft, hard).
+pub fn nofile_limits() -> io::Result<(u64, u64)> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit through the pointer, which outlives the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((limit.rlim_cur, limit.rlim_max))
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit; returns the limit now in force.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let (soft, hard) = nofile_limits()?;
+    if soft >= hard {
+        return Ok(soft);
+    }
+    let limit = libc::rlimit {
+        rlim_cur: hard,
+        rlim_max: hard,
+    };
+    // SAFETY: setrlimit reads the struct we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(hard)
+}
+
 /// Registers the eBPF log ring buffer with tokio for readability.
 pub fn async_fd_readable<T: AsRawFd>(inner: T) -> io::Result<tokio::io::unix::AsyncFd<T>> {
     // SAFETY: `inner` owns its descriptor and the AsyncFd owns `inner`, so the descriptor

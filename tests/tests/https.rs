@@ -621,7 +621,7 @@ async fn malformed_oversized_and_slow_clients_are_refused_while_others_are_serve
 async fn the_connection_cap_queues_new_clients_until_a_slot_frees() {
     let setup = Setup::new("https-cap");
     let hub = setup.hub(None).await;
-    let forwarder = start_forwarder(&setup.config(hub.addr, |f, _| f.max_connections = 2)).await;
+    let forwarder = start_forwarder(&setup.config(hub.addr, |f, _| f.max_connections = Some(2))).await;
     let first = h1_client(forwarder.addr, &setup.ca, PROXY).await;
     let _second = h1_client(forwarder.addr, &setup.ca, PROXY).await;
 

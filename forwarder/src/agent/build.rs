@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio_rustls::TlsAcceptor;
 
+use crate::admission::{AgentCap, Gate};
 use crate::config::{Config, Frontend};
 use crate::http::connector::UpstreamConnector;
 use crate::http::proxy::Proxy;
@@ -49,7 +50,22 @@ pub fn pools(
         .collect()
 }
 
-pub fn l4_frontend(f: &Frontend, pools: &HashMap<String, Arc<Pool>>, kernel: bool) -> L4Frontend {
+/// The connection caps of a frontend.
+pub fn gate(f: &Frontend, agent: &Arc<AgentCap>) -> Gate {
+    Gate::new(
+        &f.name,
+        f.max_connections(),
+        agent.clone(),
+        f.source_limit(),
+    )
+}
+
+pub fn l4_frontend(
+    f: &Frontend,
+    pools: &HashMap<String, Arc<Pool>>,
+    kernel: bool,
+    gate: Gate,
+) -> L4Frontend {
     let pool = |name: &String| pools.get(name.as_str()).cloned();
     L4Frontend {
         name: f.name.clone(),
@@ -70,6 +86,7 @@ pub fn l4_frontend(f: &Frontend, pools: &HashMap<String, Arc<Pool>>, kernel: boo
             interval: 30,
             probes: 4,
         }),
+        gate,
     }
 }
 
@@ -79,6 +96,7 @@ pub fn http_frontend(
     pools: &HashMap<String, Arc<Pool>>,
     metrics: Arc<HttpMetrics>,
     datapath: Option<Arc<crate::ebpf::Datapath>>,
+    gate: Gate,
 ) -> anyhow::Result<HttpFrontend> {
     let name = &f.name;
     let (Some(cert), Some(key), Some(backend_name)) = (&f.tls_cert, &f.tls_key, &f.backend) else {
@@ -113,8 +131,8 @@ pub fn http_frontend(
             upgraded_idle_timeout: Duration::from_secs(f.idle_timeout_secs),
             metrics,
         }),
+        gate,
         limits: Limits {
-            max_connections: f.max_connections,
             header_read_timeout: Duration::from_millis(f.header_read_timeout_ms),
             max_header_bytes: f.max_header_bytes,
         },
@@ -151,6 +169,7 @@ pub fn originate_frontend(
     config: &Config,
     f: &Frontend,
     pools: &HashMap<String, Arc<Pool>>,
+    gate: Gate,
 ) -> anyhow::Result<OriginateFrontend> {
     let name = &f.name;
     let backend_name = f
@@ -178,5 +197,6 @@ pub fn originate_frontend(
             interval: 30,
             probes: 4,
         }),
+        gate,
     })
 }

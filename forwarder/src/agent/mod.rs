@@ -3,6 +3,7 @@
 //! deadline and removes its pins.
 
 mod build;
+pub mod fd_budget;
 mod reload;
 
 use std::net::SocketAddr;
@@ -14,10 +15,12 @@ use anyhow::Context as _;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::admission::AgentCap;
 use crate::config::{Backend, Config, Frontend, Mode};
 use crate::ebpf::{Datapath, LoadOptions, pin_dir_for};
 use crate::l4::upstream::Pool;
 use crate::metrics::{HttpMetrics, L4Metrics, get};
+use fd_budget::FdBudget;
 use crate::{http, l4};
 
 #[derive(Clone, Debug, Default)]
@@ -135,6 +138,26 @@ pub async fn start(
     options: &RunOptions,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<(Vec<Running>, Option<Arc<Datapath>>)> {
+    let started = start_serving(config, options, shutdown).await?;
+    Ok((started.running, started.datapath))
+}
+
+/// What `start_serving` set up.
+struct Started {
+    running: Vec<Running>,
+    datapath: Option<Arc<Datapath>>,
+    /// The agent-wide connection cap, which frontends started by a reload share.
+    agent_cap: Arc<AgentCap>,
+}
+
+async fn start_serving(
+    config: &Config,
+    options: &RunOptions,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<Started> {
+    let budget = FdBudget::raise();
+    budget.log(config);
+    let agent_cap = AgentCap::new(budget.agent_cap(config));
     let datapath = load_datapath(config, options)?;
     if options.no_ebpf {
         tracing::warn!("eBPF splice disabled by flag: every connection is copied in userspace");
@@ -144,12 +167,29 @@ pub async fn start(
     }
     let pools = build::pools(config, &[]);
     let mut running = Vec::new();
+    let shared = Shared {
+        datapath: &datapath,
+        options,
+        agent_cap: &agent_cap,
+        shutdown: &shutdown,
+    };
     for f in &config.frontends {
         let metrics = FrontendMetrics::for_mode(f.mode);
-        running
-            .push(start_frontend(config, f, &pools, &datapath, options, metrics, &shutdown).await?);
+        running.push(start_frontend(config, f, &pools, &shared, metrics).await?);
     }
-    Ok((running, datapath))
+    Ok(Started {
+        running,
+        datapath,
+        agent_cap,
+    })
+}
+
+/// What every frontend of the agent shares.
+struct Shared<'a> {
+    datapath: &'a Option<Arc<Datapath>>,
+    options: &'a RunOptions,
+    agent_cap: &'a Arc<AgentCap>,
+    shutdown: &'a watch::Receiver<bool>,
 }
 
 /// Binds one frontend and spawns its accept loop.
@@ -157,18 +197,23 @@ async fn start_frontend(
     config: &Config,
     f: &Frontend,
     pools: &std::collections::HashMap<String, Arc<Pool>>,
-    datapath: &Option<Arc<Datapath>>,
-    options: &RunOptions,
+    shared: &Shared<'_>,
     metrics: FrontendMetrics,
-    shutdown: &watch::Receiver<bool>,
 ) -> anyhow::Result<Running> {
+    let Shared {
+        datapath,
+        options,
+        agent_cap,
+        shutdown,
+    } = shared;
+    let gate = build::gate(f, agent_cap);
     let listener = crate::listener::bind(f.bind)
         .with_context(|| format!("frontend {}: binding {}", f.name, f.bind))?;
     let addr = listener.local_addr()?;
-    let (stop, stopped) = frontend_stop(shutdown.clone());
+    let (stop, stopped) = frontend_stop((*shutdown).clone());
     let task = match (&metrics, f.mode) {
         (FrontendMetrics::L4(m), Mode::Originate) => {
-            let frontend = build::originate_frontend(config, f, pools)?;
+            let frontend = build::originate_frontend(config, f, pools, gate)?;
             tracing::info!(frontend = %f.name, %addr, "listening (plain TCP in, TLS to the hub originated here; relayed in userspace, cannot be spliced)");
             tokio::spawn(l4::originate::serve(
                 listener,
@@ -179,18 +224,19 @@ async fn start_frontend(
         }
         (FrontendMetrics::L4(m), _) => {
             let kernel = datapath.is_some() && !options.no_ebpf;
-            let frontend = build::l4_frontend(f, pools, kernel);
+            let frontend = build::l4_frontend(f, pools, kernel, gate);
             tracing::info!(frontend = %f.name, %addr, kernel, "listening (L4 passthrough)");
             tokio::spawn(l4::serve(
                 listener,
                 Arc::new(frontend),
-                datapath.clone(),
+                (*datapath).clone(),
                 m.clone(),
                 stopped,
             ))
         }
         (FrontendMetrics::Http(m), _) => {
-            let frontend = build::http_frontend(config, f, pools, m.clone(), datapath.clone())?;
+            let frontend =
+                build::http_frontend(config, f, pools, m.clone(), (*datapath).clone(), gate)?;
             tracing::info!(frontend = %f.name, %addr, "listening (HTTPS terminated, Host rewritten)");
             tracing::warn!(
                 frontend = %f.name,
@@ -247,7 +293,11 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     mut reload: mpsc::Receiver<()>,
 ) -> anyhow::Result<()> {
-    let (mut running, datapath) = start(&config, &options, shutdown.clone()).await?;
+    let Started {
+        mut running,
+        datapath,
+        agent_cap,
+    } = start_serving(&config, &options, shutdown.clone()).await?;
     // Attached once the frontends are bound, so their ports are known; detached on drop.
     let mut xdp = crate::xdp::start_for(&config, running.iter().map(|r| r.addr))?;
     let admin = match config.admin {
@@ -285,7 +335,8 @@ pub async fn run(
         tokio::select! {
             _ = shutdown.changed() => break,
             Some(()) = reload.recv() => {
-                match reload::apply(&config, &options, &mut running, &datapath, &shutdown).await {
+                let shared = Shared { datapath: &datapath, options: &options, agent_cap: &agent_cap, shutdown: &shutdown };
+                match reload::apply(&config, &shared, &mut running).await {
                     Ok(new_config) => {
                         if let Some(guard) = xdp.as_mut()
                             && let Err(err) = guard.maps().set_ports(&running.iter().map(|r| r.addr.port()).collect::<Vec<_>>())

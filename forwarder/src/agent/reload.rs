@@ -7,22 +7,19 @@
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use tokio::sync::watch;
 
-use super::{FrontendMetrics, RunOptions, Running, Spec, start_frontend};
+use super::{FrontendMetrics, Running, Shared, Spec, start_frontend};
 use crate::config::Config;
-use crate::ebpf::Datapath;
 
 /// Applies the configuration file's current content; returns it. On error nothing has
 /// changed that the error concerns, and the agent goes on with what runs.
 pub(super) async fn apply(
     current: &Config,
-    options: &RunOptions,
+    shared: &Shared<'_>,
     running: &mut Vec<Running>,
-    datapath: &Option<Arc<Datapath>>,
-    shutdown: &watch::Receiver<bool>,
 ) -> anyhow::Result<Config> {
-    let path = options
+    let path = shared
+        .options
         .config_path
         .as_ref()
         .context("this agent was started without -c FILE: there is nothing to reload")?;
@@ -33,6 +30,9 @@ pub(super) async fn apply(
         current.instance,
         next.instance
     );
+    if next.max_connections != current.max_connections {
+        tracing::warn!("reload: the agent-wide max_connections takes effect at the next start");
+    }
     if next.xdp != current.xdp {
         tracing::warn!(
             "reload: [xdp] changes take effect at the next start (rules: `forwarder xdp`)"
@@ -68,7 +68,7 @@ pub(super) async fn apply(
             Some(m) if m.same_kind(f.mode) => m.clone(),
             _ => FrontendMetrics::for_mode(f.mode),
         };
-        match start_frontend(&next, f, &pools, datapath, options, metrics, shutdown).await {
+        match start_frontend(&next, f, &pools, shared, metrics).await {
             Ok(new) => {
                 if let Some(i) = old {
                     stop(running.remove(i)).await;
@@ -88,7 +88,7 @@ pub(super) async fn apply(
     // What is left was removed from the configuration.
     for old in running.drain(..) {
         tracing::info!(frontend = %old.name, "reload: frontend removed; open connections go on");
-        if let Some(datapath) = datapath {
+        if let Some(datapath) = shared.datapath {
             datapath.forget_stats(&old.name);
             for pool in &old.pools {
                 // Still used by a frontend that stays? Then its counters stay too.

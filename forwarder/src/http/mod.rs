@@ -17,9 +17,10 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
+use crate::admission::{Admitted, Gate};
 use crate::ebpf::Datapath;
 use crate::metrics::{self, ActiveGuard, HttpMetrics};
 use counted::{CountedStream, Listing};
@@ -30,11 +31,10 @@ pub fn header_value(host: &str) -> anyhow::Result<http::HeaderValue> {
     Ok(http::HeaderValue::from_str(host)?)
 }
 
-/// Limits that protect the frontend from slow or hostile clients.
+/// Limits that protect the frontend from slow or hostile clients (the connection caps
+/// are the frontend's `gate`).
 #[derive(Clone, Debug)]
 pub struct Limits {
-    /// Open client connections at most; further clients wait in the accept queue.
-    pub max_connections: usize,
     /// Time for the TLS handshake and for each request's headers.
     pub header_read_timeout: Duration,
     /// Request head size at most (HTTP/1.1 buffer, HTTP/2 header list); 431 above it.
@@ -46,6 +46,9 @@ pub struct HttpFrontend {
     pub tls: TlsAcceptor,
     pub proxy: Arc<Proxy>,
     pub limits: Limits,
+    /// Connection caps in front of the listener; an upgraded WebSocket session keeps
+    /// its client's slot.
+    pub gate: Gate,
     /// The agent's maps, to list each connection for `forwarder conns` (none with
     /// `--no-ebpf`).
     pub datapath: Option<Arc<Datapath>>,
@@ -67,28 +70,11 @@ pub async fn serve(
             .clone()
             .map(|dp| Listing::start(dp, &frontend.name, shutdown.clone())),
     });
-    let slots = Arc::new(Semaphore::new(frontend.limits.max_connections));
-    loop {
-        let permit = match slots.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                metrics::add(&metrics.at_capacity, 1);
-                tracing::warn!(frontend = %frontend.name, max = frontend.limits.max_connections,
-                    "connection limit reached; new clients wait in the accept queue");
-                tokio::select! {
-                    permit = slots.clone().acquire_owned() => match permit {
-                        Ok(permit) => permit,
-                        Err(_) => return,
-                    },
-                    _ = shutdown.changed() => return,
-                }
-            }
-        };
-        let Some((stream, peer)) =
-            crate::listener::accept(&listener, &mut shutdown, &frontend.name).await
-        else {
-            return;
-        };
+    while let Some((stream, peer, admitted)) = frontend
+        .gate
+        .accept(&listener, &mut shutdown, &metrics.gate())
+        .await
+    {
         metrics::add(&metrics.accepted, 1);
         tokio::spawn(serve_connection(
             stream,
@@ -96,7 +82,7 @@ pub async fn serve(
             frontend.clone(),
             shared.clone(),
             metrics.clone(),
-            permit,
+            Arc::new(admitted),
             shutdown.clone(),
         ));
     }
@@ -133,7 +119,7 @@ async fn serve_connection(
     frontend: Arc<HttpFrontend>,
     shared: Arc<Shared>,
     metrics: Arc<HttpMetrics>,
-    _permit: OwnedSemaphorePermit,
+    admitted: Arc<Admitted>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let _active = ActiveGuard::new(&metrics.active);
@@ -157,7 +143,11 @@ async fn serve_connection(
     let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let builder = if is_h2 { &shared.http2 } else { &shared.http1 };
     let proxy = frontend.proxy.clone();
-    let service = service_fn(move |request| proxy.clone().handle(request, peer, counts.clone()));
+    let service = service_fn(move |request| {
+        proxy
+            .clone()
+            .handle(request, peer, counts.clone(), admitted.clone())
+    });
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
     tokio::pin!(connection);
     let result = tokio::select! {

@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 
 use crate::http::connector::{ConnectFailure, UpstreamAddr, UpstreamConnector};
+use crate::admission::Admitted;
 use crate::http::counted::ConnCounts;
 use crate::http::{headers, tunnel};
 use crate::metrics::{self, HttpMetrics};
@@ -40,6 +41,7 @@ impl Proxy {
         mut request: Request<Incoming>,
         client_addr: SocketAddr,
         connection: Arc<ConnCounts>,
+        admitted: Arc<Admitted>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         metrics::add(&self.metrics.requests, 1);
         let websocket = headers::is_websocket_upgrade(request.version(), request.headers());
@@ -78,6 +80,7 @@ impl Proxy {
                 upstream_upgrade,
                 self.upgraded_idle_timeout,
                 self.metrics.clone(),
+                admitted,
             ));
             // The 101 goes back as the hub sent it: Sec-WebSocket-Accept/Protocol intact.
             return Ok(response.map(|body| body.boxed()));

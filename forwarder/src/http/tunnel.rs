@@ -8,16 +8,21 @@ use std::time::Duration;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
+use crate::admission::Admitted;
 use crate::metrics::{self, ActiveGuard, HttpMetrics};
 use crate::relay;
 
 /// Waits for both upgrades, then relays until both directions end or the session idles.
+/// The session holds its client's slot under the connection caps (`admitted`) until it
+/// ends: hyper ends the connection itself at the upgrade.
 pub async fn join(
     client: OnUpgrade,
     upstream: OnUpgrade,
     idle_timeout: Duration,
     metrics: Arc<HttpMetrics>,
+    admitted: Arc<Admitted>,
 ) {
+    let _slot = admitted;
     let _active = ActiveGuard::new(&metrics.websockets_active);
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(both) => both,

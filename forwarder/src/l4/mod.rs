@@ -22,6 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::Instrument as _;
 
+use crate::admission::Gate;
 use crate::ebpf::{Datapath, SpliceError, SplicedPair};
 use crate::metrics::{self, ActiveGuard, L4Metrics};
 use crate::registry::Registration;
@@ -192,6 +193,8 @@ pub struct L4Frontend {
     pub kernel: bool,
     pub client_hello_timeout: Duration,
     pub keepalive: Option<Keepalive>,
+    /// Connection caps in front of the listener.
+    pub gate: Gate,
 }
 
 /// Accepts until `shutdown` turns true. Each connection runs in its own task.
@@ -208,14 +211,17 @@ pub async fn serve(
             tracing::warn!(frontend = %frontend.name, %err, "could not set TCP keepalive");
         }
     }
-    while let Some((client, peer)) =
-        crate::listener::accept(&listener, &mut shutdown, &frontend.name).await
+    while let Some((client, peer, admitted)) = frontend
+        .gate
+        .accept(&listener, &mut shutdown, &metrics.gate())
+        .await
     {
         let (frontend, datapath, metrics) = (frontend.clone(), datapath.clone(), metrics.clone());
         let span = tracing::info_span!("conn", frontend = %frontend.name, client = %peer);
         tokio::spawn(
             async move {
                 handle_connection(client, &frontend, datapath.as_deref(), &metrics).await;
+                drop(admitted);
             }
             .instrument(span),
         );

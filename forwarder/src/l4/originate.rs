@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 use tracing::Instrument as _;
 
+use crate::admission::Gate;
 use crate::l4::upstream::Pool;
 use crate::l4::{Carrier, End, Keepalive, Outcome, finish};
 use crate::metrics::{self, ActiveGuard, L4Metrics};
@@ -27,6 +28,8 @@ pub struct OriginateFrontend {
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
     pub keepalive: Option<Keepalive>,
+    /// Connection caps in front of the listener.
+    pub gate: Gate,
 }
 
 pub async fn serve(
@@ -35,12 +38,20 @@ pub async fn serve(
     metrics: Arc<L4Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    while let Some((client, peer)) =
-        crate::listener::accept(&listener, &mut shutdown, &frontend.name).await
+    while let Some((client, peer, admitted)) = frontend
+        .gate
+        .accept(&listener, &mut shutdown, &metrics.gate())
+        .await
     {
         let (frontend, metrics) = (frontend.clone(), metrics.clone());
         let span = tracing::info_span!("conn", frontend = %frontend.name, client = %peer);
-        tokio::spawn(async move { handle(client, &frontend, &metrics).await }.instrument(span));
+        tokio::spawn(
+            async move {
+                handle(client, &frontend, &metrics).await;
+                drop(admitted);
+            }
+            .instrument(span),
+        );
     }
 }
 
