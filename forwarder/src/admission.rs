@@ -71,7 +71,9 @@ impl SourceLimit {
 
 fn mask_v4(ip: Ipv4Addr, prefix: u8) -> Ipv4Addr {
     let bits = u32::from(ip);
-    let mask = u32::MAX.checked_shl(32 - u32::from(prefix.min(32))).unwrap_or(0);
+    let mask = u32::MAX
+        .checked_shl(32 - u32::from(prefix.min(32)))
+        .unwrap_or(0);
     Ipv4Addr::from(bits & mask)
 }
 

@@ -103,10 +103,16 @@ pub struct Frontend {
     #[serde(default, deserialize_with = "some_per_source")]
     pub max_connections_per_source: Option<u32>,
     /// Leading bits of an IPv4 client address that name its source (32: each address).
-    #[serde(default = "default_source_prefix_ipv4", deserialize_with = "ipv4_prefix")]
+    #[serde(
+        default = "default_source_prefix_ipv4",
+        deserialize_with = "ipv4_prefix"
+    )]
     pub source_prefix_ipv4: u8,
     /// Leading bits of an IPv6 client address that name its source (64: each /64).
-    #[serde(default = "default_source_prefix_ipv6", deserialize_with = "ipv6_prefix")]
+    #[serde(
+        default = "default_source_prefix_ipv6",
+        deserialize_with = "ipv6_prefix"
+    )]
     pub source_prefix_ipv6: u8,
     /// mode "http": time for the TLS handshake and for each request's headers.
     #[serde(
@@ -115,7 +121,10 @@ pub struct Frontend {
     )]
     pub header_read_timeout_ms: u64,
     /// mode "http": request head size at most; larger heads get 431.
-    #[serde(default = "default_max_header_bytes", deserialize_with = "max_header_bytes")]
+    #[serde(
+        default = "default_max_header_bytes",
+        deserialize_with = "max_header_bytes"
+    )]
     pub max_header_bytes: usize,
     /// The keys the file gave this frontend (empty for one built in code): what
     /// `Config::warnings` checks against the mode.
@@ -142,7 +151,10 @@ pub enum Mode {
 pub struct Backend {
     pub name: String,
     pub servers: Vec<ServerConfig>,
-    #[serde(default = "default_connect_timeout", deserialize_with = "connect_timeout")]
+    #[serde(
+        default = "default_connect_timeout",
+        deserialize_with = "connect_timeout"
+    )]
     pub connect_timeout_ms: u64,
     /// HTTP backends: the hub's name, sent as `Host` (default: the first server's host).
     pub host: Option<String>,
@@ -152,7 +164,10 @@ pub struct Backend {
     /// HTTP backends: extra trusted CA certificates (PEM) besides the system's roots.
     pub ca_file: Option<PathBuf>,
     /// HTTP backends: time the hub gets to answer a request's headers (then 504).
-    #[serde(default = "default_response_timeout", deserialize_with = "response_timeout")]
+    #[serde(
+        default = "default_response_timeout",
+        deserialize_with = "response_timeout"
+    )]
     pub response_timeout_ms: u64,
     /// New upstream connections per second at most, for reconnect storms (IoT Hub
     /// throttles new connections per unit and rejects the excess). Absent: no pacing.
@@ -739,10 +754,9 @@ impl Config {
         if self.frontends.is_empty() {
             return invalid("no frontends configured".into());
         }
-        if let Some(problem) = first_out_of_bounds(&[(
-            MAX_CONNECTIONS,
-            self.max_connections.map(|n| n as u64),
-        )]) {
+        if let Some(problem) =
+            first_out_of_bounds(&[(MAX_CONNECTIONS, self.max_connections.map(|n| n as u64))])
+        {
             return invalid(format!("agent: {problem}"));
         }
         if let Some(xdp) = &self.xdp {
@@ -1182,7 +1196,10 @@ servers = [{ address = "a.azure-devices.net:8883", weight = 2 }]
             ("max_lag_bytes = 0", "max_lag_bytes = 0 is out of range"),
             ("max_lag_bytes = 4096", "out of range 1048576..="),
             ("client_hello_timeout_ms = 0", "client_hello_timeout_ms = 0"),
-            ("tcp_keepalive_secs = 40000", "the kernel takes at most 32767"),
+            (
+                "tcp_keepalive_secs = 40000",
+                "the kernel takes at most 32767",
+            ),
             ("idle_timeout_secs = 0", "idle_timeout_secs = 0"),
             (
                 "max_connections = 99999999999",

@@ -17,6 +17,13 @@ pub struct LogLimit {
 }
 
 impl LogLimit {
+    pub const fn new() -> Self {
+        Self {
+            last_ns: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
     /// `Some(lines left out since the last one)` when a line may go out now.
     pub fn allow(&self) -> Option<u64> {
         let now = sys::monotonic_ns();
@@ -47,9 +54,7 @@ mod tests {
             assert_eq!(limit.allow(), None);
         }
         // Pretend the interval has passed.
-        limit
-            .last_ns
-            .store(1, Ordering::Relaxed);
+        limit.last_ns.store(1, Ordering::Relaxed);
         assert_eq!(limit.allow(), Some(5));
     }
 }

@@ -113,7 +113,11 @@ fn init_logging(json: bool) {
 fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     let budget = forwarder::agent::fd_budget::FdBudget::hard();
-    for w in config.warnings().into_iter().chain(budget.warnings(&config)) {
+    for w in config
+        .warnings()
+        .into_iter()
+        .chain(budget.warnings(&config))
+    {
         println!("warning: {w}");
     }
     println!(

@@ -314,15 +314,17 @@ pub fn async_fd_readable<T: AsRawFd>(inner: T) -> io::Result<tokio::io::unix::As
 /// recv(MSG_DONTWAIT) straight from the socket, bypassing tokio's cached readiness: the
 /// session learns of passed bytes from the kernel counters, not from readiness events.
 pub fn recv_now(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    recv_with(fd, buf, libc::MSG_DONTWAIT)
+}
+
+/// recv(MSG_PEEK | MSG_DONTWAIT): what is queued now, left queued.
+pub fn peek_now(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    recv_with(fd, buf, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+}
+
+fn recv_with(fd: BorrowedFd<'_>, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
     // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the whole call.
-    let n = unsafe {
-        libc::recv(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_DONTWAIT,
-        )
-    };
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -621,7 +621,8 @@ async fn malformed_oversized_and_slow_clients_are_refused_while_others_are_serve
 async fn the_connection_cap_queues_new_clients_until_a_slot_frees() {
     let setup = Setup::new("https-cap");
     let hub = setup.hub(None).await;
-    let forwarder = start_forwarder(&setup.config(hub.addr, |f, _| f.max_connections = Some(2))).await;
+    let forwarder =
+        start_forwarder(&setup.config(hub.addr, |f, _| f.max_connections = Some(2))).await;
     let first = h1_client(forwarder.addr, &setup.ca, PROXY).await;
     let _second = h1_client(forwarder.addr, &setup.ca, PROXY).await;
 
@@ -657,6 +658,44 @@ async fn the_connection_cap_queues_new_clients_until_a_slot_frees() {
         .expect("the queued client is served once a slot frees")
         .expect("task");
     assert_eq!(status, StatusCode::NO_CONTENT);
+}
+
+/// hyper ends a connection's future at the upgrade; the WebSocket session must still
+/// hold its client's slot, or a flood of idle upgrades escapes `max_connections`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_websocket_keeps_its_slot_under_the_cap() {
+    let setup = Setup::new("https-ws-cap");
+    let hub = setup.hub(None).await;
+    let forwarder =
+        start_forwarder(&setup.config(hub.addr, |f, _| f.max_connections = Some(1))).await;
+    let (mut ws, _) = mqtt_websocket(forwarder.addr, &setup.ca).await;
+    ws.send(Message::Text("hello".into())).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::Text("hello".into())
+    );
+    assert_eq!(get(&forwarder.metrics.websockets_active), 1);
+
+    let (addr, ca) = (forwarder.addr, setup.ca.client_config(&[b"http/1.1"]));
+    let second = tokio::spawn(async move {
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        tokio_rustls::TlsConnector::from(ca)
+            .connect(ServerName::try_from(PROXY).unwrap(), tcp)
+            .await
+            .is_ok()
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !second.is_finished(),
+        "a second client was served while the WebSocket held the only slot"
+    );
+    assert!(get(&forwarder.metrics.at_capacity) >= 1);
+    drop(ws);
+    let served = tokio::time::timeout(Duration::from_secs(5), second)
+        .await
+        .expect("the queued client is served once the WebSocket ends")
+        .expect("task");
+    assert!(served, "TLS handshake of the queued client failed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

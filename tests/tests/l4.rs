@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use forwarder::admission::{AgentCap, Gate};
 use forwarder::ebpf::{Datapath, LoadOptions};
 use forwarder::l4::upstream::{Pool, Server};
 use forwarder::l4::{L4Frontend, SessionOptions, serve};
@@ -58,6 +59,7 @@ async fn start_proxy_with_connect_timeout(
         kernel,
         client_hello_timeout: Duration::from_secs(5),
         keepalive: None,
+        gate: Gate::new("test", 100_000, AgentCap::new(100_000), None),
     });
     let listener = forwarder::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_addr().unwrap();

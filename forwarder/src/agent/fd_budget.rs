@@ -45,9 +45,7 @@ impl FdBudget {
 
     /// The agent-wide cap: as configured, else what the limit holds.
     pub fn agent_cap(&self, config: &Config) -> usize {
-        config
-            .max_connections
-            .unwrap_or_else(|| self.connections())
+        config.max_connections.unwrap_or_else(|| self.connections())
     }
 
     /// Configured caps the limit cannot hold: the agent would run out of fds first.

@@ -20,8 +20,8 @@ use crate::config::{Backend, Config, Frontend, Mode};
 use crate::ebpf::{Datapath, LoadOptions, pin_dir_for};
 use crate::l4::upstream::Pool;
 use crate::metrics::{HttpMetrics, L4Metrics, get};
-use fd_budget::FdBudget;
 use crate::{http, l4};
+use fd_budget::FdBudget;
 
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {

@@ -14,8 +14,8 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 
-use crate::http::connector::{ConnectFailure, UpstreamAddr, UpstreamConnector};
 use crate::admission::Admitted;
+use crate::http::connector::{ConnectFailure, UpstreamAddr, UpstreamConnector};
 use crate::http::counted::ConnCounts;
 use crate::http::{headers, tunnel};
 use crate::metrics::{self, HttpMetrics};

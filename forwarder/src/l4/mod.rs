@@ -24,6 +24,7 @@ use tracing::Instrument as _;
 
 use crate::admission::Gate;
 use crate::ebpf::{Datapath, SpliceError, SplicedPair};
+use crate::log_limit::LogLimit;
 use crate::metrics::{self, ActiveGuard, L4Metrics};
 use crate::registry::Registration;
 use crate::sys;
@@ -255,7 +256,11 @@ async fn open_upstream(
     let pool = match route(client, frontend, metrics).await {
         Ok(pool) => pool,
         Err(reason) => {
-            tracing::info!(%reason, "connection refused by routing");
+            // Counted by kind in `route`; a flood of silent clients must not flood the log.
+            static REFUSALS: LogLimit = LogLimit::new();
+            if let Some(suppressed) = REFUSALS.allow() {
+                tracing::info!(%reason, suppressed, "connection refused by routing");
+            }
             if reason.is_unknown_name() {
                 // TLS alert unrecognized_name (fatal): the client's TLS stack says why. Seven
                 // bytes into a fresh send buffer: a write that cannot wait is enough.
@@ -453,29 +458,49 @@ async fn route(
 }
 
 /// Peeks (MSG_PEEK: the bytes stay queued for the upstream) until the ClientHello's
-/// first record is complete.
-async fn peek_server_name(client: &TcpStream) -> std::io::Result<Option<String>> {
+/// first record is complete. Event-driven: while the record is incomplete, `SO_RCVLOWAT`
+/// asks the kernel to wake the task only once every byte the record still needs is
+/// queued (or at EOF or error), so a silent or partial hello costs nothing until its
+/// timeout. (A peek leaves the bytes queued, so readiness alone would report them again
+/// and again.)
+async fn peek_server_name(client: &TcpStream) -> io::Result<Option<String>> {
+    let _restore = RcvLowatReset(client);
     let mut buf = vec![0u8; sni::MAX_CLIENT_HELLO];
-    let mut seen = 0;
     loop {
-        let n = client.peek(&mut buf).await?;
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "EOF",
-            ));
-        }
-        match sni::parse_client_hello(&buf[..n]) {
-            ClientHello::Parsed { server_name } => return Ok(server_name),
-            ClientHello::NotTls => return Ok(None),
-            ClientHello::Incomplete { need } if need > buf.len() || n == buf.len() => {
-                return Ok(None);
+        client.readable().await?;
+        let looked = client.try_io(tokio::io::Interest::READABLE, || {
+            let n = sys::peek_now(client.as_fd(), &mut buf)?;
+            if n == 0 {
+                return Ok(Err(io::Error::new(io::ErrorKind::UnexpectedEof, "EOF")));
             }
-            ClientHello::Incomplete { .. } if n == seen => {
-                // peek() reports readiness again for the same bytes: wait for more.
-                tokio::time::sleep(Duration::from_millis(5)).await;
+            match sni::parse_client_hello(&buf[..n]) {
+                ClientHello::Parsed { server_name } => Ok(Ok(server_name)),
+                ClientHello::NotTls => Ok(Ok(None)),
+                ClientHello::Incomplete { need } if need > buf.len() || n == buf.len() => {
+                    Ok(Ok(None))
+                }
+                ClientHello::Incomplete { need } => {
+                    // Setting it re-checks the queue: bytes that arrived since the peek
+                    // raise a fresh readiness event, so none is missed.
+                    sys::set_rcvlowat(client.as_fd(), need.try_into().unwrap_or(i32::MAX))?;
+                    Err(io::ErrorKind::WouldBlock.into())
+                }
             }
-            ClientHello::Incomplete { .. } => seen = n,
+        });
+        match looked {
+            Ok(done) => return done,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(err) => return Err(err),
         }
+    }
+}
+
+/// Puts `SO_RCVLOWAT` back to 1 however the peek ends (the splice and the copy path
+/// rely on it).
+struct RcvLowatReset<'a>(&'a TcpStream);
+
+impl Drop for RcvLowatReset<'_> {
+    fn drop(&mut self) {
+        let _ = sys::set_rcvlowat(self.0.as_fd(), 1);
     }
 }
