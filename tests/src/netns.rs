@@ -444,7 +444,7 @@ pub fn tcp_frame_with_options(
     payload: &[u8],
 ) -> Vec<u8> {
     assert!(
-        options.len() % 4 == 0 && options.len() <= 40,
+        options.len().is_multiple_of(4) && options.len() <= 40,
         "TCP options come in 32-bit words, at most 10"
     );
     let header_words = 5 + options.len() as u8 / 4;
@@ -535,7 +535,7 @@ pub fn fragmented_syn(
 pub fn fragment(frame: &[u8], first: usize, rest: usize, id: u32) -> Vec<Vec<u8>> {
     const ETH: usize = 14;
     assert!(
-        first % 8 == 0 && rest % 8 == 0 && first > 0 && rest > 0,
+        first.is_multiple_of(8) && rest.is_multiple_of(8) && first > 0 && rest > 0,
         "fragment sizes are multiples of 8"
     );
     let ipv4 = frame[12..14] == [0x08, 0x00];
