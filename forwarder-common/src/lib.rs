@@ -235,15 +235,23 @@ pub mod xdp_reason {
     pub const DROPPED_SYN_RATE: u32 = 3;
     /// TCP to a port no frontend listens on: not judged.
     pub const PASSED_OTHER_PORT: u32 = 4;
-    /// Not TCP over IPv4/IPv6 (ARP, ICMP, UDP, fragments after the first).
+    /// Not TCP over IPv4/IPv6 (ARP, ICMP, UDP and their fragments).
     pub const PASSED_NOT_TCP: u32 = 5;
     /// Too short to hold the headers it announces: left for the stack to reject.
     pub const PASSED_MALFORMED: u32 = 6;
     /// IPv6 with a longer extension-header chain than the guard walks
     /// (`XDP_MAX_IPV6_EXT`): it could hide TCP from a denied source, so it is dropped.
     pub const DROPPED_UNPARSEABLE: u32 = 7;
+    /// A TCP fragment after the first (no port, no flags) from an acceptable source. Such
+    /// fragments are judged by source alone: the kernel reassembles them only with a
+    /// first fragment, which is judged in full.
+    pub const PASSED_FRAGMENT: u32 = 8;
+    /// A first fragment (offset 0, more to come) too short to hold the whole TCP header,
+    /// options included: its port and flags could hide in a later fragment (RFC 1858's
+    /// tiny-fragment attack), and no real stack sends one.
+    pub const DROPPED_TINY_FRAGMENT: u32 = 9;
     /// Entries in `XDP_STATS`.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 10;
     /// Names for display, by index.
     pub const NAMES: [&str; COUNT as usize] = [
         "passed",
@@ -254,13 +262,19 @@ pub mod xdp_reason {
         "passed_not_tcp",
         "passed_malformed",
         "dropped_unparseable",
+        "passed_fragment",
+        "dropped_tiny_fragment",
     ];
 
     /// Whether the packet counted under `reason` was dropped.
     pub const fn is_drop(reason: u32) -> bool {
         matches!(
             reason,
-            DROPPED_DENY | DROPPED_NOT_ALLOWED | DROPPED_SYN_RATE | DROPPED_UNPARSEABLE
+            DROPPED_DENY
+                | DROPPED_NOT_ALLOWED
+                | DROPPED_SYN_RATE
+                | DROPPED_UNPARSEABLE
+                | DROPPED_TINY_FRAGMENT
         )
     }
 }

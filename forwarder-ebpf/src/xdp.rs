@@ -3,8 +3,9 @@
 //! every verdict by reason. Everything else passes untouched.
 //!
 //! IPv6 extension headers are walked (up to `XDP_MAX_IPV6_EXT`; a longer chain is
-//! dropped, since it could hide TCP from a denied source). Limits, by design: VLAN tags
-//! are not parsed, and fragments after the first pass unjudged (they carry no port).
+//! dropped, since it could hide TCP from a denied source). Fragments: a first fragment
+//! too short for the whole TCP header is dropped; later ones, which carry no port, are
+//! judged by source alone. Limit, by design: VLAN tags are not parsed.
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
@@ -45,6 +46,8 @@ static BUCKETS: LruHashMap<[u8; 16], SynBucket> = LruHashMap::with_max_entries(X
 #[map(name = "XDP_STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(xdp_reason::COUNT, 0);
 
+/// Byte offsets in the TCP header: data offset (upper 4 bits, in 32-bit words), flags.
+const TCP_DOFF_OFFSET: usize = 12;
 const TCP_FLAGS_OFFSET: usize = 13;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
@@ -73,56 +76,198 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
     Some((start + offset) as *const T)
 }
 
-enum Source {
-    V4([u8; 4]),
-    V6([u8; 16]),
+/// A packet's source address: IPv6, or IPv4 mapped into IPv6 (::ffff:a.b.c.d), which is
+/// also the key of its SYN bucket. Every byte is set on both paths on purpose: an enum
+/// with a 4-byte and a 16-byte variant leaves registers undefined on the IPv4 path, and
+/// the verifier rejects the program once the compiler merges the two paths.
+struct Source {
+    addr: [u8; 16],
+    v4: bool,
+}
+
+impl Source {
+    #[inline(always)]
+    fn v4(addr: [u8; 4]) -> Self {
+        let [a, b, c, d] = addr;
+        Self {
+            addr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d],
+            v4: true,
+        }
+    }
+
+    #[inline(always)]
+    fn v6(addr: [u8; 16]) -> Self {
+        Self { addr, v4: false }
+    }
+}
+
+/// Where a packet stands in IP fragmentation.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fragment {
+    /// Not fragmented (or an IPv6 atomic fragment: offset 0, no more to come).
+    Whole,
+    /// Offset 0, more to come: it must hold the whole TCP header.
+    First,
+    /// Offset above 0: no TCP header at all, only a source to judge.
+    Later,
+}
+
+/// What the IP layer says about a packet the guard may judge.
+struct Ip {
+    source: Source,
+    fragment: Fragment,
+    /// Offset of the TCP header in the frame (meaningless for `Fragment::Later`).
+    tcp_offset: usize,
+    /// End of the IP datagram in the frame, from its length field (never past the
+    /// frame): Ethernet padding must not pass for a TCP header.
+    ip_end: usize,
 }
 
 #[inline(always)]
 fn judge(ctx: &XdpContext) -> u32 {
+    let ip = match parse_ip(ctx) {
+        Ok(ip) => ip,
+        Err(reason) => return reason,
+    };
+    if ip.fragment == Fragment::Later {
+        return judge_later_fragment(&ip.source);
+    }
+    let (dest, flags) = match tcp_port_and_flags(ctx, &ip) {
+        Ok(found) => found,
+        Err(reason) => return reason,
+    };
+    // SAFETY: the value is only tested for presence.
+    if unsafe { PORTS.get(dest) }.is_none() {
+        return xdp_reason::PASSED_OTHER_PORT;
+    }
+    judge_source(&ip.source, flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
+}
+
+/// A fragment after the first has no port and no flags: its source alone decides. A
+/// denied or not-allowed source's fragments are dropped whatever port they were sent to
+/// (which the guard cannot know); an acceptable source's pass, since the kernel
+/// reassembles them only with their first fragment, which is judged in full.
+#[inline(always)]
+fn judge_later_fragment(source: &Source) -> u32 {
+    let reason = judge_source(source, false);
+    if reason == xdp_reason::PASSED {
+        xdp_reason::PASSED_FRAGMENT
+    } else {
+        reason
+    }
+}
+
+#[inline(always)]
+fn parse_ip(ctx: &XdpContext) -> Result<Ip, u32> {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-        return xdp_reason::PASSED_MALFORMED;
+        return Err(xdp_reason::PASSED_MALFORMED);
     };
     // SAFETY: bounds checked by ptr_at.
     let ether_type = unsafe { (*eth).ether_type };
-    let (source, tcp_offset) = if ether_type == EtherType::Ipv4 as u16 {
-        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
-            return xdp_reason::PASSED_MALFORMED;
-        };
-        // SAFETY: bounds checked by ptr_at.
-        let ip = unsafe { &*ip };
-        if ip.proto != IpProto::Tcp as u8 || ip.frag_offset() != 0 {
-            return xdp_reason::PASSED_NOT_TCP;
-        }
-        let header_len = usize::from(ip.vihl & 0x0f) * 4;
-        if header_len < Ipv4Hdr::LEN {
-            return xdp_reason::PASSED_MALFORMED;
-        }
-        (Source::V4(ip.src_addr), EthHdr::LEN + header_len)
+    if ether_type == EtherType::Ipv4 as u16 {
+        parse_ipv4(ctx)
     } else if ether_type == EtherType::Ipv6 as u16 {
-        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, EthHdr::LEN) else {
-            return xdp_reason::PASSED_MALFORMED;
-        };
-        // SAFETY: bounds checked by ptr_at.
-        let ip = unsafe { &*ip };
-        let tcp_offset = match find_tcp_after_ipv6(ctx, ip.next_hdr) {
-            Ok(offset) => offset,
-            Err(reason) => return reason,
-        };
-        (Source::V6(ip.src_addr), tcp_offset)
+        parse_ipv6(ctx)
     } else {
-        return xdp_reason::PASSED_NOT_TCP;
-    };
-    let Some(tcp) = ptr_at::<TcpHdr>(ctx, tcp_offset) else {
-        return xdp_reason::PASSED_MALFORMED;
-    };
-    // SAFETY: bounds checked by ptr_at; the flags byte lies inside the 20-byte header.
-    let (dest, flags) = unsafe { ((*tcp).dest, *tcp.cast::<u8>().add(TCP_FLAGS_OFFSET)) };
-    // SAFETY: the value is only tested for presence.
-    if unsafe { PORTS.get(u16::from_be_bytes(dest)) }.is_none() {
-        return xdp_reason::PASSED_OTHER_PORT;
+        Err(xdp_reason::PASSED_NOT_TCP)
     }
-    judge_source(&source, flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
+}
+
+/// IPv4 flags and fragment offset (host order): more-fragments bit, offset in 8 octets.
+const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
+const IPV4_OFFSET_MASK: u16 = 0x1fff;
+
+#[inline(always)]
+fn parse_ipv4(ctx: &XdpContext) -> Result<Ip, u32> {
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
+        return Err(xdp_reason::PASSED_MALFORMED);
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let ip = unsafe { &*ip };
+    // The kernel reassembles by (source, destination, id, protocol): a fragment that
+    // says it is not TCP never becomes part of a TCP segment.
+    if ip.proto != IpProto::Tcp as u8 {
+        return Err(xdp_reason::PASSED_NOT_TCP);
+    }
+    let header_len = usize::from(ip.vihl & 0x0f) * 4;
+    if header_len < Ipv4Hdr::LEN {
+        return Err(xdp_reason::PASSED_MALFORMED);
+    }
+    let frags = u16::from_be_bytes(ip.frags);
+    let fragment = if frags & IPV4_OFFSET_MASK != 0 {
+        Fragment::Later
+    } else if frags & IPV4_MORE_FRAGMENTS != 0 {
+        Fragment::First
+    } else {
+        Fragment::Whole
+    };
+    Ok(Ip {
+        source: Source::v4(ip.src_addr),
+        fragment,
+        tcp_offset: EthHdr::LEN + header_len,
+        ip_end: ip_end(ctx, usize::from(u16::from_be_bytes(ip.tot_len))),
+    })
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &XdpContext) -> Result<Ip, u32> {
+    let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, EthHdr::LEN) else {
+        return Err(xdp_reason::PASSED_MALFORMED);
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let ip = unsafe { &*ip };
+    let (tcp_offset, fragment) = find_tcp_after_ipv6(ctx, ip.next_hdr)?;
+    let payload_len = usize::from(u16::from_be_bytes(ip.payload_len));
+    Ok(Ip {
+        source: Source::v6(ip.src_addr),
+        fragment,
+        tcp_offset,
+        ip_end: ip_end(ctx, Ipv6Hdr::LEN + payload_len),
+    })
+}
+
+/// Frame offset where an IP datagram of `ip_len` bytes (header included) ends, capped
+/// at the frame's end.
+#[inline(always)]
+fn ip_end(ctx: &XdpContext, ip_len: usize) -> usize {
+    let frame_len = ctx.data_end() - ctx.data();
+    let end = EthHdr::LEN + ip_len;
+    if end < frame_len { end } else { frame_len }
+}
+
+/// The destination port (host order) and flags byte of the TCP header at
+/// `ip.tcp_offset`, or the reason it cannot be judged. A first fragment must hold the
+/// whole header, options included; a whole packet only its fixed part (the stack
+/// rejects the rest).
+#[inline(always)]
+fn tcp_port_and_flags(ctx: &XdpContext, ip: &Ip) -> Result<(u16, u8), u32> {
+    let short = if ip.fragment == Fragment::First {
+        xdp_reason::DROPPED_TINY_FRAGMENT
+    } else {
+        xdp_reason::PASSED_MALFORMED
+    };
+    let Some(tcp) = ptr_at::<TcpHdr>(ctx, ip.tcp_offset) else {
+        return Err(short);
+    };
+    // SAFETY: bounds checked by ptr_at; both bytes lie inside the 20-byte header.
+    let (dest, doff_byte, flags) = unsafe {
+        let bytes = tcp.cast::<u8>();
+        (
+            (*tcp).dest,
+            *bytes.add(TCP_DOFF_OFFSET),
+            *bytes.add(TCP_FLAGS_OFFSET),
+        )
+    };
+    let needed = if ip.fragment == Fragment::First {
+        usize::from(doff_byte >> 4) * 4
+    } else {
+        TcpHdr::LEN
+    };
+    // A data offset below the fixed header is nonsense; in a first fragment, too short.
+    if needed < TcpHdr::LEN || ip.tcp_offset + needed > ip.ip_end {
+        return Err(short);
+    }
+    Ok((u16::from_be_bytes(dest), flags))
 }
 
 /// IPv6 next-header values of extension headers with the generic layout (next header,
@@ -130,28 +275,43 @@ fn judge(ctx: &XdpContext) -> u32 {
 const IPV6_HOP_BY_HOP: u8 = 0;
 const IPV6_ROUTING: u8 = 43;
 const IPV6_DEST_OPTS: u8 = 60;
-/// The fragment header: 8 octets; the offset field says whether this is the first.
+/// The fragment header: 8 octets; offset (13 bits) and more-fragments bit in bytes 2-3.
 const IPV6_FRAGMENT: u8 = 44;
+const IPV6_OFFSET_MASK: u16 = 0xfff8;
+const IPV6_MORE_FRAGMENTS: u16 = 0x0001;
 
-/// Walks the IPv6 extension-header chain to the TCP header; its offset, or why not.
+/// Walks the IPv6 extension-header chain to the TCP header: its offset and the
+/// packet's fragment kind, or why not.
+///
+/// A fragment after the first is judged whatever its fragment header's next-header
+/// field says: the kernel takes the protocol of a reassembled packet from the first
+/// fragment alone, so a later one could claim anything.
 #[inline(always)]
-fn find_tcp_after_ipv6(ctx: &XdpContext, first: u8) -> Result<usize, u32> {
+fn find_tcp_after_ipv6(ctx: &XdpContext, first: u8) -> Result<(usize, Fragment), u32> {
     let mut next = first;
     let mut offset = EthHdr::LEN + Ipv6Hdr::LEN;
+    let mut fragment = Fragment::Whole;
     for _ in 0..XDP_MAX_IPV6_EXT {
         if next == IpProto::Tcp as u8 {
-            return Ok(offset);
+            return Ok((offset, fragment));
         }
         let Some(ext) = ptr_at::<[u8; 4]>(ctx, offset) else {
-            return Err(xdp_reason::PASSED_MALFORMED);
+            // A first fragment must carry the whole chain (RFC 7112).
+            return Err(if fragment == Fragment::First {
+                xdp_reason::DROPPED_TINY_FRAGMENT
+            } else {
+                xdp_reason::PASSED_MALFORMED
+            });
         };
         // SAFETY: bounds checked by ptr_at.
         let ext = unsafe { *ext };
         if next == IPV6_FRAGMENT {
-            // Offset (13 bits) in the upper bits of bytes 2-3: non-zero is a later
-            // fragment, which carries no TCP header to judge.
-            if u16::from_be_bytes([ext[2], ext[3]]) & 0xfff8 != 0 {
-                return Err(xdp_reason::PASSED_NOT_TCP);
+            let frag = u16::from_be_bytes([ext[2], ext[3]]);
+            if frag & IPV6_OFFSET_MASK != 0 {
+                return Ok((offset, Fragment::Later));
+            }
+            if frag & IPV6_MORE_FRAGMENTS != 0 {
+                fragment = Fragment::First;
             }
             offset += 8;
         } else if next == IPV6_HOP_BY_HOP || next == IPV6_ROUTING || next == IPV6_DEST_OPTS {
@@ -163,7 +323,7 @@ fn find_tcp_after_ipv6(ctx: &XdpContext, first: u8) -> Result<usize, u32> {
         next = ext[0];
     }
     if next == IpProto::Tcp as u8 {
-        return Ok(offset);
+        return Ok((offset, fragment));
     }
     if next == IPV6_FRAGMENT
         || next == IPV6_HOP_BY_HOP
@@ -177,27 +337,19 @@ fn find_tcp_after_ipv6(ctx: &XdpContext, first: u8) -> Result<usize, u32> {
 
 #[inline(always)]
 fn judge_source(source: &Source, syn: bool) -> u32 {
-    let (denied, allowed, key) = match source {
-        Source::V4(addr) => {
-            let prefix = Key::new(32, *addr);
-            let mut mapped = [0u8; 16];
-            mapped[10] = 0xff;
-            mapped[11] = 0xff;
-            mapped[12..].copy_from_slice(addr);
-            (
-                DENY_V4.get(&prefix).is_some(),
-                ALLOW_V4.get(&prefix).is_some(),
-                mapped,
-            )
-        }
-        Source::V6(addr) => {
-            let prefix = Key::new(128, *addr);
-            (
-                DENY_V6.get(&prefix).is_some(),
-                ALLOW_V6.get(&prefix).is_some(),
-                *addr,
-            )
-        }
+    let addr = &source.addr;
+    let (denied, allowed) = if source.v4 {
+        let prefix = Key::new(32, [addr[12], addr[13], addr[14], addr[15]]);
+        (
+            DENY_V4.get(&prefix).is_some(),
+            ALLOW_V4.get(&prefix).is_some(),
+        )
+    } else {
+        let prefix = Key::new(128, *addr);
+        (
+            DENY_V6.get(&prefix).is_some(),
+            ALLOW_V6.get(&prefix).is_some(),
+        )
     };
     if denied {
         return xdp_reason::DROPPED_DENY;
@@ -208,7 +360,7 @@ fn judge_source(source: &Source, syn: bool) -> u32 {
     if settings.allow_list_on != 0 && !allowed {
         return xdp_reason::DROPPED_NOT_ALLOWED;
     }
-    if syn && settings.syn_burst != 0 && !take_token(&key, settings) {
+    if syn && settings.syn_burst != 0 && !take_token(addr, settings) {
         return xdp_reason::DROPPED_SYN_RATE;
     }
     xdp_reason::PASSED

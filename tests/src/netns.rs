@@ -431,14 +431,32 @@ pub fn syn_frame(source: IpAddr, dest: SocketAddr, sport: u16) -> Vec<u8> {
 /// An Ethernet frame (`PEER_MAC` to `FWD_MAC`) holding one TCP segment, with valid IP and
 /// TCP checksums, no TCP options and a 64,240-byte window.
 pub fn tcp_frame(source: IpAddr, dest: SocketAddr, segment: Segment, payload: &[u8]) -> Vec<u8> {
-    let mut tcp = Vec::with_capacity(20 + payload.len());
+    tcp_frame_with_options(source, dest, segment, &[], payload)
+}
+
+/// Like [`tcp_frame`], with `options` (a multiple of 4 bytes, at most 40) in the TCP
+/// header.
+pub fn tcp_frame_with_options(
+    source: IpAddr,
+    dest: SocketAddr,
+    segment: Segment,
+    options: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
+    assert!(
+        options.len().is_multiple_of(4) && options.len() <= 40,
+        "TCP options come in 32-bit words, at most 10"
+    );
+    let header_words = 5 + options.len() as u8 / 4;
+    let mut tcp = Vec::with_capacity(20 + options.len() + payload.len());
     tcp.extend_from_slice(&segment.sport.to_be_bytes());
     tcp.extend_from_slice(&dest.port().to_be_bytes());
     tcp.extend_from_slice(&segment.seq.to_be_bytes());
     tcp.extend_from_slice(&segment.ack.to_be_bytes());
-    tcp.extend_from_slice(&[0x50, segment.flags]); // 20-byte header
+    tcp.extend_from_slice(&[header_words << 4, segment.flags]);
     tcp.extend_from_slice(&64240u16.to_be_bytes());
     tcp.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
+    tcp.extend_from_slice(options);
     tcp.extend_from_slice(payload);
     let tcp_len = u16::try_from(tcp.len()).expect("segment fits an IP packet");
     let mut frame = Vec::with_capacity(14 + 40 + tcp.len());
@@ -482,6 +500,108 @@ pub fn tcp_frame(source: IpAddr, dest: SocketAddr, segment: Segment, payload: &[
     }
     frame.extend_from_slice(&tcp);
     frame
+}
+
+/// TCP options a real SYN carries (MSS, SACK permitted, timestamps, NOP, window scale):
+/// 20 bytes, so a SYN's header is 40.
+pub const SYN_OPTIONS: [u8; 20] = [
+    2, 4, 0x05, 0xb4, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7,
+];
+
+/// A SYN from `source:sport` to `dest` with [`SYN_OPTIONS`] and 24 bytes of data (64 bytes
+/// of TCP in all), cut into IP fragments by [`fragment`]: the first holds `first` bytes of
+/// the segment, the others 16 (the last the rest).
+pub fn fragmented_syn(
+    source: IpAddr,
+    dest: SocketAddr,
+    sport: u16,
+    id: u32,
+    first: usize,
+) -> Vec<Vec<u8>> {
+    let segment = Segment {
+        sport,
+        seq: 0x2000_0000u32.wrapping_add(u32::from(sport)),
+        ack: 0,
+        flags: SYN,
+    };
+    let frame = tcp_frame_with_options(source, dest, segment, &SYN_OPTIONS, &[0x5a; 24]);
+    fragment(&frame, first, 16, id)
+}
+
+/// Cuts the IP packet in `frame` (one made by [`tcp_frame`]) into fragments, as a router
+/// would: the first carries `first` bytes of the IP payload, the others `rest` (both
+/// multiples of 8), the last whatever remains. IPv4 fragments get identification `id`
+/// (low 16 bits) with DF cleared; IPv6 ones a fragment header with `id`.
+pub fn fragment(frame: &[u8], first: usize, rest: usize, id: u32) -> Vec<Vec<u8>> {
+    const ETH: usize = 14;
+    assert!(
+        first.is_multiple_of(8) && rest.is_multiple_of(8) && first > 0 && rest > 0,
+        "fragment sizes are multiples of 8"
+    );
+    let ipv4 = frame[12..14] == [0x08, 0x00];
+    let header = if ipv4 {
+        usize::from(frame[ETH] & 0x0f) * 4
+    } else {
+        40
+    };
+    let payload = &frame[ETH + header..];
+    let mut fragments = Vec::new();
+    let mut offset = 0;
+    while offset < payload.len() {
+        let size = if offset == 0 { first } else { rest };
+        let end = (offset + size).min(payload.len());
+        let more = end < payload.len();
+        let head = &frame[..ETH + header];
+        let chunk = &payload[offset..end];
+        fragments.push(if ipv4 {
+            ipv4_fragment(head, chunk, offset, more, id as u16)
+        } else {
+            ipv6_fragment(head, chunk, offset, more, id)
+        });
+        offset = end;
+    }
+    fragments
+}
+
+/// One IPv4 fragment: `head` (Ethernet and IPv4 headers) with length, flags, offset and
+/// checksum rewritten, then `chunk`.
+fn ipv4_fragment(head: &[u8], chunk: &[u8], offset: usize, more: bool, id: u16) -> Vec<u8> {
+    const ETH: usize = 14;
+    let mut out = head.to_vec();
+    let total = u16::try_from(head.len() - ETH + chunk.len()).expect("fragment fits");
+    let frags = (offset / 8) as u16 | if more { 0x2000 } else { 0 };
+    out[ETH + 2..ETH + 4].copy_from_slice(&total.to_be_bytes());
+    out[ETH + 4..ETH + 6].copy_from_slice(&id.to_be_bytes());
+    out[ETH + 6..ETH + 8].copy_from_slice(&frags.to_be_bytes());
+    out[ETH + 10..ETH + 12].copy_from_slice(&[0, 0]);
+    let sum = checksum(&[&out[ETH..]]);
+    out[ETH + 10..ETH + 12].copy_from_slice(&sum.to_be_bytes());
+    out.extend_from_slice(chunk);
+    out
+}
+
+/// One IPv6 fragment: `head` (Ethernet and IPv6 headers, no extension headers) with a
+/// fragment header after it, then `chunk`.
+fn ipv6_fragment(head: &[u8], chunk: &[u8], offset: usize, more: bool, id: u32) -> Vec<u8> {
+    const ETH: usize = 14;
+    const FRAGMENT: u8 = 44;
+    let mut out = head.to_vec();
+    let next = out[ETH + 6];
+    out[ETH + 6] = FRAGMENT;
+    let payload_len = u16::try_from(8 + chunk.len()).expect("fragment fits");
+    out[ETH + 4..ETH + 6].copy_from_slice(&payload_len.to_be_bytes());
+    let frag = offset as u16 | u16::from(more);
+    out.extend_from_slice(&[next, 0]);
+    out.extend_from_slice(&frag.to_be_bytes());
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(chunk);
+    out
+}
+
+/// Sends `frames` in order out of `ifname` in namespace `ns`, paced like `send_syns`.
+pub fn send_frame_list(ns: &str, ifname: &str, frames: Vec<Vec<u8>>) {
+    let count = u32::try_from(frames.len()).expect("frame count");
+    send_frames(ns, ifname, count, move |i| frames[i as usize].clone());
 }
 
 fn checksum(parts: &[&[u8]]) -> u16 {

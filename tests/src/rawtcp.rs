@@ -31,11 +31,7 @@ pub struct RawTcpClient {
 impl RawTcpClient {
     /// Completes a handshake with `dest` (in `pair.fwd_ns`) from `RAW_V4:sport`.
     pub fn connect(pair: &VethPair, dest: SocketAddr, sport: u16) -> io::Result<Self> {
-        let mac = PEER_MAC.map(|b| format!("{b:02x}")).join(":");
-        let neighbour = RAW_V4.to_string();
-        #[rustfmt::skip]
-        ip(&["-n", &pair.fwd_ns, "neigh", "replace", &neighbour, "lladdr", &mac,
-             "dev", &pair.fwd_if, "nud", "permanent"]);
+        route_raw_v4(pair);
         let ifname = pair.peer_if.clone();
         let socket = in_ns(&pair.peer_ns, move || PacketSocket::open(&ifname))?;
         let isn = 0x4000_0000 ^ u32::from(sport);
@@ -105,24 +101,37 @@ impl RawTcpClient {
     }
 
     fn syn_ack_seq(&self, frame: &[u8]) -> Option<u32> {
-        const ETH: usize = 14;
-        let ip = frame.get(ETH..)?;
-        let header = usize::from(ip.first()? & 0x0f) * 4;
-        let (IpAddr::V4(server), 6) = (self.dest.ip(), *ip.get(9)?) else {
-            return None;
-        };
-        if ip.get(12..16)? != server.octets() || ip.get(16..20)? != RAW_V4.octets() {
-            return None;
-        }
-        let tcp = ip.get(header..)?;
-        let port = |at: usize| Some(u16::from_be_bytes([*tcp.get(at)?, *tcp.get(at + 1)?]));
-        let flags = *tcp.get(13)?;
-        if port(0)? != self.dest.port()
-            || port(2)? != self.sport
-            || flags & (SYN | ACK) != SYN | ACK
-        {
-            return None;
-        }
-        Some(u32::from_be_bytes(tcp.get(4..8)?.try_into().ok()?))
+        syn_ack_seq(frame, self.dest, self.sport)
     }
+}
+
+/// Makes the forwarder's side send frames for [`RAW_V4`] to the peer interface (a static
+/// neighbour entry), so replies to hand-made packets can be watched there.
+pub fn route_raw_v4(pair: &VethPair) {
+    let mac = PEER_MAC.map(|b| format!("{b:02x}")).join(":");
+    let neighbour = RAW_V4.to_string();
+    #[rustfmt::skip]
+    ip(&["-n", &pair.fwd_ns, "neigh", "replace", &neighbour, "lladdr", &mac,
+         "dev", &pair.fwd_if, "nud", "permanent"]);
+}
+
+/// The server's sequence number if `frame` is a SYN-ACK from `server` (IPv4) to
+/// `RAW_V4:client_port`.
+pub fn syn_ack_seq(frame: &[u8], server: SocketAddr, client_port: u16) -> Option<u32> {
+    const ETH: usize = 14;
+    let ip = frame.get(ETH..)?;
+    let header = usize::from(ip.first()? & 0x0f) * 4;
+    let (IpAddr::V4(server_ip), 6) = (server.ip(), *ip.get(9)?) else {
+        return None;
+    };
+    if ip.get(12..16)? != server_ip.octets() || ip.get(16..20)? != RAW_V4.octets() {
+        return None;
+    }
+    let tcp = ip.get(header..)?;
+    let port = |at: usize| Some(u16::from_be_bytes([*tcp.get(at)?, *tcp.get(at + 1)?]));
+    let flags = *tcp.get(13)?;
+    if port(0)? != server.port() || port(2)? != client_port || flags & (SYN | ACK) != SYN | ACK {
+        return None;
+    }
+    Some(u32::from_be_bytes(tcp.get(4..8)?.try_into().ok()?))
 }

@@ -11,10 +11,12 @@ use forwarder::config::{XdpAttach, XdpConfig};
 use forwarder::xdp::cli::{Output, RuleAction, Target, XdpCommand};
 use forwarder::xdp::{AttachedMode, Cidr, List, XdpGuard};
 use forwarder_common::xdp_reason::{
-    DROPPED_DENY, DROPPED_NOT_ALLOWED, DROPPED_SYN_RATE, DROPPED_UNPARSEABLE, PASSED,
-    PASSED_NOT_TCP, PASSED_OTHER_PORT,
+    DROPPED_DENY, DROPPED_NOT_ALLOWED, DROPPED_SYN_RATE, DROPPED_TINY_FRAGMENT,
+    DROPPED_UNPARSEABLE, PASSED, PASSED_FRAGMENT, PASSED_MALFORMED, PASSED_NOT_TCP,
+    PASSED_OTHER_PORT,
 };
 use forwarder_tests::netns::*;
+use forwarder_tests::rawtcp::{RAW_V4, route_raw_v4, syn_ack_seq};
 use forwarder_tests::require_root;
 
 /// The forwarder's (protected) port and a port no frontend uses.
@@ -486,4 +488,221 @@ fn falls_back_to_generic_mode_where_the_driver_has_no_xdp() {
     assert_no_xdp(&pair);
     let bridge_link = ip(&["-n", &pair.fwd_ns, "-j", "link", "show", "dev", &bridge]);
     assert!(!bridge_link.contains("\"xdp\""), "{bridge_link}");
+}
+
+/// Where `fragmented_syn` cuts its 64-byte segment (a 40-byte header with options, then
+/// data): after the whole header; after the fixed header, before its options; after the
+/// ports and sequence number.
+const WHOLE_HEADER: usize = 40;
+const FIXED_HEADER_ONLY: usize = 24;
+const PORTS_ONLY: usize = 8;
+
+/// `count` SYNs from `source` to `dest`, source ports (and fragment ids) counting up from
+/// `first_port`, each cut into fragments after `first` bytes. One list per packet.
+fn fragmented_syns(
+    source: IpAddr,
+    dest: SocketAddr,
+    first_port: u16,
+    count: u16,
+    first: usize,
+) -> Vec<Vec<Vec<u8>>> {
+    (first_port..first_port + count)
+        .map(|port| fragmented_syn(source, dest, port, u32::from(port), first))
+        .collect()
+}
+
+/// Sends every fragment of `packets`; returns how many frames went out.
+fn send_packets(pair: &VethPair, packets: Vec<Vec<Vec<u8>>>) -> u64 {
+    let frames: Vec<Vec<u8>> = packets.into_iter().flatten().collect();
+    let sent = frames.len() as u64;
+    send_frame_list(&pair.peer_ns, &pair.peer_if, frames);
+    sent
+}
+
+/// An AF_PACKET socket on the peer's interface: it sees the SYN-ACKs the forwarder's
+/// stack sends to `RAW_V4`, which it can only send for a reassembled SYN.
+fn watch_replies(pair: &VethPair) -> PacketSocket {
+    let ifname = pair.peer_if.clone();
+    in_ns(&pair.peer_ns, move || PacketSocket::open(&ifname)).expect("AF_PACKET socket")
+}
+
+/// Source ports (in `ports`) that got a SYN-ACK from `server` within `limit`; returns
+/// early once every port has.
+fn syn_acked_ports(
+    socket: &PacketSocket,
+    server: SocketAddr,
+    ports: std::ops::Range<u16>,
+    limit: Duration,
+) -> std::collections::BTreeSet<u16> {
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = std::time::Instant::now() + limit;
+    while seen.len() < ports.len() {
+        let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) else {
+            break;
+        };
+        let Ok(Some(frame)) = socket.recv(left) else {
+            break;
+        };
+        for port in ports.clone() {
+            if syn_ack_seq(&frame, server, port).is_some() {
+                seen.insert(port);
+            }
+        }
+    }
+    seen
+}
+
+/// Issue 13: a denied source that fragments every packet must not get through. Every
+/// fragment is judged by source (the later ones carry no port), and a first fragment too
+/// short for the TCP header is dropped before the rest could complete it.
+#[test]
+fn every_fragment_from_a_denied_source_is_dropped_and_counted_ipv4_and_ipv6() {
+    require_root();
+    let pair = VethPair::new();
+    let _server = EchoServer::start(&pair.fwd_ns, to(std::net::Ipv6Addr::UNSPECIFIED, PORT));
+    route_raw_v4(&pair);
+    let guard = start(
+        &pair,
+        XdpConfig {
+            deny: vec![format!("{RAW_V4}/32"), format!("{PEER2_V6}/128")],
+            ..config(&pair)
+        },
+    );
+    let replies = watch_replies(&pair);
+    let dest = to(FWD_V4, PORT);
+
+    // Whole TCP header in the first fragment: 3 fragments per SYN, all denied.
+    let sent = send_packets(
+        &pair,
+        fragmented_syns(RAW_V4.into(), dest, 30_000, 10, WHOLE_HEADER),
+    );
+    assert_eq!(sent, 30);
+    assert_stat_reaches(&guard, DROPPED_DENY, 30);
+
+    // The attack from the issue: 8 bytes of TCP in the first fragment. That one is
+    // dropped as tiny, the 4 later ones of each SYN as denied.
+    send_packets(
+        &pair,
+        fragmented_syns(RAW_V4.into(), dest, 30_010, 10, PORTS_ONLY),
+    );
+    assert_stat_reaches(&guard, DROPPED_TINY_FRAGMENT, 10);
+    assert_stat_reaches(&guard, DROPPED_DENY, 70);
+    let acked = syn_acked_ports(&replies, dest, 30_000..30_020, Duration::from_secs(1));
+    assert!(acked.is_empty(), "SYNs reassembled and answered: {acked:?}");
+
+    // IPv6 too, even when the later fragments' fragment headers claim UDP (the kernel
+    // takes the protocol from the first fragment only).
+    let packets = fragmented_syns(PEER2_V6.into(), to(FWD_V6, PORT), 30_100, 10, WHOLE_HEADER)
+        .into_iter()
+        .map(claim_udp_after_first)
+        .collect();
+    assert_eq!(send_packets(&pair, packets), 30);
+    assert_stat_reaches(&guard, DROPPED_DENY, 100);
+
+    for reason in [PASSED, PASSED_FRAGMENT, PASSED_MALFORMED] {
+        assert_eq!(stat(&guard, reason), 0, "counter {reason}");
+    }
+}
+
+/// Sets the next-header field of the fragment header of every fragment but the first
+/// of an IPv6 packet to UDP.
+fn claim_udp_after_first(mut fragments: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    const FRAGMENT_HEADER: usize = 14 + 40;
+    const UDP: u8 = 17;
+    for fragment in fragments.iter_mut().skip(1) {
+        fragment[FRAGMENT_HEADER] = UDP;
+    }
+    fragments
+}
+
+/// A first fragment that cannot hold the whole TCP header (options included) is dropped
+/// under its own reason, whoever sends it and to whatever port, so the packet is never
+/// reassembled; the later fragments of an acceptable source pass.
+#[test]
+fn a_first_fragment_too_short_for_the_tcp_header_is_dropped_as_tiny() {
+    require_root();
+    let pair = VethPair::new();
+    let _server = EchoServer::start(&pair.fwd_ns, to(std::net::Ipv6Addr::UNSPECIFIED, PORT));
+    route_raw_v4(&pair);
+    let guard = start(&pair, config(&pair));
+    let replies = watch_replies(&pair);
+    let dest = to(FWD_V4, PORT);
+
+    // Ports and sequence number only: 1 tiny + 4 later fragments per SYN.
+    send_packets(
+        &pair,
+        fragmented_syns(RAW_V4.into(), dest, 31_000, 10, PORTS_ONLY),
+    );
+    assert_stat_reaches(&guard, DROPPED_TINY_FRAGMENT, 10);
+    assert_stat_reaches(&guard, PASSED_FRAGMENT, 40);
+    // The fixed header but not its options: 1 tiny + 3 later fragments per SYN.
+    send_packets(
+        &pair,
+        fragmented_syns(RAW_V4.into(), dest, 31_010, 10, FIXED_HEADER_ONLY),
+    );
+    assert_stat_reaches(&guard, DROPPED_TINY_FRAGMENT, 20);
+    assert_stat_reaches(&guard, PASSED_FRAGMENT, 70);
+    // A port no frontend uses is no exception: a tiny first fragment hides its port.
+    send_packets(
+        &pair,
+        fragmented_syns(
+            RAW_V4.into(),
+            to(FWD_V4, CLOSED_PORT),
+            31_020,
+            5,
+            PORTS_ONLY,
+        ),
+    );
+    assert_stat_reaches(&guard, DROPPED_TINY_FRAGMENT, 25);
+    assert_stat_reaches(&guard, PASSED_FRAGMENT, 90);
+    // IPv6: the same cut after the fragment header.
+    send_packets(
+        &pair,
+        fragmented_syns(PEER_V6.into(), to(FWD_V6, PORT), 31_030, 5, PORTS_ONLY),
+    );
+    assert_stat_reaches(&guard, DROPPED_TINY_FRAGMENT, 30);
+    assert_stat_reaches(&guard, PASSED_FRAGMENT, 110);
+
+    let acked = syn_acked_ports(&replies, dest, 31_000..31_020, Duration::from_secs(1));
+    assert!(acked.is_empty(), "tiny-fragmented SYNs answered: {acked:?}");
+    for reason in [PASSED, DROPPED_DENY, PASSED_MALFORMED, PASSED_OTHER_PORT] {
+        assert_eq!(stat(&guard, reason), 0, "counter {reason}");
+    }
+}
+
+/// A legitimately fragmented SYN from an allowed source is judged in full on its first
+/// fragment, its later fragments pass by source, and the kernel reassembles and answers
+/// it; a source off the allow-list loses every fragment.
+#[test]
+fn an_allowed_source_s_fragmented_syns_pass_and_are_reassembled() {
+    require_root();
+    let pair = VethPair::new();
+    let _server = EchoServer::start(&pair.fwd_ns, to(std::net::Ipv6Addr::UNSPECIFIED, PORT));
+    route_raw_v4(&pair);
+    let guard = start(
+        &pair,
+        XdpConfig {
+            allow: vec![format!("{RAW_V4}/32")],
+            ..config(&pair)
+        },
+    );
+    let replies = watch_replies(&pair);
+    let dest = to(FWD_V4, PORT);
+
+    send_packets(
+        &pair,
+        fragmented_syns(RAW_V4.into(), dest, 32_000, 10, WHOLE_HEADER),
+    );
+    let acked = syn_acked_ports(&replies, dest, 32_000..32_010, Duration::from_secs(5));
+    assert_eq!(acked.len(), 10, "SYN-ACKs for reassembled SYNs: {acked:?}");
+    assert_stat_reaches(&guard, PASSED, 10);
+    assert_stat_reaches(&guard, PASSED_FRAGMENT, 20);
+
+    send_packets(
+        &pair,
+        fragmented_syns(PEER2_V4.into(), dest, 32_100, 5, WHOLE_HEADER),
+    );
+    assert_stat_reaches(&guard, DROPPED_NOT_ALLOWED, 15);
+    assert_eq!(stat(&guard, PASSED_FRAGMENT), 20);
+    assert_eq!(stat(&guard, DROPPED_TINY_FRAGMENT), 0);
 }

@@ -238,7 +238,9 @@ impl XdpMaps {
 
     pub fn stats(&self) -> anyhow::Result<XdpStats> {
         let mut stats = XdpStats::default();
-        for (reason, slot) in stats.0.iter_mut().enumerate() {
+        // A map pinned by an older agent may hold fewer reasons: the rest read as 0.
+        let pinned = self.stats.len() as usize;
+        for (reason, slot) in stats.0.iter_mut().enumerate().take(pinned) {
             *slot = self.stats.get(&(reason as u32), 0)?.iter().sum();
         }
         Ok(stats)
