@@ -184,7 +184,7 @@ pub fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
 }
 
 /// Makes the next close() send a RST instead of a FIN (propagates a reset to the peer).
-pub fn set_linger_zero(fd: BorrowedFd<'_>) -> io::Result<()> {
+pub fn set_linger_zero(fd: impl AsRawFd) -> io::Result<()> {
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,
@@ -225,7 +225,7 @@ pub fn set_keepalive(
 }
 
 /// Pending socket error (SO_ERROR), if any: how a reset shows up on a socket we only watch.
-pub fn take_socket_error(fd: BorrowedFd<'_>) -> io::Result<Option<io::Error>> {
+pub fn take_socket_error(fd: impl AsRawFd) -> io::Result<Option<io::Error>> {
     let mut err: libc::c_int = 0;
     let mut len = size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `err` is a writable int and `len` says so.

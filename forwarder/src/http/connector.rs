@@ -77,6 +77,13 @@ pub struct UpstreamStream {
     server: std::net::SocketAddr,
 }
 
+impl UpstreamStream {
+    /// The TLS stream itself (a WebSocket tunnel relays on it after the upgrade).
+    pub fn into_tls(self) -> TlsStream<TcpStream> {
+        self.io.into_inner()
+    }
+}
+
 impl Connection for UpstreamStream {
     fn connected(&self) -> Connected {
         Connected::new().extra(UpstreamAddr(self.server))

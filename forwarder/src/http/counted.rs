@@ -148,6 +148,12 @@ impl CountedStream {
     }
 }
 
+impl crate::relay::Socket for CountedStream {
+    fn tcp(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        Some(self.inner.as_fd())
+    }
+}
+
 impl CountedStream {
     /// The counts, for the request handler to mark an upgrade in.
     pub fn counts(&self) -> Arc<ConnCounts> {
