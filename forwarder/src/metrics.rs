@@ -98,6 +98,14 @@ counters!(HttpMetrics {
     headers_too_large,
     /// Connections closed because request headers did not arrive in time.
     header_timeout,
+    /// HTTP/2 clients closed because their connection preface (magic and SETTINGS) did
+    /// not arrive within `header_read_timeout_ms`.
+    preface_timeout,
+    /// Connections closed after `http_idle_timeout_ms` with no request in progress
+    /// (HTTP/2 without open streams, HTTP/1.1 between keep-alive requests).
+    idle_timeout,
+    /// HTTP/2 clients closed because they stopped answering keep-alive PINGs.
+    ping_timeout,
     /// WebSocket upgrades joined after the upstream's 101.
     websocket_upgrades,
     /// Upgraded sessions open now.

@@ -65,12 +65,17 @@ pub fn l4_frontend(f: &Frontend, pools: &HashMap<String, Arc<Pool>>, kernel: boo
         },
         kernel,
         client_hello_timeout: Duration::from_millis(f.client_hello_timeout_ms),
-        keepalive: (f.tcp_keepalive_secs > 0).then_some(Keepalive {
-            idle: f.tcp_keepalive_secs,
-            interval: 30,
-            probes: 4,
-        }),
+        keepalive: keepalive(f),
     }
+}
+
+/// TCP keepalive of a frontend's sockets (`tcp_keepalive_secs`, 0: off).
+fn keepalive(f: &Frontend) -> Option<Keepalive> {
+    (f.tcp_keepalive_secs > 0).then_some(Keepalive {
+        idle: f.tcp_keepalive_secs,
+        interval: 30,
+        probes: 4,
+    })
 }
 
 pub fn http_frontend(
@@ -117,6 +122,8 @@ pub fn http_frontend(
             max_connections: f.max_connections,
             header_read_timeout: Duration::from_millis(f.header_read_timeout_ms),
             max_header_bytes: f.max_header_bytes,
+            idle_timeout: Duration::from_millis(f.http_idle_timeout_ms),
+            keepalive: keepalive(f),
         },
         datapath,
     })
@@ -173,10 +180,6 @@ pub fn originate_frontend(
         )?,
         handshake_timeout: Duration::from_millis(backend.connect_timeout_ms),
         idle_timeout: Duration::from_secs(f.idle_timeout_secs),
-        keepalive: (f.tcp_keepalive_secs > 0).then_some(Keepalive {
-            idle: f.tcp_keepalive_secs,
-            interval: 30,
-            probes: 4,
-        }),
+        keepalive: keepalive(f),
     })
 }
