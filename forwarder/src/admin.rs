@@ -20,7 +20,12 @@ use tokio::sync::watch;
 use crate::agent::FrontendMetrics;
 
 /// Counters that go up and down (the rest only go up), of frontends and backends.
-const GAUGES: [&str; 3] = ["active", "websockets_active", "connect_queue_depth"];
+const GAUGES: [&str; 4] = [
+    "active",
+    "websockets_active",
+    "connect_queue_depth",
+    "upstream_connections",
+];
 
 /// The metric name and Prometheus type of a counter: `_total` for counters only.
 fn metric_name(prefix: &str, counter: &str) -> (String, &'static str) {

@@ -106,6 +106,11 @@ counters!(HttpMetrics {
     idle_timeout,
     /// HTTP/2 clients closed because they stopped answering keep-alive PINGs.
     ping_timeout,
+    /// 503: no upstream connection within `response_timeout_ms` because
+    /// `max_upstream_connections` were open.
+    upstream_at_capacity,
+    /// Upstream connections open now (pooled, busy or joined to a WebSocket): a gauge.
+    upstream_connections,
     /// WebSocket upgrades joined after the upstream's 101.
     websocket_upgrades,
     /// Upgraded sessions open now.

@@ -101,7 +101,18 @@ pub fn http_frontend(
     let server_name = rustls_pki_types::ServerName::try_from(server_name.clone())
         .with_context(|| format!("backend {backend_name}: bad TLS server name {server_name:?}"))?;
     let connect_timeout = Duration::from_millis(backend.connect_timeout_ms);
-    let connector = UpstreamConnector::new(pool, client_tls, server_name, connect_timeout);
+    let response_timeout = Duration::from_millis(backend.response_timeout_ms);
+    let cap = backend
+        .max_upstream_connections
+        .and_then(|max| usize::try_from(max).ok());
+    let connector = UpstreamConnector::new(
+        pool,
+        client_tls,
+        server_name,
+        connect_timeout,
+        metrics.clone(),
+    )
+    .with_cap(cap, response_timeout);
     let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_timer(TokioTimer::new())
@@ -114,7 +125,7 @@ pub fn http_frontend(
             hub_host: http::header_value(&host)
                 .with_context(|| format!("backend {backend_name}: bad host {host:?}"))?,
             client,
-            response_timeout: Duration::from_millis(backend.response_timeout_ms),
+            response_timeout,
             upgraded_idle_timeout: Duration::from_secs(f.idle_timeout_secs),
             metrics,
         }),
