@@ -142,6 +142,15 @@ counters!(BackendMetrics {
     connects_refused_queue_timeout,
 });
 
+counters!(AdminMetrics {
+    /// Times the admin server waited because its connection cap was reached.
+    at_capacity,
+    /// Admin connections closed because request headers did not arrive in time.
+    header_timeout,
+    /// Admin connections closed because they stayed open longer than allowed.
+    lifetime_exceeded,
+});
+
 pub fn add(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
 }
