@@ -1,26 +1,35 @@
 //! The admin HTTP server (off unless `admin = "ADDR"` is set): Prometheus text metrics at
-//! `/metrics`, for every frontend and backend (kept current across reloads) and the XDP
-//! guard.
+//! `/metrics`, for every frontend and backend (kept current across reloads), the XDP
+//! guard, and the admin server itself. It holds few connections, each briefly: a slow or
+//! silent client cannot keep the scraper out for long.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::agent::FrontendMetrics;
+use crate::metrics::{self, AdminMetrics};
 
 /// Counters that go up and down (the rest only go up), of frontends and backends.
-const GAUGES: [&str; 3] = ["active", "websockets_active", "connect_queue_depth"];
+const GAUGES: [&str; 4] = [
+    "active",
+    "websockets_active",
+    "connect_queue_depth",
+    "upstream_connections",
+];
 
 /// The metric name and Prometheus type of a counter: `_total` for counters only.
 fn metric_name(prefix: &str, counter: &str) -> (String, &'static str) {
@@ -38,6 +47,8 @@ pub struct Registry {
     backends: RwLock<Vec<Arc<crate::l4::upstream::Pool>>>,
     /// Pin directory of the instance, where the XDP guard's counters are read.
     pin_dir: PathBuf,
+    /// The admin server's own counters.
+    pub admin: AdminMetrics,
 }
 
 impl Registry {
@@ -46,6 +57,7 @@ impl Registry {
             frontends: RwLock::default(),
             backends: RwLock::default(),
             pin_dir,
+            admin: AdminMetrics::default(),
         }
     }
 
@@ -109,6 +121,10 @@ impl Registry {
                 let _ = writeln!(out, "{metric}{{backend=\"{backend}\"}} {value}");
             }
         }
+        for (counter, value) in self.admin.snapshot() {
+            let (metric, kind) = metric_name("forwarder_admin_", counter);
+            let _ = writeln!(out, "# TYPE {metric} {kind}\n{metric} {value}");
+        }
         if let Ok(stats) = crate::xdp::XdpMaps::open_pinned(&self.pin_dir).and_then(|m| m.stats()) {
             let _ = writeln!(out, "# TYPE forwarder_xdp_packets_total counter");
             for (reason, value) in stats.named() {
@@ -129,34 +145,116 @@ fn escape(label: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// How many clients the admin server holds and for how long.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    /// Connections at once; more wait in the accept queue (a scraper needs one or two).
+    max_connections: usize,
+    /// Time for a request's headers, also between keep-alive requests.
+    header_read_timeout: Duration,
+    /// A connection's whole life (a scrape takes milliseconds); then it is closed after
+    /// the request in flight.
+    max_lifetime: Duration,
+}
+
+const LIMITS: Limits = Limits {
+    max_connections: 32,
+    header_read_timeout: Duration::from_secs(5),
+    max_lifetime: Duration::from_secs(60),
+};
+
+/// The "connection cap reached" warning at most this often.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
 /// Serves `/metrics` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
+    serve_with(listener, registry, shutdown, LIMITS).await;
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    mut shutdown: watch::Receiver<bool>,
+    limits: Limits,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let started = tokio::time::Instant::now();
+    let last_warned = AtomicU64::new(u64::MAX);
     loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(err) => {
-                    tracing::warn!(%err, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                metrics::add(&registry.admin.at_capacity, 1);
+                let now = started.elapsed().as_secs();
+                let last = last_warned.load(Ordering::Relaxed);
+                if last == u64::MAX || now.saturating_sub(last) >= WARN_EVERY.as_secs() {
+                    last_warned.store(now, Ordering::Relaxed);
+                    tracing::warn!(
+                        max = limits.max_connections,
+                        "admin: connection limit reached; new clients wait in the accept queue"
+                    );
                 }
-            },
-            _ = shutdown.changed() => return,
+                tokio::select! {
+                    permit = slots.clone().acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => return,
+                    },
+                    _ = shutdown.changed() => return,
+                }
+            }
         };
+        let Some((stream, peer)) = crate::listener::accept(&listener, &mut shutdown, "admin").await
+        else {
+            return;
+        };
+        tokio::spawn(serve_connection(
+            stream,
+            peer,
+            registry.clone(),
+            limits,
+            permit,
+        ));
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    registry: Arc<Registry>,
+    limits: Limits,
+    _permit: OwnedSemaphorePermit,
+) {
+    let counters = registry.clone();
+    let service = service_fn(move |request: Request<Incoming>| {
         let registry = registry.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |request: Request<Incoming>| {
-                let registry = registry.clone();
-                async move { Ok::<_, Infallible>(respond(&registry, &request)) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
+        async move { Ok::<_, Infallible>(respond(&registry, &request)) }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    let result = match tokio::time::timeout(limits.max_lifetime, connection.as_mut()).await {
+        Ok(result) => result,
+        Err(_) => {
+            metrics::add(&counters.admin.lifetime_exceeded, 1);
+            tracing::debug!(%peer, "admin: connection open too long: closing");
+            connection.as_mut().graceful_shutdown();
+            let closing = tokio::time::timeout(limits.header_read_timeout, connection);
+            closing.await.unwrap_or(Ok(()))
+        }
+    };
+    match result {
+        Err(err) if err.is_timeout() => {
+            metrics::add(&counters.admin.header_timeout, 1);
+            tracing::debug!(%peer, "admin: request headers not received in time: closed");
+        }
+        Err(err) => tracing::debug!(%peer, %err, "admin: connection ended with an error"),
+        Ok(()) => {}
     }
 }
 
@@ -192,6 +290,47 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 mod tests {
     use super::*;
     use crate::metrics::{HttpMetrics, L4Metrics};
+
+    #[tokio::test]
+    async fn silent_clients_are_cut_and_the_connection_cap_holds_others_back() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let registry = Arc::new(Registry::new(PathBuf::from("/nonexistent")));
+        let (_stop, stopped) = watch::channel(false);
+        let limits = Limits {
+            max_connections: 1,
+            header_read_timeout: Duration::from_millis(300),
+            max_lifetime: Duration::from_secs(10),
+        };
+        tokio::spawn(serve_with(listener, registry.clone(), stopped, limits));
+
+        // A silent client takes the only slot; a scraper waits until it is cut.
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = std::time::Instant::now();
+        let mut scraper = TcpStream::connect(addr).await.unwrap();
+        scraper
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(5), scraper.read_to_string(&mut answer))
+            .await
+            .expect("the scraper is served once the silent client is cut")
+            .unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            answer.contains("forwarder_admin_header_timeout_total 1")
+                && answer.contains("# TYPE forwarder_admin_at_capacity_total counter"),
+            "{answer}"
+        );
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(1), silent.read_to_end(&mut rest));
+        assert!(closed.await.is_ok(), "the silent client is still open");
+        assert!(metrics::get(&registry.admin.at_capacity) >= 1);
+    }
 
     #[test]
     fn renders_counters_and_gauges_per_frontend() {

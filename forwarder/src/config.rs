@@ -130,6 +130,13 @@ pub struct Frontend {
     /// `Config::warnings` checks against the mode.
     #[serde(skip)]
     pub given: BTreeSet<String>,
+    /// mode "http": time a client connection may stay open with no request in progress
+    /// (HTTP/2 without open streams, HTTP/1.1 between keep-alive requests).
+    #[serde(
+        default = "default_http_idle_timeout",
+        deserialize_with = "http_idle_timeout"
+    )]
+    pub http_idle_timeout_ms: u64,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
@@ -179,6 +186,10 @@ pub struct Backend {
     /// With pacing: how long a device may wait for its slot before it is refused.
     #[serde(default = "default_queue_timeout", deserialize_with = "queue_timeout")]
     pub queue_timeout_ms: u64,
+    /// HTTP backends: upstream connections (pooled, busy or joined to a WebSocket) an
+    /// http frontend holds to this backend at most; absent: no cap.
+    #[serde(default, deserialize_with = "upstream_cap")]
+    pub max_upstream_connections: Option<u32>,
 }
 
 impl Config {
@@ -221,6 +232,7 @@ impl Frontend {
             header_read_timeout_ms: default_header_read_timeout(),
             max_header_bytes: default_max_header_bytes(),
             given: BTreeSet::new(),
+            http_idle_timeout_ms: default_http_idle_timeout(),
         }
     }
 
@@ -263,10 +275,15 @@ impl Frontend {
     /// Keys the file gave this frontend that its mode does not use.
     fn ignored_keys(&self) -> Vec<&str> {
         let unused: &[&str] = match self.mode {
-            Mode::Splice => &["header_read_timeout_ms", "max_header_bytes"],
+            Mode::Splice => &[
+                "header_read_timeout_ms",
+                "max_header_bytes",
+                "http_idle_timeout_ms",
+            ],
             Mode::Originate => &[
                 "header_read_timeout_ms",
                 "max_header_bytes",
+                "http_idle_timeout_ms",
                 "max_lag_bytes",
                 "client_hello_timeout_ms",
             ],
@@ -312,6 +329,7 @@ impl Backend {
             max_new_connections_per_sec: None,
             connect_queue: default_connect_queue(),
             queue_timeout_ms: default_queue_timeout(),
+            max_upstream_connections: None,
         }
     }
 
@@ -355,6 +373,7 @@ impl Backend {
             (QUEUE_TIMEOUT, Some(self.queue_timeout_ms)),
             (CONNECT_TIMEOUT, Some(self.connect_timeout_ms)),
             (RESPONSE_TIMEOUT, Some(self.response_timeout_ms)),
+            (UPSTREAM_CAP, self.max_upstream_connections.map(u64::from)),
         ];
         first_out_of_bounds(&checks).map(|m| format!("backend {:?}: {m}", self.name))
     }
@@ -595,6 +614,35 @@ bounded!(max_header_bytes: usize = MAX_HEADER_BYTES);
 bounded!(connect_timeout: u64 = CONNECT_TIMEOUT);
 bounded!(response_timeout: u64 = RESPONSE_TIMEOUT);
 
+/// `http_idle_timeout_ms` when absent: a device's next REST call within a minute reuses
+/// its connection; a connection left open by a client that went away is gone after one.
+pub const DEFAULT_HTTP_IDLE_TIMEOUT_MS: u64 = 60_000;
+const HTTP_IDLE_TIMEOUT: Bounds = Bounds {
+    key: "http_idle_timeout_ms",
+    min: 100,
+    max: 3_600_000,
+    why: "how long a client connection may wait for its next request",
+};
+/// Each upstream connection is one TLS session the hub holds for us.
+const UPSTREAM_CAP: Bounds = Bounds {
+    key: "max_upstream_connections",
+    min: 1,
+    max: 1_000_000,
+    why: "leave it out for no cap",
+};
+
+fn default_http_idle_timeout() -> u64 {
+    DEFAULT_HTTP_IDLE_TIMEOUT_MS
+}
+fn http_idle_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    HTTP_IDLE_TIMEOUT.read(d)
+}
+fn upstream_cap<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    let value = UPSTREAM_CAP.read(d)?;
+    u32::try_from(value)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
 fn connect_rate<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
     let value = CONNECT_RATE.read(d)?;
     u32::try_from(value)
@@ -759,6 +807,7 @@ impl Config {
         {
             return invalid(format!("agent: {problem}"));
         }
+        self.validate_admin()?;
         if let Some(xdp) = &self.xdp {
             crate::xdp::validate(xdp).map_err(ConfigError::Invalid)?;
         }
@@ -796,6 +845,24 @@ impl Config {
             }
         }
         Ok(backends)
+    }
+
+    /// The admin server must not listen on a frontend's port: both sockets use
+    /// SO_REUSEPORT, so the kernel would hand some device connections to the metrics
+    /// server (same address) or all local ones (a specific address beside a wildcard).
+    fn validate_admin(&self) -> Result<(), ConfigError> {
+        let Some(admin) = self.admin else {
+            return Ok(());
+        };
+        match self.frontends.iter().find(|f| binds_overlap(admin, f.bind)) {
+            Some(f) => Err(ConfigError::Invalid(format!(
+                "admin = \"{admin}\" overlaps frontend {:?} (bind {}): both would listen on port {} and share its connections; give admin a port of its own",
+                f.name,
+                f.bind,
+                admin.port()
+            ))),
+            None => Ok(()),
+        }
     }
 
     fn validate_originate_frontend(&self, f: &Frontend) -> Result<(), ConfigError> {
@@ -847,6 +914,9 @@ impl Config {
         }
         if !f.sni_routes.is_empty() {
             return invalid("sni_routes apply to splice frontends only".into());
+        }
+        if let Err(problem) = HTTP_IDLE_TIMEOUT.check(f.http_idle_timeout_ms) {
+            return invalid(problem);
         }
         self.hub_name_of(f).map(|_| ())
     }
@@ -930,6 +1000,16 @@ impl Config {
         }
         config
     }
+}
+
+/// Whether two listening addresses take connections for the same port and address: the
+/// same port, and the same address or a wildcard (0.0.0.0 or [::], which on Linux also
+/// takes IPv4) on either side. Port 0 (an ephemeral port each) never overlaps.
+fn binds_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    let (ip_a, ip_b) = (a.ip().to_canonical(), b.ip().to_canonical());
+    a.port() == b.port()
+        && a.port() != 0
+        && (ip_a == ip_b || ip_a.is_unspecified() || ip_b.is_unspecified())
 }
 
 /// The global Device Provisioning Service endpoint devices contact before their hub.
@@ -1154,6 +1234,94 @@ servers = [{ address = "a.azure-devices.net:8883", weight = 2 }]
         assert_eq!(
             p.map(|p| (p.queue, p.queue_timeout.as_millis())),
             Some((5, 1500))
+        );
+    }
+
+    #[test]
+    fn an_admin_address_on_a_frontends_port_is_refused() {
+        // GOOD's frontend binds 0.0.0.0:8883.
+        for admin in [
+            "0.0.0.0:8883",
+            "127.0.0.1:8883",
+            "[::]:8883",
+            "[::1]:8883",
+            "[::ffff:10.0.0.1]:8883",
+        ] {
+            let config = format!("admin = \"{admin}\"\n{GOOD}");
+            let err = Config::parse(&config, "x").unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("admin = \"{admin}\""))
+                    && err.contains("frontend \"mqtt\" (bind 0.0.0.0:8883)")
+                    && err.contains("a port of its own"),
+                "{admin}: {err}"
+            );
+        }
+        for admin in ["0.0.0.0:9100", "127.0.0.1:8884"] {
+            Config::parse(&format!("admin = \"{admin}\"\n{GOOD}"), "x").unwrap();
+        }
+        // A specific frontend address: only a wildcard or the same address overlaps.
+        let specific = GOOD.replace("0.0.0.0:8883", "10.0.0.1:8883");
+        for (admin, overlaps) in [
+            ("0.0.0.0:8883", true),
+            ("[::]:8883", true),
+            ("10.0.0.1:8883", true),
+            ("10.0.0.2:8883", false),
+            ("127.0.0.1:8883", false),
+        ] {
+            let parsed = Config::parse(&format!("admin = \"{admin}\"\n{specific}"), "x");
+            assert_eq!(parsed.is_err(), overlaps, "{admin}: {parsed:?}");
+        }
+        // Ephemeral ports never overlap.
+        let mut c = Config::parse(GOOD, "x").unwrap();
+        c.frontends[0].bind = "127.0.0.1:0".parse().unwrap();
+        c.admin = Some("127.0.0.1:0".parse().unwrap());
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn http_idle_timeout_and_upstream_cap_have_defaults_and_bounds() {
+        let c = Config::parse(GOOD, "x").unwrap();
+        assert_eq!(
+            c.frontends[0].http_idle_timeout_ms,
+            DEFAULT_HTTP_IDLE_TIMEOUT_MS
+        );
+        assert_eq!(c.backends[0].max_upstream_connections, None);
+        let tuned = GOOD
+            .replace(
+                "backend = \"hub\"\n[frontend",
+                "backend = \"hub\"\nhttp_idle_timeout_ms = 5000\n[frontend",
+            )
+            .replace(
+                "weight = 2 }]\n",
+                "weight = 2 }]\nmax_upstream_connections = 64\n",
+            );
+        let c = Config::parse(&tuned, "x").unwrap();
+        assert_eq!(c.frontends[0].http_idle_timeout_ms, 5000);
+        assert_eq!(c.backends[0].max_upstream_connections, Some(64));
+        for (from, to, why) in [
+            (
+                "= 5000",
+                "= 0",
+                "http_idle_timeout_ms = 0 is out of range 100..=3600000",
+            ),
+            (
+                "= 64",
+                "= 0",
+                "max_upstream_connections = 0 is out of range 1..=1000000",
+            ),
+        ] {
+            let err = Config::parse(&tuned.replace(from, to), "x")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(why) && err.contains("line "), "{err}");
+        }
+        // Built in code: refused by validate, naming the backend.
+        let mut c = Config::parse(GOOD, "x").unwrap();
+        c.backends[0].max_upstream_connections = Some(0);
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("backend \"hub\": max_upstream_connections = 0"),
+            "{err}"
         );
     }
 

@@ -106,6 +106,19 @@ counters!(HttpMetrics {
     headers_too_large,
     /// Connections closed because request headers did not arrive in time.
     header_timeout,
+    /// HTTP/2 clients closed because their connection preface (magic and SETTINGS) did
+    /// not arrive within `header_read_timeout_ms`.
+    preface_timeout,
+    /// Connections closed after `http_idle_timeout_ms` with no request in progress
+    /// (HTTP/2 without open streams, HTTP/1.1 between keep-alive requests).
+    idle_timeout,
+    /// HTTP/2 clients closed because they stopped answering keep-alive PINGs.
+    ping_timeout,
+    /// 503: no upstream connection within `response_timeout_ms` because
+    /// `max_upstream_connections` were open.
+    upstream_at_capacity,
+    /// Upstream connections open now (pooled, busy or joined to a WebSocket): a gauge.
+    upstream_connections,
     /// WebSocket upgrades joined after the upstream's 101.
     websocket_upgrades,
     /// Upgraded sessions open now.
@@ -154,6 +167,14 @@ impl HttpMetrics {
         }
     }
 }
+counters!(AdminMetrics {
+    /// Times the admin server waited because its connection cap was reached.
+    at_capacity,
+    /// Admin connections closed because request headers did not arrive in time.
+    header_timeout,
+    /// Admin connections closed because they stayed open longer than allowed.
+    lifetime_exceeded,
+});
 
 pub fn add(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);

@@ -31,6 +31,9 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 /// Subprotocols IoT Hub accepts on its WebSocket endpoint (the C SDK spells MQTT upper-case).
 const SUBPROTOCOLS: [&str; 3] = ["mqtt", "MQTT", "AMQPWSB10"];
 
+/// How long `GET /slow` takes to answer.
+pub const SLOW_ANSWER: Duration = Duration::from_millis(300);
+
 /// What the hub saw of one request.
 #[derive(Clone, Debug)]
 pub struct Seen {
@@ -185,6 +188,11 @@ impl HubState {
             ("GET", "/hang") => {
                 tokio::time::sleep(Duration::from_secs(30)).await;
                 respond(StatusCode::OK, "late")
+            }
+            // A slow answer (for tests that hold an upstream connection a while).
+            ("GET", "/slow") => {
+                tokio::time::sleep(SLOW_ANSWER).await;
+                respond(StatusCode::OK, "slow")
             }
             ("GET", "/$iothub/websocket") => self.websocket(&mut request),
             _ => respond(StatusCode::NOT_FOUND, "no such route"),

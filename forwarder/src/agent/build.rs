@@ -81,13 +81,18 @@ pub fn l4_frontend(
         },
         kernel,
         client_hello_timeout: Duration::from_millis(f.client_hello_timeout_ms),
-        keepalive: (f.tcp_keepalive_secs > 0).then_some(Keepalive {
-            idle: f.tcp_keepalive_secs,
-            interval: 30,
-            probes: 4,
-        }),
+        keepalive: keepalive(f),
         gate,
     }
+}
+
+/// TCP keepalive of a frontend's sockets (`tcp_keepalive_secs`, 0: off).
+fn keepalive(f: &Frontend) -> Option<Keepalive> {
+    (f.tcp_keepalive_secs > 0).then_some(Keepalive {
+        idle: f.tcp_keepalive_secs,
+        interval: 30,
+        probes: 4,
+    })
 }
 
 pub fn http_frontend(
@@ -114,7 +119,18 @@ pub fn http_frontend(
     let server_name = rustls_pki_types::ServerName::try_from(server_name.clone())
         .with_context(|| format!("backend {backend_name}: bad TLS server name {server_name:?}"))?;
     let connect_timeout = Duration::from_millis(backend.connect_timeout_ms);
-    let connector = UpstreamConnector::new(pool, client_tls, server_name, connect_timeout);
+    let response_timeout = Duration::from_millis(backend.response_timeout_ms);
+    let cap = backend
+        .max_upstream_connections
+        .and_then(|max| usize::try_from(max).ok());
+    let connector = UpstreamConnector::new(
+        pool,
+        client_tls,
+        server_name,
+        connect_timeout,
+        metrics.clone(),
+    )
+    .with_cap(cap, response_timeout);
     let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_timer(TokioTimer::new())
@@ -127,7 +143,7 @@ pub fn http_frontend(
             hub_host: http::header_value(&host)
                 .with_context(|| format!("backend {backend_name}: bad host {host:?}"))?,
             client,
-            response_timeout: Duration::from_millis(backend.response_timeout_ms),
+            response_timeout,
             upgraded_idle_timeout: Duration::from_secs(f.idle_timeout_secs),
             metrics,
         }),
@@ -135,6 +151,8 @@ pub fn http_frontend(
         limits: Limits {
             header_read_timeout: Duration::from_millis(f.header_read_timeout_ms),
             max_header_bytes: f.max_header_bytes,
+            idle_timeout: Duration::from_millis(f.http_idle_timeout_ms),
+            keepalive: keepalive(f),
         },
         datapath,
     })
@@ -192,11 +210,7 @@ pub fn originate_frontend(
         )?,
         handshake_timeout: Duration::from_millis(backend.connect_timeout_ms),
         idle_timeout: Duration::from_secs(f.idle_timeout_secs),
-        keepalive: (f.tcp_keepalive_secs > 0).then_some(Keepalive {
-            idle: f.tcp_keepalive_secs,
-            interval: 30,
-            probes: 4,
-        }),
+        keepalive: keepalive(f),
         gate,
     })
 }

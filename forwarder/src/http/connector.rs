@@ -1,10 +1,12 @@
 //! Opens TLS connections to the hub for hyper's pooled client: the TCP connection comes
 //! from the backend's server pool (weights, failover, connect timeout) and the TLS server
-//! name is the configured one, independent of the address dialled.
+//! name is the configured one, independent of the address dialled. Each connection holds
+//! one of the backend's `max_upstream_connections` slots until it closes.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -13,10 +15,12 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use crate::l4::upstream::{ConnectError, Pool};
+use crate::metrics::{self, HttpMetrics};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectFailure {
@@ -29,17 +33,30 @@ pub enum ConnectFailure {
     },
     #[error("TLS handshake with {0} timed out")]
     TlsTimeout(std::net::SocketAddr),
+    #[error("{0} upstream connections open (max_upstream_connections) and none freed in time")]
+    AtCapacity(usize),
 }
 
 impl ConnectFailure {
-    /// Timeouts become 504, everything else 502.
+    /// Timeouts become 504, everything else 502 (at capacity: 503, see the proxy).
     pub fn timed_out(&self) -> bool {
         match self {
             Self::Tcp(err) => err.timed_out,
             Self::TlsTimeout(_) => true,
-            Self::Tls { .. } => false,
+            Self::Tls { .. } | Self::AtCapacity(_) => false,
         }
     }
+}
+
+/// The cap on a frontend's upstream connections (`max_upstream_connections`).
+#[derive(Clone)]
+struct Cap {
+    slots: Arc<Semaphore>,
+    max: usize,
+    /// Longest wait for a slot: the request's own time (`response_timeout_ms`) bounds
+    /// it too, this only ends connects hyper left running after a pooled connection
+    /// served their request.
+    wait: Duration,
 }
 
 #[derive(Clone)]
@@ -48,6 +65,8 @@ pub struct UpstreamConnector {
     tls: TlsConnector,
     server_name: ServerName<'static>,
     handshake_timeout: Duration,
+    cap: Option<Cap>,
+    metrics: Arc<HttpMetrics>,
 }
 
 impl UpstreamConnector {
@@ -56,13 +75,97 @@ impl UpstreamConnector {
         config: Arc<rustls::ClientConfig>,
         server_name: ServerName<'static>,
         handshake_timeout: Duration,
+        metrics: Arc<HttpMetrics>,
     ) -> Self {
         Self {
             pool,
             tls: TlsConnector::from(config),
             server_name,
             handshake_timeout,
+            cap: None,
+            metrics,
         }
+    }
+
+    /// At most `max` connections open at once (`None`: no cap); a connect waits up to
+    /// `wait` for one to close.
+    pub fn with_cap(mut self, max: Option<usize>, wait: Duration) -> Self {
+        self.cap = max.map(|max| Cap {
+            slots: Arc::new(Semaphore::new(max)),
+            max,
+            wait,
+        });
+        self
+    }
+}
+
+tokio::task_local! {
+    /// The slot wait of the request being sent: hyper's client gives the connector only
+    /// a URI, so the request handler sets this around `Client::request` and a connect
+    /// started for that request (inside the same task) marks in it while it waits.
+    static SLOT_WAIT: SlotWait;
+}
+
+/// Whether a request is waiting for a free upstream slot, to tell "at capacity" (503)
+/// from "the hub is slow" (504) when its time runs out.
+#[derive(Clone, Default)]
+pub struct SlotWait(Arc<AtomicBool>);
+
+impl SlotWait {
+    /// Runs `request` (a `Client::request` future) with this wait visible to connects.
+    pub async fn scope<F: Future>(&self, request: F) -> F::Output {
+        SLOT_WAIT.scope(self.clone(), request).await
+    }
+
+    pub fn waiting(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, waiting: bool) {
+        self.0.store(waiting, Ordering::Relaxed);
+    }
+}
+
+impl Cap {
+    /// A slot, at once or after waiting (marked in `wait`) up to the cap's wait.
+    async fn acquire(
+        &self,
+        wait: Option<SlotWait>,
+    ) -> Result<OwnedSemaphorePermit, ConnectFailure> {
+        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        let wait = wait.unwrap_or_default();
+        wait.set(true);
+        let acquired = tokio::time::timeout(self.wait, self.slots.clone().acquire_owned()).await;
+        wait.set(false);
+        match acquired {
+            Ok(Ok(permit)) => Ok(permit),
+            // The semaphore is never closed; treat it like a timeout all the same.
+            Ok(Err(_)) | Err(_) => Err(ConnectFailure::AtCapacity(self.max)),
+        }
+    }
+}
+
+/// An open upstream connection: counted in the gauge, holding its slot (with a cap).
+struct Slot {
+    _permit: Option<OwnedSemaphorePermit>,
+    metrics: Arc<HttpMetrics>,
+}
+
+impl Slot {
+    fn new(permit: Option<OwnedSemaphorePermit>, metrics: Arc<HttpMetrics>) -> Self {
+        metrics::add(&metrics.upstream_connections, 1);
+        Self {
+            _permit: permit,
+            metrics,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        metrics::sub(&self.metrics.upstream_connections, 1);
     }
 }
 
@@ -75,6 +178,7 @@ pub struct UpstreamAddr(pub std::net::SocketAddr);
 pub struct UpstreamStream {
     io: TokioIo<TlsStream<TcpStream>>,
     server: std::net::SocketAddr,
+    _slot: Slot,
 }
 
 impl UpstreamStream {
@@ -138,13 +242,20 @@ impl tower_service::Service<Uri> for UpstreamConnector {
     /// The URI only keys hyper's pool; where to connect comes from the backend.
     fn call(&mut self, _uri: Uri) -> Self::Future {
         let this = self.clone();
+        // Read here: `call` runs inside the request's task, the returned future may not.
+        let wait = SLOT_WAIT.try_with(SlotWait::clone).ok();
         Box::pin(async move {
+            let permit = match &this.cap {
+                Some(cap) => Some(cap.acquire(wait).await?),
+                None => None,
+            };
             let (tcp, server) = this.pool.connect().await?;
             let handshake = this.tls.connect(this.server_name.clone(), tcp);
             match tokio::time::timeout(this.handshake_timeout, handshake).await {
                 Ok(Ok(tls)) => Ok(UpstreamStream {
                     io: TokioIo::new(tls),
                     server,
+                    _slot: Slot::new(permit, this.metrics.clone()),
                 }),
                 Ok(Err(source)) => Err(ConnectFailure::Tls { server, source }),
                 Err(_) => Err(ConnectFailure::TlsTimeout(server)),

@@ -39,6 +39,11 @@ impl ConnCounts {
         let _ = self.websocket.set(upstream);
     }
 
+    /// Bytes received from the client so far (TLS included).
+    pub fn bytes_up(&self) -> u64 {
+        self.bytes_up.load(Ordering::Relaxed)
+    }
+
     fn moved(&self, bytes: &AtomicU64, n: usize) {
         bytes.fetch_add(n as u64, Ordering::Relaxed);
         self.last_active_ns

@@ -5,11 +5,15 @@
 pub mod connector;
 pub mod counted;
 pub mod headers;
+pub mod idle;
+pub mod preface;
 pub mod proxy;
 pub mod tls;
 pub mod tunnel;
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::os::fd::AsFd as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,8 +26,11 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::admission::{Admitted, Gate};
 use crate::ebpf::Datapath;
+use crate::l4::Keepalive;
 use crate::metrics::{self, ActiveGuard, HttpMetrics};
 use counted::{CountedStream, Listing};
+use idle::{Activity, Tracked};
+use preface::{Opening, Protocol};
 use proxy::Proxy;
 
 /// A header value from a configured host name.
@@ -39,7 +46,19 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// Request head size at most (HTTP/1.1 buffer, HTTP/2 header list); 431 above it.
     pub max_header_bytes: usize,
+    /// Time a connection may stay open with no request in progress.
+    pub idle_timeout: Duration,
+    /// TCP keepalive on client sockets (`None`: off).
+    pub keepalive: Option<Keepalive>,
 }
+
+/// HTTP/2 keep-alive: a PING after this long without a frame from the client...
+const PING_INTERVAL: Duration = Duration::from_secs(30);
+/// ...and the connection closed if its answer takes longer than this.
+const PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// After an idle close starts: a live HTTP/2 client answers the GOAWAY's PING within a
+/// round trip; one that went away is dropped here instead of after the PING timeout.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 pub struct HttpFrontend {
     pub name: String,
@@ -98,8 +117,8 @@ struct Shared {
     listing: Option<Arc<Listing>>,
 }
 
-/// One builder per protocol: ALPN already decided which one a connection speaks, so
-/// hyper does not have to sniff (sniffing has no timeout against a silent client).
+/// One builder per protocol. hyper still sniffs the version itself (it always does with
+/// upgrades), but on bytes `preface::read` has already read under the header timeout.
 fn builders(limits: &Limits) -> (Builder, Builder) {
     let mut base = auto::Builder::new(TokioExecutor::new());
     base.http1()
@@ -109,7 +128,10 @@ fn builders(limits: &Limits) -> (Builder, Builder) {
     base.http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256);
+        .max_concurrent_streams(256)
+        // Finds peers that went away (idle connections are pinged too).
+        .keep_alive_interval(PING_INTERVAL)
+        .keep_alive_timeout(PING_TIMEOUT);
     (base.clone().http1_only(), base.http2_only())
 }
 
@@ -124,6 +146,13 @@ async fn serve_connection(
 ) {
     let _active = ActiveGuard::new(&metrics.active);
     let _ = stream.set_nodelay(true);
+    let limits = &frontend.limits;
+    if let Some(k) = limits.keepalive {
+        // On each socket rather than the listener: the accept loop stays as it is.
+        if let Err(err) = crate::sys::set_keepalive(stream.as_fd(), k.idle, k.interval, k.probes) {
+            tracing::debug!(frontend = %frontend.name, %peer, %err, "could not set TCP keepalive");
+        }
+    }
     let stream = CountedStream::new(stream, shared.listing.as_ref());
     let counts = stream.counts();
     let handshake = frontend.tls.accept(stream);
@@ -140,16 +169,42 @@ async fn serve_connection(
             return;
         }
     };
-    let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let builder = if is_h2 { &shared.http2 } else { &shared.http1 };
+    let alpn_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let (protocol, tls) = match preface::read(tls, alpn_h2, limits.header_read_timeout).await {
+        Opening::Ready(protocol, tls) => (protocol, tls),
+        Opening::Closed => return,
+        Opening::TimedOut { h2: true } => {
+            metrics::add(&metrics.preface_timeout, 1);
+            tracing::debug!(frontend = %frontend.name, %peer, "HTTP/2 preface not received in time: closed");
+            return;
+        }
+        Opening::TimedOut { h2: false } => {
+            metrics::add(&metrics.header_timeout, 1);
+            tracing::info!(frontend = %frontend.name, %peer, "request headers not received in time: closed");
+            return;
+        }
+    };
+    let builder = match protocol {
+        Protocol::Http2 => &shared.http2,
+        Protocol::Http1 => &shared.http1,
+    };
+    let activity = Activity::new(counts.clone());
     let proxy = frontend.proxy.clone();
+    let tracker = activity.clone();
     let service = service_fn(move |request| {
-        proxy
+        let open = tracker.begin();
+        let handled = proxy
             .clone()
-            .handle(request, peer, counts.clone(), admitted.clone())
+            .handle(request, peer, counts.clone(), admitted.clone());
+        async move {
+            let response = handled.await?;
+            Ok::<_, Infallible>(response.map(|body| Tracked::new(body, open)))
+        }
     });
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
     tokio::pin!(connection);
+    let idle = activity.idle_for(limits.idle_timeout);
+    tokio::pin!(idle);
     let result = tokio::select! {
         result = connection.as_mut() => result,
         _ = shutdown.changed() => {
@@ -157,9 +212,16 @@ async fn serve_connection(
             connection.as_mut().graceful_shutdown();
             connection.await
         }
+        () = &mut idle => {
+            metrics::add(&metrics.idle_timeout, 1);
+            tracing::debug!(frontend = %frontend.name, %peer, ?protocol,
+                "no request for the idle timeout: closing");
+            connection.as_mut().graceful_shutdown();
+            tokio::time::timeout(IDLE_CLOSE_GRACE, connection).await.unwrap_or(Ok(()))
+        }
     };
     if let Err(err) = result {
-        classify_connection_error(&frontend.name, peer, &*err, &metrics);
+        classify_connection_error(&frontend.name, peer, protocol, &activity, &*err, &metrics);
     }
 }
 
@@ -167,6 +229,8 @@ async fn serve_connection(
 fn classify_connection_error(
     frontend: &str,
     peer: SocketAddr,
+    protocol: Protocol,
+    activity: &Activity,
     err: &(dyn std::error::Error + Send + Sync + 'static),
     metrics: &HttpMetrics,
 ) {
@@ -180,6 +244,15 @@ fn classify_connection_error(
     } else if hyper_err.is_parse() {
         metrics::add(&metrics.bad_request, 1);
         tracing::info!(%frontend, %peer, err = %hyper_err, "malformed request: 400");
+    } else if hyper_err.is_timeout() && protocol == Protocol::Http2 {
+        // The only HTTP/2 timeout hyper has: a keep-alive PING went unanswered.
+        metrics::add(&metrics.ping_timeout, 1);
+        tracing::debug!(%frontend, %peer, "client stopped answering HTTP/2 PINGs: closed");
+    } else if hyper_err.is_timeout() && activity.at_rest() {
+        // hyper times the wait for the next keep-alive request as a header read: when it
+        // is shorter than the idle timeout, this is where an idle connection ends.
+        metrics::add(&metrics.idle_timeout, 1);
+        tracing::debug!(%frontend, %peer, "keep-alive connection idle: closed");
     } else if hyper_err.is_timeout() {
         metrics::add(&metrics.header_timeout, 1);
         tracing::info!(%frontend, %peer, "request headers not received in time: closed");

@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 
 use crate::admission::Admitted;
-use crate::http::connector::{ConnectFailure, UpstreamAddr, UpstreamConnector};
+use crate::http::connector::{ConnectFailure, SlotWait, UpstreamAddr, UpstreamConnector};
 use crate::http::counted::ConnCounts;
 use crate::http::{headers, tunnel};
 use crate::metrics::{self, HttpMetrics};
@@ -50,14 +50,12 @@ impl Proxy {
             Ok(outbound) => outbound,
             Err(response) => return Ok(response),
         };
-        let mut response = match tokio::time::timeout(
-            self.response_timeout,
-            self.client.request(outbound),
-        )
-        .await
-        {
+        let slot_wait = SlotWait::default();
+        let sent = slot_wait.scope(self.client.request(outbound));
+        let mut response = match tokio::time::timeout(self.response_timeout, sent).await {
             Ok(Ok(response)) => response,
             Ok(Err(err)) => return Ok(self.upstream_failed(&err)),
+            Err(_) if slot_wait.waiting() => return Ok(self.at_capacity()),
             Err(_) => {
                 metrics::add(&self.metrics.upstream_timeout, 1);
                 tracing::warn!(frontend = %self.frontend, timeout = ?self.response_timeout,
@@ -135,6 +133,9 @@ impl Proxy {
 
     fn upstream_failed(&self, err: &hyper_util::client::legacy::Error) -> Response<ProxyBody> {
         let cause = connect_failure(err);
+        if let Some(ConnectFailure::AtCapacity(_)) = cause {
+            return self.at_capacity();
+        }
         if cause.is_some_and(ConnectFailure::timed_out) {
             metrics::add(&self.metrics.upstream_timeout, 1);
             tracing::warn!(frontend = %self.frontend, reason = %describe(err), "upstream timed out: 504");
@@ -143,6 +144,18 @@ impl Proxy {
         metrics::add(&self.metrics.upstream_unreachable, 1);
         tracing::warn!(frontend = %self.frontend, reason = %describe(err), "upstream failed: 502");
         error_response(StatusCode::BAD_GATEWAY, "upstream unreachable")
+    }
+
+    /// 503: every upstream connection stayed busy for the request's whole time. The
+    /// forwarder's own limit, not the hub's answer: clients retry later.
+    fn at_capacity(&self) -> Response<ProxyBody> {
+        metrics::add(&self.metrics.upstream_at_capacity, 1);
+        tracing::warn!(frontend = %self.frontend, timeout = ?self.response_timeout,
+            "no upstream connection free in time (max_upstream_connections): 503");
+        error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream connection limit reached",
+        )
     }
 }
 
