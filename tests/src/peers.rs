@@ -15,6 +15,26 @@ impl KillOnDrop {
         use std::os::unix::process::CommandExt as _;
         command.process_group(0).spawn().map(Self)
     }
+
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// SIGTERM, then up to `grace` for the process to exit on its own (killed after).
+    pub fn stop(mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        if let Ok(pid) = i32::try_from(self.0.id()) {
+            // SAFETY: kill(2) on the child we started; no memory is involved.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
 }
 
 impl Drop for KillOnDrop {
