@@ -42,6 +42,18 @@ impl LogLimit {
     }
 }
 
+/// `tracing::info!` at most every few seconds from this call site, with the number of
+/// lines left out (`suppressed`): for events a hostile client can cause at will.
+macro_rules! info_limited {
+    ($($arg:tt)+) => {{
+        static LIMIT: $crate::log_limit::LogLimit = $crate::log_limit::LogLimit::new();
+        if let Some(suppressed) = LIMIT.allow() {
+            tracing::info!(suppressed, $($arg)+);
+        }
+    }};
+}
+pub(crate) use info_limited;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,6 +27,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::admission::{Admitted, Gate};
 use crate::ebpf::Datapath;
 use crate::l4::Keepalive;
+use crate::log_limit::info_limited;
 use crate::metrics::{self, ActiveGuard, HttpMetrics};
 use counted::{CountedStream, Listing};
 use idle::{Activity, Tracked};
@@ -160,12 +161,12 @@ async fn serve_connection(
         Ok(Ok(tls)) => tls,
         Ok(Err(err)) => {
             metrics::add(&metrics.tls_handshake_failed, 1);
-            tracing::info!(frontend = %frontend.name, %peer, %err, "client TLS handshake failed");
+            info_limited!(frontend = %frontend.name, %peer, %err, "client TLS handshake failed");
             return;
         }
         Err(_) => {
             metrics::add(&metrics.tls_handshake_failed, 1);
-            tracing::info!(frontend = %frontend.name, %peer, "client TLS handshake timed out");
+            info_limited!(frontend = %frontend.name, %peer, "client TLS handshake timed out");
             return;
         }
     };
@@ -180,7 +181,7 @@ async fn serve_connection(
         }
         Opening::TimedOut { h2: false } => {
             metrics::add(&metrics.header_timeout, 1);
-            tracing::info!(frontend = %frontend.name, %peer, "request headers not received in time: closed");
+            info_limited!(frontend = %frontend.name, %peer, "request headers not received in time: closed");
             return;
         }
     };
@@ -240,10 +241,10 @@ fn classify_connection_error(
     };
     if hyper_err.is_parse_too_large() {
         metrics::add(&metrics.headers_too_large, 1);
-        tracing::info!(%frontend, %peer, "request headers too large: 431");
+        info_limited!(%frontend, %peer, "request headers too large: 431");
     } else if hyper_err.is_parse() {
         metrics::add(&metrics.bad_request, 1);
-        tracing::info!(%frontend, %peer, err = %hyper_err, "malformed request: 400");
+        info_limited!(%frontend, %peer, err = %hyper_err, "malformed request: 400");
     } else if hyper_err.is_timeout() && protocol == Protocol::Http2 {
         // The only HTTP/2 timeout hyper has: a keep-alive PING went unanswered.
         metrics::add(&metrics.ping_timeout, 1);
@@ -255,7 +256,7 @@ fn classify_connection_error(
         tracing::debug!(%frontend, %peer, "keep-alive connection idle: closed");
     } else if hyper_err.is_timeout() {
         metrics::add(&metrics.header_timeout, 1);
-        tracing::info!(%frontend, %peer, "request headers not received in time: closed");
+        info_limited!(%frontend, %peer, "request headers not received in time: closed");
     } else {
         tracing::debug!(%frontend, %peer, err = %hyper_err, "connection ended with an error");
     }

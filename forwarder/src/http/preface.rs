@@ -112,6 +112,12 @@ pub struct Replay<S> {
     inner: S,
 }
 
+impl<S: crate::relay::Socket> crate::relay::Socket for Replay<S> {
+    fn tcp(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.inner.tcp()
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,

@@ -18,8 +18,13 @@ use tokio_rustls::{client, server};
 use crate::admission::Admitted;
 use crate::http::connector::UpstreamStream;
 use crate::http::counted::CountedStream;
+use crate::http::preface::Replay;
 use crate::metrics::{self, ActiveGuard, HttpMetrics};
 use crate::relay::{self, Socket};
+
+/// The client's stream under hyper: TLS over the counted TCP socket, behind the bytes
+/// `preface::read` looked at first.
+type ClientStream = Replay<server::TlsStream<CountedStream>>;
 
 /// Waits for both upgrades, then relays until both directions end or the session idles.
 /// The session holds its client's slot under the connection caps (`admitted`) until it
@@ -40,7 +45,7 @@ pub async fn join(
             return;
         }
     };
-    let (mut client, client_ahead) = Peer::<server::TlsStream<CountedStream>>::reach(client);
+    let (mut client, client_ahead) = Peer::<ClientStream>::reach(client);
     let (mut upstream, upstream_ahead) = Peer::<client::TlsStream<_>>::reach_upstream(upstream);
     // Bytes hyper read past the upgrade on one side belong to the other, first.
     if let Err(err) = pass_ahead(&mut client, &upstream_ahead, &mut upstream, &client_ahead).await {
@@ -89,12 +94,12 @@ enum Peer<T> {
     Opaque(TokioIo<Upgraded>),
 }
 
-impl Peer<server::TlsStream<CountedStream>> {
+impl Peer<ClientStream> {
     /// The client's TLS stream, and the bytes hyper read ahead of the upgrade.
     fn reach(upgraded: Upgraded) -> (Self, bytes::Bytes) {
         // hyper_util's auto server wraps the stream in a private type: its own downcast
         // sees through it.
-        match auto::upgrade::downcast::<TokioIo<server::TlsStream<CountedStream>>>(upgraded) {
+        match auto::upgrade::downcast::<TokioIo<ClientStream>>(upgraded) {
             Ok(parts) => (Self::Reached(parts.io.into_inner()), parts.read_buf),
             Err(opaque) => (Self::opaque(opaque), bytes::Bytes::new()),
         }

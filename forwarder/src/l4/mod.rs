@@ -24,7 +24,7 @@ use tracing::Instrument as _;
 
 use crate::admission::Gate;
 use crate::ebpf::{Datapath, SpliceError, SplicedPair};
-use crate::log_limit::LogLimit;
+use crate::log_limit::info_limited;
 use crate::metrics::{self, ActiveGuard, L4Metrics};
 use crate::registry::Registration;
 use crate::sys;
@@ -257,10 +257,7 @@ async fn open_upstream(
         Ok(pool) => pool,
         Err(reason) => {
             // Counted by kind in `route`; a flood of silent clients must not flood the log.
-            static REFUSALS: LogLimit = LogLimit::new();
-            if let Some(suppressed) = REFUSALS.allow() {
-                tracing::info!(%reason, suppressed, "connection refused by routing");
-            }
+            info_limited!(%reason, "connection refused by routing");
             if reason.is_unknown_name() {
                 // TLS alert unrecognized_name (fatal): the client's TLS stack says why. Seven
                 // bytes into a fresh send buffer: a write that cannot wait is enough.
