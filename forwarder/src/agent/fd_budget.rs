@@ -5,9 +5,11 @@
 
 use crate::config::Config;
 
-/// fds the agent keeps for itself beyond its connections: listeners, maps, epoll sets,
-/// the log ring, and the HTTPS path's pooled upstream connections.
-const RESERVED: u64 = 1_024;
+/// fds the agent keeps for itself beyond its connections (listeners, maps, epoll sets,
+/// the log ring, the HTTPS path's pooled upstream connections): an eighth of the limit,
+/// between these bounds, so a small limit still serves most of what it can.
+const RESERVED_MIN: u64 = 64;
+const RESERVED_MAX: u64 = 1_024;
 /// fds one client connection needs at most: its own socket and its upstream's.
 const PER_CONNECTION: u64 = 2;
 
@@ -37,9 +39,13 @@ impl FdBudget {
         }
     }
 
+    fn reserved(&self) -> u64 {
+        (self.limit / 8).clamp(RESERVED_MIN, RESERVED_MAX)
+    }
+
     /// Client connections the limit holds.
     pub fn connections(&self) -> usize {
-        let n = self.limit.saturating_sub(RESERVED) / PER_CONNECTION;
+        let n = self.limit.saturating_sub(self.reserved()) / PER_CONNECTION;
         usize::try_from(n).unwrap_or(usize::MAX).max(1)
     }
 
@@ -57,9 +63,10 @@ impl FdBudget {
         {
             warnings.push(format!(
                 "max_connections = {max}, but the fd limit ({}) holds about {fits} connections \
-                 ({PER_CONNECTION} fds each, {RESERVED} kept): accepts will fail with EMFILE \
+                 ({PER_CONNECTION} fds each, {} kept): accepts will fail with EMFILE \
                  first; raise LimitNOFILE (or ulimit -Hn) or lower the cap",
-                self.limit
+                self.limit,
+                self.reserved()
             ));
         }
         if config.max_connections.is_none() {
@@ -133,5 +140,7 @@ mod tests {
             "{warnings:?}"
         );
         assert_eq!(FdBudget { limit: 10 }.connections(), 1);
+        // A shell's limit still serves most of what it can.
+        assert_eq!(FdBudget { limit: 1_024 }.connections(), 448);
     }
 }
