@@ -1,0 +1,23 @@
+//! `Config::parse` (TOML, then `validate`) on any text: errors, never panics. A config
+//! that passes is run through the helpers `forwarder check` and the agent call.
+#![no_main]
+
+use forwarder::config::Config;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(config) = Config::parse(text, "fuzz.toml") else {
+        return;
+    };
+    // Validation is idempotent and what parse accepted stays valid.
+    config.validate().expect("a parsed config validates again");
+    let _ = config.warnings();
+    for backend in &config.backends {
+        let _ = backend.pacing();
+        let _ = backend.pacing_summary();
+        let _ = backend.http_host();
+    }
+});
