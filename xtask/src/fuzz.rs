@@ -3,7 +3,8 @@
 //! on the first target that crashes and names the input that did it. Not part of
 //! `cargo xtask test`: fuzzing is open-ended, CI is not.
 //!
-//! Seeds come from the committed `fuzz/corpus/<target>/`; what a run finds goes to
+//! Seeds come from the committed `fuzz/corpus/<target>/` (and tokens from
+//! `fuzz/dict/<target>.dict` when there is one); what a run finds goes to
 //! `fuzz/target/xtask-corpus/<target>/` (ignored by git), so later runs start from it
 //! and the committed corpus stays small. Fold it in with
 //! `cargo +nightly fuzz cmin <target>` after copying, if it is worth keeping.
@@ -132,6 +133,10 @@ fn run_target(root: &Path, fuzz_dir: &Path, target: &str, seconds: u64) -> anyho
     cmd.arg("--")
         .arg(format!("-max_total_time={seconds}"))
         .arg("-print_final_stats=1");
+    let dict = fuzz_dir.join("dict").join(format!("{target}.dict"));
+    if dict.is_file() {
+        cmd.arg(format!("-dict={}", dict.display()));
+    }
     eprintln!("xtask: fuzzing {target} for {seconds} s");
     let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
     if status.success() {
