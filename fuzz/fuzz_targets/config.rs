@@ -1,8 +1,9 @@
 //! `Config::parse` (TOML, then `validate`) on any text: errors, never panics. A config
-//! that passes is run through the helpers `forwarder check` and the agent call.
+//! that passes is run through the helpers `forwarder check` and the agent call, and the
+//! limits the agent hands to libraries at start are checked against what those accept.
 #![no_main]
 
-use forwarder::config::Config;
+use forwarder::config::{Config, Mode};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -19,5 +20,11 @@ fuzz_target!(|data: &[u8]| {
         let _ = backend.pacing();
         let _ = backend.pacing_summary();
         let _ = backend.http_host();
+    }
+    for frontend in &config.frontends {
+        if frontend.mode == Mode::Http {
+            // `http::serve` bounds open connections with a semaphore of this many permits.
+            drop(tokio::sync::Semaphore::new(frontend.max_connections));
+        }
     }
 });
