@@ -377,6 +377,9 @@ fn queue_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     QUEUE_TIMEOUT.read(d)
 }
 
+/// `max_connections` of an HTTP frontend at most: the permits a tokio semaphore can hold.
+pub const MAX_HTTP_CONNECTIONS: usize = tokio::sync::Semaphore::MAX_PERMITS;
+
 /// IoT Hub lets a device set an MQTT keep-alive of up to 1,177 s and waits 1.5 times
 /// that (29.45 min) before it drops the device: a shorter idle timeout here cuts devices
 /// the hub still considers connected.
@@ -568,8 +571,11 @@ impl Config {
         if !f.sni_routes.is_empty() {
             return invalid("sni_routes apply to splice frontends only".into());
         }
-        if f.max_connections == 0 {
-            return invalid("max_connections must be > 0".into());
+        // The limit becomes a semaphore's permits, which panics above its maximum.
+        if !(1..=MAX_HTTP_CONNECTIONS).contains(&f.max_connections) {
+            return invalid(format!(
+                "max_connections must be between 1 and {MAX_HTTP_CONNECTIONS}"
+            ));
         }
         if !(8192..=1 << 20).contains(&f.max_header_bytes) {
             return invalid("max_header_bytes must be between 8192 and 1048576".into());
@@ -819,6 +825,42 @@ servers = [{ address = "a.azure-devices.net:8883", weight = 2 }]
             .unwrap_err()
             .to_string();
         assert!(err.contains("only apply to mode"), "{err}");
+    }
+
+    /// Found while writing the `config` fuzz target (which now checks it): a huge
+    /// `max_connections` passed validation, then panicked the agent at start
+    /// (`Semaphore::new` above `MAX_PERMITS`).
+    #[test]
+    fn max_connections_beyond_a_semaphore_is_refused() {
+        let http = GOOD.replace(
+            "[frontend.sni_routes]\n\"a.azure-devices.net\" = \"hub\"\n",
+            "mode = \"http\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n",
+        );
+        for (value, ok) in [
+            ("0", false),
+            ("1", true),
+            (&MAX_HTTP_CONNECTIONS.to_string(), true),
+            (&(MAX_HTTP_CONNECTIONS + 1).to_string(), false),
+            ("9223372036854775807", false),
+        ] {
+            let text = http.replace(
+                "mode = \"http\"\n",
+                &format!("mode = \"http\"\nmax_connections = {value}\n"),
+            );
+            match Config::parse(&text, "x") {
+                Ok(c) => {
+                    assert!(ok, "{value} accepted");
+                    drop(tokio::sync::Semaphore::new(c.frontends[0].max_connections));
+                }
+                Err(err) => {
+                    assert!(!ok, "{value}: {err}");
+                    assert!(
+                        err.to_string()
+                            .contains("max_connections must be between 1 and")
+                    );
+                }
+            }
+        }
     }
 
     #[test]
