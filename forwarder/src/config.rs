@@ -850,7 +850,8 @@ servers = [{ address = "a.azure-devices.net:8883", weight = 2 }]
             match Config::parse(&text, "x") {
                 Ok(c) => {
                     assert!(ok, "{value} accepted");
-                    drop(tokio::sync::Semaphore::new(c.frontends[0].max_connections));
+                    let max = c.frontends[0].max_connections;
+                    assert_eq!(tokio::sync::Semaphore::new(max).available_permits(), max);
                 }
                 Err(err) => {
                     assert!(!ok, "{value}: {err}");

@@ -24,7 +24,8 @@ fuzz_target!(|data: &[u8]| {
     for frontend in &config.frontends {
         if frontend.mode == Mode::Http {
             // `http::serve` bounds open connections with a semaphore of this many permits.
-            drop(tokio::sync::Semaphore::new(frontend.max_connections));
+            let slots = tokio::sync::Semaphore::new(frontend.max_connections);
+            assert_eq!(slots.available_permits(), frontend.max_connections);
         }
     }
 });
