@@ -1184,6 +1184,40 @@ servers = [{ address = "a.azure-devices.net:8883", weight = 2 }]
         assert!(err.contains("only apply to mode"), "{err}");
     }
 
+    /// Found while writing the `config` fuzz target (which now checks it): a huge
+    /// `max_connections` passed validation, then panicked the agent at start
+    /// (`Semaphore::new` above `MAX_PERMITS`). Now bounded, on every mode.
+    #[test]
+    fn max_connections_beyond_a_semaphore_is_refused() {
+        let http = GOOD.replace(
+            "[frontend.sni_routes]\n\"a.azure-devices.net\" = \"hub\"\n",
+            "mode = \"http\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n",
+        );
+        for (value, ok) in [
+            ("0", false),
+            ("1", true),
+            ("10000000", true),
+            ("10000001", false),
+            ("9223372036854775807", false),
+        ] {
+            let text = http.replace(
+                "mode = \"http\"\n",
+                &format!("mode = \"http\"\nmax_connections = {value}\n"),
+            );
+            match Config::parse(&text, "x") {
+                Ok(c) => {
+                    assert!(ok, "{value} accepted");
+                    let max = c.frontends[0].max_connections();
+                    assert_eq!(tokio::sync::Semaphore::new(max).available_permits(), max);
+                }
+                Err(err) => {
+                    assert!(!ok, "{value}: {err}");
+                    assert!(err.to_string().contains("is out of range 1..=10000000"));
+                }
+            }
+        }
+    }
+
     #[test]
     fn http_host_comes_from_the_first_server_unless_set() {
         let c = Config::parse(GOOD, "x").unwrap();

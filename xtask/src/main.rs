@@ -1,7 +1,10 @@
-//! Developer tasks: `setup`, `build`, `test`, `run`. `cargo xtask test` is the one command
-//! that takes a fresh machine to green tests; `.ci/run` calls exactly that.
+//! Developer tasks: `setup`, `build`, `test`, `run`, `demo`, `bench`, `xdp-bench`, `fuzz`.
+//! `cargo xtask test` is the one command that takes a fresh machine to green tests;
+//! `.ci/run` calls exactly that. `cargo xtask fuzz --seconds N` runs every cargo-fuzz
+//! target (`fuzz/`, nightly) for N seconds; it is not part of `test`.
 
 mod bench;
+mod fuzz;
 mod setup;
 mod xdp_bench;
 
@@ -45,6 +48,9 @@ enum Task {
     /// Throughput, latency, connection rate and CPU cost of the forwarder side by side with
     /// the direct path, HAProxy and nginx, on loopback and across namespaces (root).
     Bench(bench::Options),
+    /// Every cargo-fuzz target in `fuzz/` for a bounded time each (nightly, ASan);
+    /// fails on a crash and names the input. Installs cargo-fuzz if missing.
+    Fuzz(fuzz::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -65,6 +71,7 @@ fn main() -> anyhow::Result<()> {
             ]))
         }
         Task::Bench(options) => bench::run(&options),
+        Task::Fuzz(options) => fuzz::run(&options),
         Task::Run { args } => {
             setup::run()?;
             build(true)?;
