@@ -68,6 +68,8 @@ pub struct Datapath {
     ebpf: Mutex<Ebpf>,
     maps: Mutex<Maps>,
     pin_dir: Option<PathBuf>,
+    /// The instance's lock: let go only after the pins are gone (fields drop after `drop`).
+    instance_lock: Option<std::sync::Arc<crate::instance_lock::InstanceLock>>,
     /// The verdict's event ring until the supervisor takes it, then the supervisor: it
     /// starts with the first splice, on the runtime that serves the sessions.
     supervision: Mutex<Supervision>,
@@ -164,8 +166,15 @@ impl Datapath {
                 stats,
             }),
             pin_dir,
+            instance_lock: None,
             supervision: Mutex::new(Supervision::NotStarted(events)),
         })
+    }
+
+    /// Keeps the instance's lock until this data path (and its pins) is gone.
+    pub fn holding(mut self, lock: std::sync::Arc<crate::instance_lock::InstanceLock>) -> Self {
+        self.instance_lock = Some(lock);
+        self
     }
 
     /// The wake-up sources of spliced sessions (started on first use, on the calling
@@ -384,6 +393,11 @@ impl Drop for Datapath {
 
 fn pin_maps(dir: &Path, maps: &[(&str, &MapData)]) -> anyhow::Result<()> {
     ensure_bpffs()?;
+    if let Some(root) = dir.parent() {
+        std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+        // The CLI (as root) trusts what it finds here.
+        crate::instance_lock::check_not_writable_by_others(root)?;
+    }
     if dir.exists() {
         // Left by an agent that crashed: its maps are not ours and nothing uses them.
         std::fs::remove_dir_all(dir)

@@ -271,6 +271,20 @@ pub fn raise_memlock_limit() -> io::Result<()> {
     Ok(())
 }
 
+/// flock(LOCK_EX | LOCK_NB): `WouldBlock` when another open file holds the lock.
+pub fn lock_exclusive_now(file: &impl AsRawFd) -> io::Result<()> {
+    // SAFETY: flock on a descriptor we own; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
 /// RLIMIT_NOFILE as (soft, hard).
 pub fn nofile_limits() -> io::Result<(u64, u64)> {
     let mut limit = libc::rlimit {

@@ -85,7 +85,11 @@ impl Setup {
         backend.host = Some(HUB.into());
         backend.ca_file = Some(self.ca.ca_pem.clone());
         tweak(&mut frontend, &mut backend);
-        let config = Config::new("https-test", vec![frontend], vec![backend]);
+        let config = Config::new(
+            format!("https-{}", forwarder_tests::netns::unique()),
+            vec![frontend],
+            vec![backend],
+        );
         config.validate().expect("test config is valid");
         config
     }

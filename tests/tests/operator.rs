@@ -95,6 +95,74 @@ async fn http_get(port: u16, path: &str) -> String {
     out
 }
 
+/// A second agent with the same instance refuses to start and touches nothing: the
+/// first one's pins, port and connections are intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_agent_of_the_same_instance_refuses_and_touches_nothing() {
+    require_root();
+    let dir = scratch_dir("operator-lock");
+    let instance = format!("lock-{}", std::process::id());
+    let (port, admin) = (free_port(), free_port());
+    let up = upstream(b"U1:").await;
+    let first_path = dir.join("first.toml");
+    write_config(&first_path, &instance, admin, &[("mqtt", port, up)]);
+    let first = start_agent(&first_path).await;
+    wait_until("the first agent listens", async || {
+        connect_banner(port).await.is_ok()
+    })
+    .await;
+    let (mut stream, _) = connect_banner(port).await.unwrap();
+
+    // Same instance, another port: must fail before binding or touching the pins.
+    let (second_port, second_admin) = (free_port(), free_port());
+    let second_path = dir.join("second.toml");
+    write_config(
+        &second_path,
+        &instance,
+        second_admin,
+        &[("mqtt", second_port, up)],
+    );
+    let second = start_agent(&second_path).await;
+    let err = tokio::time::timeout(Duration::from_secs(10), second.task)
+        .await
+        .expect("the second agent gives up at once")
+        .unwrap()
+        .expect_err("a second agent of the same instance must not start");
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("another agent") && err.contains(&instance),
+        "{err}"
+    );
+    assert!(
+        TcpStream::connect(("127.0.0.1", second_port))
+            .await
+            .is_err(),
+        "the second agent bound its port"
+    );
+
+    // The first agent's pins and its spliced connection are as they were.
+    let pinned = Pinned::open(&instance).expect("the first agent's pins are intact");
+    let client = stream.local_addr().unwrap().to_string();
+    assert!(
+        inspect::conns(&pinned)
+            .iter()
+            .any(|r| r.client == client && r.path == "kernel"),
+        "the first agent's connection is no longer listed"
+    );
+    let payload = random_payload(64 << 10);
+    stream.write_all(&payload).await.unwrap();
+    let mut echoed = vec![0u8; payload.len()];
+    stream.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(sha256(&echoed), sha256(&payload));
+    drop(stream);
+    first.stop.send(true).unwrap();
+    first.task.await.unwrap().unwrap();
+    assert!(
+        Pinned::open(&instance).is_err(),
+        "pins left after a clean stop"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conns_stats_maps_and_metrics_show_a_live_spliced_connection() {
     require_root();

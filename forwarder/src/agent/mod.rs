@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use crate::admission::AgentCap;
 use crate::config::{Backend, Config, Frontend, Mode};
 use crate::ebpf::{Datapath, LoadOptions, pin_dir_for};
+use crate::instance_lock::InstanceLock;
 use crate::l4::upstream::Pool;
 use crate::metrics::{HttpMetrics, L4Metrics, get};
 use crate::{http, l4};
@@ -44,6 +45,8 @@ pub struct Running {
     pub pools: Vec<Arc<Pool>>,
     /// Stops this frontend's listener (its open connections go on).
     stop: Arc<watch::Sender<bool>>,
+    /// One agent per instance: held while any frontend runs.
+    _instance: Arc<InstanceLock>,
     task: JoinHandle<()>,
 }
 
@@ -111,14 +114,18 @@ impl FrontendMetrics {
 
 /// Loads the eBPF object: needed for the splice, and for the inspection maps
 /// (`forwarder conns|stats`) of every agent. Only a splice makes a failure fatal.
-fn load_datapath(config: &Config, options: &RunOptions) -> anyhow::Result<Option<Arc<Datapath>>> {
+fn load_datapath(
+    config: &Config,
+    options: &RunOptions,
+    instance: &Arc<InstanceLock>,
+) -> anyhow::Result<Option<Arc<Datapath>>> {
     let splices = config.frontends.iter().any(|f| f.mode == Mode::Splice);
     let load = LoadOptions {
         pin_dir: Some(pin_dir_for(&config.instance)),
     };
     match Datapath::load(&load) {
         Ok(datapath) => {
-            let datapath = Arc::new(datapath);
+            let datapath = Arc::new(datapath.holding(instance.clone()));
             spawn_ebpf_logger(&datapath);
             Ok(Some(datapath))
         }
@@ -148,6 +155,7 @@ struct Started {
     datapath: Option<Arc<Datapath>>,
     /// The agent-wide connection cap, which frontends started by a reload share.
     agent_cap: Arc<AgentCap>,
+    instance: Arc<InstanceLock>,
 }
 
 async fn start_serving(
@@ -155,10 +163,12 @@ async fn start_serving(
     options: &RunOptions,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<Started> {
+    // First: a second agent of this instance must touch nothing (pins, ports).
+    let instance = Arc::new(InstanceLock::acquire(&config.instance)?);
     let budget = FdBudget::raise();
     budget.log(config);
     let agent_cap = AgentCap::new(budget.agent_cap(config));
-    let datapath = load_datapath(config, options)?;
+    let datapath = load_datapath(config, options, &instance)?;
     if options.no_ebpf {
         tracing::warn!("eBPF splice disabled by flag: every connection is copied in userspace");
     }
@@ -171,6 +181,7 @@ async fn start_serving(
         datapath: &datapath,
         options,
         agent_cap: &agent_cap,
+        instance: &instance,
         shutdown: &shutdown,
     };
     for f in &config.frontends {
@@ -181,6 +192,7 @@ async fn start_serving(
         running,
         datapath,
         agent_cap,
+        instance,
     })
 }
 
@@ -189,6 +201,7 @@ struct Shared<'a> {
     datapath: &'a Option<Arc<Datapath>>,
     options: &'a RunOptions,
     agent_cap: &'a Arc<AgentCap>,
+    instance: &'a Arc<InstanceLock>,
     shutdown: &'a watch::Receiver<bool>,
 }
 
@@ -204,6 +217,7 @@ async fn start_frontend(
         datapath,
         options,
         agent_cap,
+        instance,
         shutdown,
     } = shared;
     let gate = build::gate(f, agent_cap);
@@ -263,6 +277,7 @@ async fn start_frontend(
             .collect(),
         spec,
         stop,
+        _instance: (*instance).clone(),
         task,
     })
 }
@@ -297,6 +312,7 @@ pub async fn run(
         mut running,
         datapath,
         agent_cap,
+        instance,
     } = start_serving(&config, &options, shutdown.clone()).await?;
     // Attached once the frontends are bound, so their ports are known; detached on drop.
     let mut xdp = crate::xdp::start_for(&config, running.iter().map(|r| r.addr))?;
@@ -335,7 +351,7 @@ pub async fn run(
         tokio::select! {
             _ = shutdown.changed() => break,
             Some(()) = reload.recv() => {
-                let shared = Shared { datapath: &datapath, options: &options, agent_cap: &agent_cap, shutdown: &shutdown };
+                let shared = Shared { datapath: &datapath, options: &options, agent_cap: &agent_cap, instance: &instance, shutdown: &shutdown };
                 match reload::apply(&config, &shared, &mut running).await {
                     Ok(new_config) => {
                         if let Some(guard) = xdp.as_mut()
