@@ -25,6 +25,9 @@ pub struct Config {
     /// Address of the admin HTTP server (Prometheus text at /metrics); absent: off.
     #[serde(default)]
     pub admin: Option<SocketAddr>,
+    /// The user the agent becomes after start-up (see `privilege`); absent: stays root.
+    #[serde(default)]
+    pub user: Option<String>,
     /// Open client connections of all frontends together at most; absent: what the fd
     /// limit allows (see `agent::fd_budget`).
     #[serde(default, deserialize_with = "some_max_connections")]
@@ -206,6 +209,7 @@ impl Config {
             xdp: None,
             admin: None,
             max_connections: None,
+            user: None,
         }
     }
 }

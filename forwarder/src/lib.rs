@@ -45,6 +45,7 @@ pub mod l4;
 pub mod listener;
 pub mod log_limit;
 pub mod metrics;
+pub mod privilege;
 pub mod registry;
 pub mod relay;
 pub mod sys;

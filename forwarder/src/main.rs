@@ -66,6 +66,10 @@ enum Command {
         /// Seconds open connections get to finish after SIGTERM.
         #[arg(long, default_value_t = 30)]
         drain_secs: u64,
+        /// After start-up, run as this user with only CAP_BPF, CAP_NET_ADMIN and
+        /// CAP_NET_BIND_SERVICE (overrides `user` in the config).
+        #[arg(long, value_name = "NAME")]
+        user: Option<String>,
     },
     /// Validate a configuration file without starting anything.
     Check {
@@ -142,8 +146,7 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_json);
     match cli.command {
@@ -169,11 +172,11 @@ async fn main() -> anyhow::Result<()> {
             bind_ip,
             no_ebpf,
             drain_secs,
+            user,
         } => {
-            let config_path = config;
-            let config = match (&config_path, hub) {
-                (Some(path), _) => Config::load(path)?,
-                (None, Some(hub)) => Config::for_hub(
+            let source = match (config, hub) {
+                (Some(path), _) => Source::File(path),
+                (None, Some(hub)) => Source::Hub(Box::new(Config::for_hub(
                     &hub,
                     bind_ip,
                     cert.zip(key),
@@ -182,37 +185,114 @@ async fn main() -> anyhow::Result<()> {
                         plain_mqtt: mqtt_1883,
                         connect_rate,
                     },
-                ),
-                (None, None) => forwarder::demo::start().await?,
+                ))),
+                (None, None) => Source::Demo,
             };
-            config.validate()?;
-            let (reload, reloads) = tokio::sync::mpsc::channel(1);
-            let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
-            tokio::spawn(async move {
-                while hup.recv().await.is_some() {
-                    tracing::info!("SIGHUP: reloading the configuration");
-                    // A reload already queued covers this one too.
-                    let _ = reload.try_send(());
-                }
-            });
-            let (stop, stopped) = tokio::sync::watch::channel(false);
-            let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-            let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = term.recv() => tracing::info!("SIGTERM: draining"),
-                    _ = int.recv() => tracing::info!("SIGINT: stopping"),
-                }
-                let _ = stop.send(true);
-            });
             let options = RunOptions {
                 no_ebpf,
                 drain_deadline: Some(std::time::Duration::from_secs(drain_secs)),
-                config_path,
+                config_path: source.path(),
             };
-            agent::run(config, options, stopped, reloads).await
+            run(source, options, user)
         }
     }
+}
+
+/// Where `forwarder run` gets its configuration.
+enum Source {
+    File(PathBuf),
+    Hub(Box<Config>),
+    /// The built-in demo: its stand-in upstream runs on the agent's runtime.
+    Demo,
+}
+
+impl Source {
+    fn path(&self) -> Option<PathBuf> {
+        match self {
+            Self::File(path) => Some(path.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// Runs the agent. With a user to become, the privileged start-up runs on a one-thread
+/// runtime, privileges are dropped while the process is one thread (capabilities are
+/// per thread), and only then are the serving runtime's threads created.
+fn run(source: Source, options: RunOptions, user: Option<String>) -> anyhow::Result<()> {
+    let config = match &source {
+        Source::File(path) => Some(Config::load(path)?),
+        Source::Hub(config) => Some((**config).clone()),
+        Source::Demo => None,
+    };
+    let user = user.or_else(|| config.as_ref().and_then(|c| c.user.clone()));
+    let serving = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the runtime")
+    };
+    let root = forwarder::sys::effective_uid() == 0;
+    if !root && let Some(user) = &user {
+        tracing::warn!(%user, "not started as root: already unprivileged, `user` has no effect");
+    }
+    let Some(user) = user.filter(|_| root) else {
+        if !root && config.is_some() {
+            // Started unprivileged with capabilities (systemd `User=`): keep only those
+            // the agent needs after start-up.
+            let config = config.context("a configuration")?;
+            config.validate()?;
+            let prepared = one_thread_runtime()?.block_on(agent::prepare(config, options))?;
+            forwarder::privilege::trim()?;
+            return serving()?.block_on(serve_until_stopped(prepared));
+        }
+        return serving()?.block_on(async move {
+            let config = match config {
+                Some(config) => config,
+                None => forwarder::demo::start().await?,
+            };
+            config.validate()?;
+            serve_until_stopped(agent::prepare(config, options).await?).await
+        });
+    };
+    let config =
+        config.context("--user needs -c FILE or --hub (the built-in demo runs as root)")?;
+    config.validate()?;
+    let target = forwarder::privilege::Target::lookup(&user)?;
+    let prepared = one_thread_runtime()?.block_on(agent::prepare(config, options))?;
+    forwarder::privilege::drop_to(&target, &[&prepared.pin_dir()])?;
+    serving()?.block_on(serve_until_stopped(prepared))
+}
+
+/// The runtime of the privileged start-up: no thread besides the main one.
+fn one_thread_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the start-up runtime")
+}
+
+/// Serves until SIGTERM or SIGINT (then drains); SIGHUP reloads.
+async fn serve_until_stopped(prepared: agent::Prepared) -> anyhow::Result<()> {
+    let (reload, reloads) = tokio::sync::mpsc::channel(1);
+    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the configuration");
+            // A reload already queued covers this one too.
+            let _ = reload.try_send(());
+        }
+    });
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: draining"),
+            _ = int.recv() => tracing::info!("SIGINT: stopping"),
+        }
+        let _ = stop.send(true);
+    });
+    agent::serve(prepared, stopped, reloads).await
 }
 
 #[cfg(test)]

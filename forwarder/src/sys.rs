@@ -285,6 +285,125 @@ pub fn effective_uid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// The uid and primary gid of a user named in the passwd database.
+pub fn user_ids(name: &str) -> io::Result<Option<(u32, u32)>> {
+    let cname = std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "user name with NUL"))?;
+    // SAFETY: passwd is plain data (integers and pointers); all zeroes is a valid value.
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 << 10];
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call: the name is NUL-terminated, `pwd` and
+    // `found` are ours, `buf` is writable for `buf.len()` bytes; `pwd`'s strings point
+    // into `buf`, which we do not read through.
+    let rc = unsafe {
+        libc::getpwnam_r(
+            cname.as_ptr(),
+            &mut pwd,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok((!found.is_null()).then_some((pwd.pw_uid, pwd.pw_gid)))
+}
+
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Keeps permitted capabilities across the coming change of uid (this thread).
+pub fn set_keep_capabilities(keep: bool) -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    check(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, libc::c_ulong::from(keep), 0, 0, 0) })
+}
+
+/// Removes every capability not in `kept` (a bit mask) from the bounding set, so no
+/// later exec can regain it. Needs CAP_SETPCAP: call it before giving up root.
+pub fn drop_bounding_set_except(kept: u64) -> io::Result<()> {
+    for cap in 0..64u32 {
+        if kept & (1 << cap) != 0 {
+            continue;
+        }
+        // SAFETY: prctl with integer arguments only.
+        let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) };
+        if rc != 0 {
+            let err = io::Error::last_os_error();
+            // Beyond the kernel's last capability.
+            if err.raw_os_error() == Some(libc::EINVAL) {
+                break;
+            }
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
+/// Becomes `uid`/`gid` (real, effective and saved), with `gid` as the only group. glibc
+/// applies each change to every thread of the process.
+pub fn set_user(uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: setgroups reads one gid through the pointer; the others take integers.
+    unsafe {
+        check(libc::setgroups(1, &gid))?;
+        check(libc::setresgid(gid, gid, gid))?;
+        check(libc::setresuid(uid, uid, uid))
+    }
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// Sets this thread's effective and permitted capabilities to `kept` (a bit mask), and
+/// its inheritable set to none.
+pub fn set_capabilities(kept: u64) -> io::Result<()> {
+    let mut header = CapHeader {
+        version: CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let low = kept as u32;
+    let high = (kept >> 32) as u32;
+    let data = [
+        CapData {
+            effective: low,
+            permitted: low,
+            inheritable: 0,
+        },
+        CapData {
+            effective: high,
+            permitted: high,
+            inheritable: 0,
+        },
+    ];
+    // SAFETY: capset reads the header and two data structs (version 3), which live
+    // across the call.
+    check(unsafe { libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) as libc::c_int })
+}
+
+/// No exec of this process can gain privileges again (setuid binaries, file caps).
+pub fn set_no_new_privileges() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })
+}
+
 /// RLIMIT_NOFILE as (soft, hard).
 pub fn nofile_limits() -> io::Result<(u64, u64)> {
     let mut limit = libc::rlimit {

@@ -95,6 +95,81 @@ async fn http_get(port: u16, path: &str) -> String {
     out
 }
 
+/// `--user`: after start-up the agent runs as that user with three capabilities, on
+/// every thread, and still splices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_drops_privileges_and_still_splices() {
+    require_root();
+    let dir = scratch_dir("operator-user");
+    let instance = format!("user-{}", std::process::id());
+    let (port, admin) = (free_port(), free_port());
+    let up = upstream(b"U1:").await;
+    let path = dir.join("forwarder.toml");
+    write_config(&path, &instance, admin, &[("mqtt", port, up)]);
+    let agent = forwarder_tests::peers::KillOnDrop::spawn(
+        std::process::Command::new(forwarder_binary())
+            .args(["run", "--drain-secs", "1", "--user", "nobody", "-c"])
+            .arg(&path)
+            .stdout(std::process::Stdio::null()),
+    )
+    .expect("start the agent");
+    wait_until("the agent listens", async || {
+        connect_banner(port).await.is_ok()
+    })
+    .await;
+
+    // Every thread: uid nobody, CapEff = CAP_NET_BIND_SERVICE | CAP_NET_ADMIN | CAP_BPF.
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", agent.id())).unwrap();
+    let mut threads = 0;
+    for task in tasks {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_owned())
+                .unwrap_or_default()
+        };
+        assert_eq!(field("Uid:"), "65534\t65534\t65534\t65534", "{status}");
+        assert_eq!(field("CapEff:"), "0000008000001400", "{status}");
+        assert_eq!(field("CapBnd:"), "0000008000001400", "{status}");
+        assert_eq!(field("NoNewPrivs:"), "1");
+        threads += 1;
+    }
+    assert!(threads > 1, "the serving runtime's threads are checked too");
+
+    let (mut stream, _) = connect_banner(port).await.unwrap();
+    let payload = random_payload(256 << 10);
+    stream.write_all(&payload).await.unwrap();
+    let mut echoed = vec![0u8; payload.len()];
+    stream.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(sha256(&echoed), sha256(&payload));
+    let pinned = Pinned::open(&instance).expect("maps pinned");
+    let client = stream.local_addr().unwrap().to_string();
+    assert!(
+        inspect::conns(&pinned)
+            .iter()
+            .any(|r| r.client == client && r.path == "kernel"),
+        "the connection is not spliced after the drop"
+    );
+    drop(stream);
+    let status = tokio::task::spawn_blocking(move || agent.stop(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the unprivileged agent did not stop cleanly: {status:?}"
+    );
+    // Unpinned by the agent; the emptied directory stays (its parent is root's) until
+    // the instance's next start.
+    let pin_dir = forwarder::ebpf::pin_dir_for(&instance);
+    assert_eq!(
+        std::fs::read_dir(&pin_dir).map(|d| d.count()).unwrap_or(0),
+        0
+    );
+    let _ = std::fs::remove_dir(pin_dir);
+}
+
 /// A second agent with the same instance refuses to start and touches nothing: the
 /// first one's pins, port and connections are intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -124,11 +124,7 @@ fn load_datapath(
         pin_dir: Some(pin_dir_for(&config.instance)),
     };
     match Datapath::load(&load) {
-        Ok(datapath) => {
-            let datapath = Arc::new(datapath.holding(instance.clone()));
-            spawn_ebpf_logger(&datapath);
-            Ok(Some(datapath))
-        }
+        Ok(datapath) => Ok(Some(Arc::new(datapath.holding(instance.clone())))),
         Err(err) if splices && !options.no_ebpf => Err(err),
         Err(err) => {
             tracing::warn!(
@@ -140,60 +136,121 @@ fn load_datapath(
 }
 
 /// Binds everything and starts serving; returns once listening (the work runs in tasks).
+/// Frontends only: no XDP guard, no admin server (see `run`).
 pub async fn start(
     config: &Config,
     options: &RunOptions,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<(Vec<Running>, Option<Arc<Datapath>>)> {
-    let started = start_serving(config, options, shutdown).await?;
-    Ok((started.running, started.datapath))
+    let prepared = prepare(config.clone(), options.clone()).await?;
+    let started = launch(prepared, shutdown)?;
+    Ok((started.running, started.prepared.datapath))
 }
 
-/// What `start_serving` set up.
-struct Started {
-    running: Vec<Running>,
-    datapath: Option<Arc<Datapath>>,
+/// What the privileged part of start-up made. Everything that needs root is done: what
+/// is left needs only the capabilities `privilege::KEPT`.
+pub struct Prepared {
+    config: Config,
+    options: RunOptions,
+    /// One agent per instance: held until the agent is gone.
+    instance: Arc<InstanceLock>,
     /// The agent-wide connection cap, which frontends started by a reload share.
     agent_cap: Arc<AgentCap>,
-    instance: Arc<InstanceLock>,
+    datapath: Option<Arc<Datapath>>,
+    /// One bound listener per frontend, in the configuration's order.
+    listeners: Vec<std::net::TcpListener>,
+    /// Attached once the frontends are bound, so their ports are known; detached on drop.
+    xdp: Option<crate::xdp::XdpGuard>,
+    admin: Option<std::net::TcpListener>,
 }
 
-async fn start_serving(
-    config: &Config,
-    options: &RunOptions,
-    shutdown: watch::Receiver<bool>,
-) -> anyhow::Result<Started> {
+impl Prepared {
+    /// Where the agent pins its maps (it unpins them at exit, so it must own them).
+    pub fn pin_dir(&self) -> std::path::PathBuf {
+        pin_dir_for(&self.config.instance)
+    }
+}
+
+/// The privileged part of start-up: the instance lock, the fd limit, the eBPF data path,
+/// every frontend's listener, the XDP guard and the admin port. Leaves no task behind,
+/// so it can run on a runtime of its own before privileges are dropped.
+pub async fn prepare(config: Config, options: RunOptions) -> anyhow::Result<Prepared> {
     // First: a second agent of this instance must touch nothing (pins, ports).
     let instance = Arc::new(InstanceLock::acquire(&config.instance)?);
     let budget = FdBudget::raise();
-    budget.log(config);
-    let agent_cap = AgentCap::new(budget.agent_cap(config));
-    let datapath = load_datapath(config, options, &instance)?;
-    if options.no_ebpf {
+    budget.log(&config);
+    let agent_cap = AgentCap::new(budget.agent_cap(&config));
+    let datapath = load_datapath(&config, &options, &instance)?;
+    let listeners = config
+        .frontends
+        .iter()
+        .map(|f| {
+            crate::listener::bind(f.bind)
+                .and_then(|l| l.into_std())
+                .with_context(|| format!("frontend {}: binding {}", f.name, f.bind))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let addrs = listeners
+        .iter()
+        .map(|l| l.local_addr())
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let xdp = crate::xdp::start_for(&config, addrs)?;
+    let admin = config
+        .admin
+        .map(|addr| {
+            crate::admin::bind(addr)
+                .and_then(|l| l.into_std())
+                .with_context(|| format!("admin: binding {addr}"))
+        })
+        .transpose()?;
+    Ok(Prepared {
+        config,
+        options,
+        instance,
+        agent_cap,
+        datapath,
+        listeners,
+        xdp,
+        admin,
+    })
+}
+
+/// What `launch` started.
+struct Started {
+    running: Vec<Running>,
+    prepared: Prepared,
+}
+
+/// Starts serving on what `prepare` bound (on the calling runtime).
+fn launch(mut prepared: Prepared, shutdown: watch::Receiver<bool>) -> anyhow::Result<Started> {
+    if let Some(datapath) = &prepared.datapath {
+        spawn_ebpf_logger(datapath);
+    }
+    if prepared.options.no_ebpf {
         tracing::warn!("eBPF splice disabled by flag: every connection is copied in userspace");
     }
+    let config = &prepared.config;
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
     let pools = build::pools(config, &[]);
-    let mut running = Vec::new();
     let shared = Shared {
-        datapath: &datapath,
-        options,
-        agent_cap: &agent_cap,
-        instance: &instance,
+        datapath: &prepared.datapath,
+        options: &prepared.options,
+        agent_cap: &prepared.agent_cap,
+        instance: &prepared.instance,
         shutdown: &shutdown,
     };
-    for f in &config.frontends {
+    let listeners = std::mem::take(&mut prepared.listeners);
+    let mut running = Vec::new();
+    for (f, listener) in config.frontends.iter().zip(listeners) {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
         let metrics = FrontendMetrics::for_mode(f.mode);
-        running.push(start_frontend(config, f, &pools, &shared, metrics).await?);
+        running.push(start_frontend(
+            config, f, &pools, &shared, metrics, listener,
+        )?);
     }
-    Ok(Started {
-        running,
-        datapath,
-        agent_cap,
-        instance,
-    })
+    Ok(Started { running, prepared })
 }
 
 /// What every frontend of the agent shares.
@@ -205,13 +262,14 @@ struct Shared<'a> {
     shutdown: &'a watch::Receiver<bool>,
 }
 
-/// Binds one frontend and spawns its accept loop.
-async fn start_frontend(
+/// Spawns a frontend's accept loop on its bound listener.
+fn start_frontend(
     config: &Config,
     f: &Frontend,
     pools: &std::collections::HashMap<String, Arc<Pool>>,
     shared: &Shared<'_>,
     metrics: FrontendMetrics,
+    listener: tokio::net::TcpListener,
 ) -> anyhow::Result<Running> {
     let Shared {
         datapath,
@@ -221,8 +279,6 @@ async fn start_frontend(
         shutdown,
     } = shared;
     let gate = build::gate(f, agent_cap);
-    let listener = crate::listener::bind(f.bind)
-        .with_context(|| format!("frontend {}: binding {}", f.name, f.bind))?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = frontend_stop((*shutdown).clone());
     let task = match (&metrics, f.mode) {
@@ -305,22 +361,37 @@ fn frontend_stop(
 pub async fn run(
     config: Config,
     options: RunOptions,
+    shutdown: watch::Receiver<bool>,
+    reload: mpsc::Receiver<()>,
+) -> anyhow::Result<()> {
+    serve(prepare(config, options).await?, shutdown, reload).await
+}
+
+/// Serves what `prepare` set up until `shutdown`, then drains (see `run`).
+pub async fn serve(
+    prepared: Prepared,
     mut shutdown: watch::Receiver<bool>,
     mut reload: mpsc::Receiver<()>,
 ) -> anyhow::Result<()> {
     let Started {
         mut running,
-        datapath,
-        agent_cap,
+        prepared,
+    } = launch(prepared, shutdown.clone())?;
+    let Prepared {
+        config,
+        options,
         instance,
-    } = start_serving(&config, &options, shutdown.clone()).await?;
-    // Attached once the frontends are bound, so their ports are known; detached on drop.
-    let mut xdp = crate::xdp::start_for(&config, running.iter().map(|r| r.addr))?;
-    let admin = match config.admin {
-        Some(addr) => {
+        agent_cap,
+        datapath,
+        listeners: _,
+        mut xdp,
+        admin,
+    } = prepared;
+    let admin = match admin {
+        Some(listener) => {
             let registry = Arc::new(crate::admin::Registry::new(pin_dir_for(&config.instance)));
-            let listener =
-                crate::admin::bind(addr).with_context(|| format!("admin: binding {addr}"))?;
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            let addr = listener.local_addr()?;
             tracing::info!(%addr, "admin: Prometheus metrics at /metrics");
             tokio::spawn(crate::admin::serve(
                 listener,

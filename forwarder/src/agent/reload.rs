@@ -68,7 +68,10 @@ pub(super) async fn apply(
             Some(m) if m.same_kind(f.mode) => m.clone(),
             _ => FrontendMetrics::for_mode(f.mode),
         };
-        match start_frontend(&next, f, &pools, shared, metrics).await {
+        let new = crate::listener::bind(f.bind)
+            .with_context(|| format!("frontend {}: binding {}", f.name, f.bind))
+            .and_then(|listener| start_frontend(&next, f, &pools, shared, metrics, listener));
+        match new {
             Ok(new) => {
                 if let Some(i) = old {
                     stop(running.remove(i)).await;
