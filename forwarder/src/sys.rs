@@ -404,6 +404,29 @@ pub fn set_no_new_privileges() -> io::Result<()> {
     check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })
 }
 
+/// accept4(SOCK_NONBLOCK | SOCK_CLOEXEC) now, without waiting: `None` when the queue
+/// is empty. Bypasses tokio's readiness, which may not know of a connection yet.
+pub fn accept_now(listener: BorrowedFd<'_>) -> io::Result<Option<std::net::TcpStream>> {
+    // SAFETY: accept4 with null address pointers writes nothing of ours.
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        let err = io::Error::last_os_error();
+        return match err.kind() {
+            io::ErrorKind::WouldBlock => Ok(None),
+            _ => Err(err),
+        };
+    }
+    // SAFETY: accept4 returned a new descriptor that nothing else owns.
+    Ok(Some(unsafe { std::net::TcpStream::from_raw_fd(fd) }))
+}
+
 /// RLIMIT_NOFILE as (soft, hard).
 pub fn nofile_limits() -> io::Result<(u64, u64)> {
     let mut limit = libc::rlimit {

@@ -238,6 +238,64 @@ async fn a_second_agent_of_the_same_instance_refuses_and_touches_nothing() {
     );
 }
 
+/// A reload replaces a changed frontend's listener: clients connecting in a tight loop
+/// across 20 reloads must all be served (none reset from the old listener's queue).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_never_reset_a_connecting_client() {
+    require_root();
+    let dir = scratch_dir("operator-handover");
+    let instance = format!("handover-{}", std::process::id());
+    let (port, admin) = (free_port(), free_port());
+    let ups = [upstream(b"U1:").await, upstream(b"U1:").await];
+    let path = dir.join("forwarder.toml");
+    write_config(&path, &instance, admin, &[("mqtt", port, ups[0])]);
+    let agent = start_agent(&path).await;
+    wait_until("the agent listens", async || {
+        connect_banner(port).await.is_ok()
+    })
+    .await;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let (mut served, mut failed) = (0u32, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match connect_banner(port).await {
+                        Ok(_) => served += 1,
+                        Err(err) => failed.push(err.to_string()),
+                    }
+                }
+                (served, failed)
+            })
+        })
+        .collect();
+    for i in 1..=20 {
+        // Another upstream: the frontend's spec changes, so its listener is replaced.
+        write_config(&path, &instance, admin, &[("mqtt", port, ups[i % 2])]);
+        agent.reload.send(()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut served, mut failed) = (0, Vec::new());
+    for client in clients {
+        let (s, f) = client.await.unwrap();
+        served += s;
+        failed.extend(f);
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {} connections failed across 20 reloads: {:?}",
+        failed.len(),
+        served as usize + failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(served > 100, "only {served} connections in 3 s");
+    agent.stop.send(true).unwrap();
+    agent.task.await.unwrap().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conns_stats_maps_and_metrics_show_a_live_spliced_connection() {
     require_root();

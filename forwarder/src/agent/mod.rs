@@ -181,6 +181,7 @@ pub async fn prepare(config: Config, options: RunOptions) -> anyhow::Result<Prep
     budget.log(&config);
     let agent_cap = AgentCap::new(budget.agent_cap(&config));
     let datapath = load_datapath(&config, &options, &instance)?;
+    crate::listener::enable_migration();
     let listeners = config
         .frontends
         .iter()
