@@ -125,6 +125,9 @@ counters!(HttpMetrics {
     websockets_active,
     /// Upgraded sessions closed by the idle timeout.
     websocket_idle_timeouts,
+    /// Sides of upgraded sessions whose TCP socket the relay could not reach under
+    /// hyper's upgrade: their resets pass on as FINs. Should stay 0.
+    websocket_sockets_unreached,
     /// Bytes client -> upstream on upgraded sessions.
     websocket_bytes_up,
     /// Bytes upstream -> client on upgraded sessions.

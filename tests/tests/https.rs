@@ -720,6 +720,8 @@ async fn idle_upgraded_sessions_are_closed_and_counted() {
     assert!(started.elapsed() >= Duration::from_millis(900));
     assert_eq!(get(&forwarder.metrics.websocket_idle_timeouts), 1);
     assert_eq!(get(&forwarder.metrics.websockets_active), 0);
+    // Both sides' sockets were reached under hyper's upgrade (resets pass on as resets).
+    assert_eq!(get(&forwarder.metrics.websocket_sockets_unreached), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -47,6 +47,9 @@ pub async fn join(
     };
     let (mut client, client_ahead) = Peer::<ClientStream>::reach(client);
     let (mut upstream, upstream_ahead) = Peer::<client::TlsStream<_>>::reach_upstream(upstream);
+    for opaque in [client.is_opaque(), upstream.is_opaque()] {
+        metrics::add(&metrics.websocket_sockets_unreached, u64::from(opaque));
+    }
     // Bytes hyper read past the upgrade on one side belong to the other, first.
     if let Err(err) = pass_ahead(&mut client, &upstream_ahead, &mut upstream, &client_ahead).await {
         tracing::debug!(%err, "upgraded session ended before the relay");
@@ -120,6 +123,10 @@ impl<T> Peer<T> {
     fn opaque(upgraded: Upgraded) -> Self {
         tracing::warn!("upgraded stream of an unexpected type: its resets pass on as FINs");
         Self::Opaque(TokioIo::new(upgraded))
+    }
+
+    fn is_opaque(&self) -> bool {
+        matches!(self, Self::Opaque(_))
     }
 }
 
