@@ -51,6 +51,10 @@ pub struct Running {
 struct Spec {
     frontend: Frontend,
     backends: Vec<Backend>,
+    /// The certificate, key and CA files the frontend reads, with a hash of their
+    /// content (`None`: unreadable): a reload rebuilds a frontend whose files changed
+    /// even when its configuration text did not (certificate rotation).
+    files: Vec<(PathBuf, Option<u64>)>,
 }
 
 impl Spec {
@@ -60,16 +64,45 @@ impl Spec {
             .iter()
             .chain(frontend.sni_routes.values())
             .collect();
+        let backends: Vec<Backend> = config
+            .backends
+            .iter()
+            .filter(|b| used.contains(&&b.name))
+            .cloned()
+            .collect();
+        let mut paths: Vec<&PathBuf> = Vec::new();
+        if frontend.mode == Mode::Http {
+            paths.extend(frontend.tls_cert.iter().chain(&frontend.tls_key));
+        }
+        if matches!(frontend.mode, Mode::Http | Mode::Originate) {
+            paths.extend(backends.iter().filter_map(|b| b.ca_file.as_ref()));
+        }
+        let files = paths
+            .into_iter()
+            .map(|p| (p.clone(), content_hash(p)))
+            .collect();
         Self {
             frontend: frontend.clone(),
-            backends: config
-                .backends
-                .iter()
-                .filter(|b| used.contains(&&b.name))
-                .cloned()
-                .collect(),
+            backends,
+            files,
         }
     }
+
+    /// Same configuration, but a certificate, key or CA file's content differs.
+    fn only_files_differ(&self, other: &Self) -> bool {
+        self.frontend == other.frontend
+            && self.backends == other.backends
+            && self.files != other.files
+    }
+}
+
+/// A hash of a file's content (`None` if it cannot be read): enough to notice a change.
+fn content_hash(path: &std::path::Path) -> Option<u64> {
+    use std::hash::{Hash as _, Hasher as _};
+    let bytes = std::fs::read(path).ok()?;
+    let mut hasher = std::hash::DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    Some(hasher.finish())
 }
 
 #[derive(Clone)]
@@ -206,37 +239,60 @@ async fn start_frontend(
         agent_cap,
         shutdown,
     } = shared;
+    // The files are hashed before they are read, so a change in between shows at the
+    // next reload rather than being missed.
+    let spec = Spec::of(config, f);
     let gate = build::gate(f, agent_cap);
+    // Everything that reads files or can fail is built before the listener is bound: a
+    // broken certificate never opens (and then closes) a listener sharing the port.
+    enum Built {
+        Originate(l4::originate::OriginateFrontend, Arc<L4Metrics>),
+        L4(l4::L4Frontend, bool, Arc<L4Metrics>),
+        Http(http::HttpFrontend, Arc<HttpMetrics>),
+    }
+    let built = match (&metrics, f.mode) {
+        (FrontendMetrics::L4(m), Mode::Originate) => Built::Originate(
+            build::originate_frontend(config, f, pools, gate)?,
+            m.clone(),
+        ),
+        (FrontendMetrics::L4(m), _) => {
+            let kernel = datapath.is_some() && !options.no_ebpf;
+            Built::L4(
+                build::l4_frontend(f, pools, kernel, gate),
+                kernel,
+                m.clone(),
+            )
+        }
+        (FrontendMetrics::Http(m), _) => Built::Http(
+            build::http_frontend(config, f, pools, m.clone(), (*datapath).clone(), gate)?,
+            m.clone(),
+        ),
+    };
     let listener = crate::listener::bind(f.bind)
         .with_context(|| format!("frontend {}: binding {}", f.name, f.bind))?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = frontend_stop((*shutdown).clone());
-    let task = match (&metrics, f.mode) {
-        (FrontendMetrics::L4(m), Mode::Originate) => {
-            let frontend = build::originate_frontend(config, f, pools, gate)?;
+    let task = match built {
+        Built::Originate(frontend, m) => {
             tracing::info!(frontend = %f.name, %addr, "listening (plain TCP in, TLS to the hub originated here; relayed in userspace, cannot be spliced)");
             tokio::spawn(l4::originate::serve(
                 listener,
                 Arc::new(frontend),
-                m.clone(),
+                m,
                 stopped,
             ))
         }
-        (FrontendMetrics::L4(m), _) => {
-            let kernel = datapath.is_some() && !options.no_ebpf;
-            let frontend = build::l4_frontend(f, pools, kernel, gate);
+        Built::L4(frontend, kernel, m) => {
             tracing::info!(frontend = %f.name, %addr, kernel, "listening (L4 passthrough)");
             tokio::spawn(l4::serve(
                 listener,
                 Arc::new(frontend),
                 (*datapath).clone(),
-                m.clone(),
+                m,
                 stopped,
             ))
         }
-        (FrontendMetrics::Http(m), _) => {
-            let frontend =
-                build::http_frontend(config, f, pools, m.clone(), (*datapath).clone(), gate)?;
+        Built::Http(frontend, m) => {
             tracing::info!(frontend = %f.name, %addr, "listening (HTTPS terminated, Host rewritten)");
             tracing::warn!(
                 frontend = %f.name,
@@ -246,12 +302,12 @@ async fn start_frontend(
             tokio::spawn(http::serve(
                 listener,
                 Arc::new(frontend),
-                m.clone(),
+                m,
                 stopped,
+                (*shutdown).clone(),
             ))
         }
     };
-    let spec = Spec::of(config, f);
     Ok(Running {
         name: f.name.clone(),
         addr,
