@@ -40,6 +40,7 @@ pub mod demo;
 pub mod ebpf;
 pub mod http;
 pub mod inspect;
+pub mod kernel;
 pub mod l4;
 pub mod listener;
 pub mod log_limit;

@@ -63,6 +63,11 @@ enum Command {
         /// Copy every connection in userspace instead of splicing it in the kernel.
         #[arg(long)]
         no_ebpf: bool,
+        /// Splice even on a kernel below the sockmap floor (6.1.142, 6.6.94, 6.12.34,
+        /// 6.15.3, >= 6.16): for a distribution kernel known to carry the 2025 fixes
+        /// under an older version number. Without it such a kernel is served in userspace.
+        #[arg(long)]
+        allow_old_kernel: bool,
         /// Seconds open connections get to finish after SIGTERM.
         #[arg(long, default_value_t = 30)]
         drain_secs: u64,
@@ -139,6 +144,15 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     for b in &config.backends {
         println!("{}", b.pacing_summary());
     }
+    let kernel = forwarder::kernel::Status::running();
+    let splices = config
+        .frontends
+        .iter()
+        .any(|f| f.mode == forwarder::config::Mode::Splice);
+    println!(
+        "kernel: {kernel}{}",
+        if splices { "" } else { " (no splice frontend)" }
+    );
     Ok(())
 }
 
@@ -168,6 +182,7 @@ async fn main() -> anyhow::Result<()> {
             connect_rate,
             bind_ip,
             no_ebpf,
+            allow_old_kernel,
             drain_secs,
         } => {
             let config_path = config;
@@ -209,6 +224,7 @@ async fn main() -> anyhow::Result<()> {
                 no_ebpf,
                 drain_deadline: Some(std::time::Duration::from_secs(drain_secs)),
                 config_path,
+                allow_old_kernel,
             };
             agent::run(config, options, stopped, reloads).await
         }

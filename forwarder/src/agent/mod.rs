@@ -31,6 +31,38 @@ pub struct RunOptions {
     pub drain_deadline: Option<Duration>,
     /// Where the configuration came from: what a reload reads again.
     pub config_path: Option<PathBuf>,
+    /// Splice even on a kernel below the sockmap floor (`crate::kernel`).
+    pub allow_old_kernel: bool,
+}
+
+impl RunOptions {
+    /// These options against the running kernel: below the sockmap floor, splice
+    /// frontends are served in userspace (as with `no_ebpf`) unless `allow_old_kernel`.
+    fn against_kernel(&self) -> Self {
+        if self.no_ebpf {
+            tracing::warn!("eBPF splice disabled by flag: every connection is copied in userspace");
+            return self.clone();
+        }
+        self.against(&crate::kernel::Status::running())
+    }
+
+    fn against(&self, status: &crate::kernel::Status) -> Self {
+        let mut options = self.clone();
+        if status.splice_by_default() {
+            tracing::info!("kernel {status}");
+        } else if options.allow_old_kernel {
+            tracing::warn!(
+                "kernel {status}; --allow-old-kernel: splicing anyway (bytes may be lost or \
+                 duplicated under the kernel bugs the floor avoids)"
+            );
+        } else {
+            tracing::warn!(
+                "kernel {status}: every connection is copied in userspace (the splice is off)"
+            );
+            options.no_ebpf = true;
+        }
+        options
+    }
 }
 
 /// A frontend that is bound and serving.
@@ -171,7 +203,7 @@ pub async fn start(
     options: &RunOptions,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<(Vec<Running>, Option<Arc<Datapath>>)> {
-    let started = start_serving(config, options, shutdown).await?;
+    let started = start_serving(config, &options.against_kernel(), shutdown).await?;
     Ok((started.running, started.datapath))
 }
 
@@ -192,9 +224,6 @@ async fn start_serving(
     budget.log(config);
     let agent_cap = AgentCap::new(budget.agent_cap(config));
     let datapath = load_datapath(config, options)?;
-    if options.no_ebpf {
-        tracing::warn!("eBPF splice disabled by flag: every connection is copied in userspace");
-    }
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
@@ -349,6 +378,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     mut reload: mpsc::Receiver<()>,
 ) -> anyhow::Result<()> {
+    let options = options.against_kernel();
     let Started {
         mut running,
         datapath,
@@ -501,4 +531,23 @@ fn spawn_ebpf_logger(datapath: &Datapath) {
             guard.clear_ready();
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::Status;
+
+    #[test]
+    fn below_the_kernel_floor_the_splice_is_off_unless_allowed() {
+        let default = RunOptions::default();
+        assert!(!default.against(&Status::of("6.12.34+deb13")).no_ebpf);
+        assert!(default.against(&Status::of("6.12.33")).no_ebpf);
+        assert!(default.against(&Status::of("6.14.11")).no_ebpf);
+        let allowed = RunOptions {
+            allow_old_kernel: true,
+            ..Default::default()
+        };
+        assert!(!allowed.against(&Status::of("5.15.0")).no_ebpf);
+    }
 }
