@@ -438,7 +438,12 @@ pub async fn run(
                     Err(err) => tracing::error!("reload refused, still serving the previous configuration: {err:#}"),
                 }
             }
-            _ = publish.tick() => publish_stats(&running, datapath.as_deref()),
+            _ = publish.tick() => {
+                publish_stats(&running, datapath.as_deref());
+                if let Some(guard) = xdp.as_mut() {
+                    guard.save_rules();
+                }
+            }
             _ = report.tick() => log_stats(&running),
         }
     }
