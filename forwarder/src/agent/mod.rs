@@ -414,6 +414,8 @@ pub async fn run(
     };
     register(&running);
     let mut config = config;
+    // Counters of frontends a reload stopped while they still had open connections.
+    let mut retired: Vec<FrontendMetrics> = Vec::new();
     let mut report = tokio::time::interval(Duration::from_secs(30));
     report.tick().await;
     let mut publish = tokio::time::interval(Duration::from_secs(1));
@@ -422,7 +424,7 @@ pub async fn run(
             _ = shutdown.changed() => break,
             Some(()) = reload.recv() => {
                 let shared = Shared { datapath: &datapath, options: &options, agent_cap: &agent_cap, shutdown: &shutdown };
-                match reload::apply(&config, &shared, &mut running).await {
+                match reload::apply(&config, &shared, &mut running, &mut retired).await {
                     Ok(new_config) => {
                         if let Some(guard) = xdp.as_mut()
                             && let Err(err) = guard.maps().set_ports(&running.iter().map(|r| r.addr.port()).collect::<Vec<_>>())
@@ -450,7 +452,17 @@ pub async fn run(
     let deadline = options.drain_deadline.unwrap_or(Duration::from_secs(30));
     tracing::info!(?deadline, "stopped accepting; draining open connections");
     let started = tokio::time::Instant::now();
-    while running.iter().any(|r| r.metrics.open() > 0) && started.elapsed() < deadline {
+    let retired_open: u64 = retired.iter().map(FrontendMetrics::open).sum();
+    if retired_open > 0 {
+        tracing::info!(
+            connections = retired_open,
+            "draining also the connections of frontends removed or replaced by earlier reloads"
+        );
+    }
+    let open = |m: &FrontendMetrics| m.open() > 0;
+    while (running.iter().any(|r| open(&r.metrics)) || retired.iter().any(open))
+        && started.elapsed() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     log_stats(&running);

@@ -19,6 +19,7 @@ pub(super) async fn apply(
     current: &Config,
     shared: &Shared<'_>,
     running: &mut Vec<Running>,
+    retired: &mut Vec<FrontendMetrics>,
 ) -> anyhow::Result<Config> {
     let path = shared
         .options
@@ -82,7 +83,7 @@ pub(super) async fn apply(
                          new connections get the new certificate, open ones go on");
                 }
                 if let Some(i) = old {
-                    stop(running.remove(i)).await;
+                    stop(running.remove(i), retired).await;
                     stopped += 1;
                 }
                 next_running.push(new);
@@ -113,9 +114,11 @@ pub(super) async fn apply(
                 }
             }
         }
-        stop(old).await;
+        stop(old, retired).await;
         stopped += 1;
     }
+    // Stopped listeners take no new connections: once a count is 0, it stays 0.
+    retired.retain(|m| m.open() > 0);
     *running = next_running;
     tracing::info!(kept, started, stopped, rotations, "configuration reloaded");
     Ok(next)
@@ -127,8 +130,10 @@ fn running_uses(running: &[Running], pool: &Arc<crate::l4::upstream::Pool>) -> b
         .any(|r| r.pools.iter().any(|p| Arc::ptr_eq(p, pool)))
 }
 
-/// Stops a frontend's accept loop and waits until its listening socket is closed.
-async fn stop(frontend: Running) {
+/// Stops a frontend's accept loop and waits until its listening socket is closed. Its
+/// counters go to `retired`, so the drain at stop still waits for its open connections.
+async fn stop(frontend: Running, retired: &mut Vec<FrontendMetrics>) {
     let _ = frontend.stop.send(true);
     let _ = frontend.task.await;
+    retired.push(frontend.metrics);
 }
