@@ -32,6 +32,11 @@ pub struct Config {
     /// limit allows (see `agent::fd_budget`).
     #[serde(default, deserialize_with = "some_max_connections")]
     pub max_connections: Option<usize>,
+    /// Where the agent keeps state across restarts (the XDP rules changed at run time),
+    /// in a directory per instance; absent: `$STATE_DIRECTORY` (systemd's
+    /// `StateDirectory=`) or /var/lib/forwarder. See `Config::state_dir`.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// `[xdp]`: the XDP ingress guard on the listening interfaces (see `crate::xdp`).
@@ -210,7 +215,24 @@ impl Config {
             admin: None,
             max_connections: None,
             user: None,
+            state_dir: None,
         }
+    }
+
+    /// This instance's state directory: `state_dir` (or `$STATE_DIRECTORY`, or
+    /// /var/lib/forwarder) joined with the instance name. On disk, unlike the pins
+    /// (bpffs) and /run (tmpfs), so it survives a reboot.
+    pub fn state_dir(&self) -> PathBuf {
+        let root = self.state_dir.clone().unwrap_or_else(|| {
+            std::env::var_os("STATE_DIRECTORY")
+                .and_then(|dirs| {
+                    // systemd lists one directory per StateDirectory= entry, ':'-separated.
+                    let first = dirs.to_string_lossy().split(':').next()?.to_owned();
+                    (!first.is_empty()).then(|| PathBuf::from(first))
+                })
+                .unwrap_or_else(|| PathBuf::from("/var/lib/forwarder"))
+        });
+        root.join(&self.instance)
     }
 }
 

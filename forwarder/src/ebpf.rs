@@ -118,7 +118,8 @@ impl Datapath {
         }
         let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).context(
             "loading the eBPF object failed: the agent needs root (or CAP_BPF + CAP_NET_ADMIN) \
-             and a kernel with BPF sockmap support (Linux >= 6.12 for the 2025 sockmap fixes; tested: 6.18)",
+             and a kernel with BPF sockmap support (the 2025 sockmap fixes are in 6.1.142, 6.6.94, \
+             6.12.34, 6.15.3 and >= 6.16; tested: 6.18)",
         )?;
         let take = |ebpf: &mut Ebpf, name: &str| {
             ebpf.take_map(name)

@@ -41,6 +41,7 @@ pub mod ebpf;
 pub mod http;
 pub mod inspect;
 pub mod instance_lock;
+pub mod kernel;
 pub mod l4;
 pub mod listener;
 pub mod log_limit;

@@ -63,6 +63,11 @@ enum Command {
         /// Copy every connection in userspace instead of splicing it in the kernel.
         #[arg(long)]
         no_ebpf: bool,
+        /// Splice even on a kernel below the sockmap floor (6.1.142, 6.6.94, 6.12.34,
+        /// 6.15.3, >= 6.16): for a distribution kernel known to carry the 2025 fixes
+        /// under an older version number. Without it such a kernel is served in userspace.
+        #[arg(long)]
+        allow_old_kernel: bool,
         /// Seconds open connections get to finish after SIGTERM.
         #[arg(long, default_value_t = 30)]
         drain_secs: u64,
@@ -143,6 +148,15 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     for b in &config.backends {
         println!("{}", b.pacing_summary());
     }
+    let kernel = forwarder::kernel::Status::running();
+    let splices = config
+        .frontends
+        .iter()
+        .any(|f| f.mode == forwarder::config::Mode::Splice);
+    println!(
+        "kernel: {kernel}{}",
+        if splices { "" } else { " (no splice frontend)" }
+    );
     Ok(())
 }
 
@@ -171,6 +185,7 @@ fn main() -> anyhow::Result<()> {
             connect_rate,
             bind_ip,
             no_ebpf,
+            allow_old_kernel,
             drain_secs,
             user,
         } => {
@@ -192,6 +207,7 @@ fn main() -> anyhow::Result<()> {
                 no_ebpf,
                 drain_deadline: Some(std::time::Duration::from_secs(drain_secs)),
                 config_path: source.path(),
+                allow_old_kernel,
             };
             run(source, options, user)
         }
@@ -259,7 +275,8 @@ fn run(source: Source, options: RunOptions, user: Option<String>) -> anyhow::Res
     config.validate()?;
     let target = forwarder::privilege::Target::lookup(&user)?;
     let prepared = one_thread_runtime()?.block_on(agent::prepare(config, options))?;
-    forwarder::privilege::drop_to(&target, &[&prepared.pin_dir()])?;
+    let own = prepared.own_dirs()?;
+    forwarder::privilege::drop_to(&target, &own)?;
     serving()?.block_on(serve_until_stopped(prepared))
 }
 

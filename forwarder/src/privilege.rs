@@ -67,7 +67,7 @@ impl Target {
 /// Becomes `target` with only `KEPT` capabilities. `own` are directories the agent must
 /// still change as that user (its pin directory: it unpins its maps at exit). Refuses
 /// unless the process is one thread.
-pub fn drop_to(target: &Target, own: &[&Path]) -> anyhow::Result<()> {
+pub fn drop_to(target: &Target, own: &[std::path::PathBuf]) -> anyhow::Result<()> {
     let threads = std::fs::read_dir("/proc/self/task")
         .context("reading /proc/self/task")?
         .count();

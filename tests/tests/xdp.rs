@@ -360,9 +360,11 @@ fn agent_attaches_from_config_and_the_cli_changes_rules_while_it_runs() {
     let pair = VethPair::new();
     let instance = format!("xdpt{}", unique());
     let _upstream = EchoServer::start(&pair.fwd_ns, to(std::net::Ipv4Addr::LOCALHOST, 19000));
+    let state = forwarder_tests::peers::scratch_dir(&instance);
     let toml = format!(
         r#"
 instance = "{instance}"
+state_dir = {state:?}
 [[frontend]]
 name = "mqtt"
 bind = "0.0.0.0:{PORT}"
@@ -705,4 +707,140 @@ fn an_allowed_source_s_fragmented_syns_pass_and_are_reassembled() {
     assert_stat_reaches(&guard, DROPPED_NOT_ALLOWED, 15);
     assert_eq!(stat(&guard, PASSED_FRAGMENT), 20);
     assert_eq!(stat(&guard, DROPPED_TINY_FRAGMENT), 0);
+}
+
+/// Starts the agent of `toml` in the forwarder namespace; returns its stop sender and
+/// thread once its XDP guard is attached.
+fn spawn_agent(
+    pair: &VethPair,
+    instance: &str,
+    toml: &str,
+) -> (
+    tokio::sync::watch::Sender<bool>,
+    std::thread::JoinHandle<anyhow::Result<()>>,
+) {
+    let config = forwarder::config::Config::parse(toml, "test").expect("valid config");
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let agent = spawn_in_ns(&pair.fwd_ns, move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let options = forwarder::agent::RunOptions {
+            drain_deadline: Some(Duration::from_secs(1)),
+            ..Default::default()
+        };
+        let (_, reloads) = tokio::sync::mpsc::channel(1);
+        runtime.block_on(forwarder::agent::run(config, options, stopped, reloads))
+    });
+    let pins = forwarder::ebpf::pin_dir_for(instance);
+    assert!(
+        wait_until(Duration::from_secs(20), || pins
+            .join("XDP_SETTINGS")
+            .exists()),
+        "the agent did not pin the XDP maps in {}",
+        pins.display()
+    );
+    // The maps are pinned (and filled) before the program is attached.
+    assert!(
+        wait_until(Duration::from_secs(20), || pair
+            .fwd_link_json()
+            .contains("\"xdp\"")),
+        "the agent did not attach the XDP guard"
+    );
+    (stop, agent)
+}
+
+/// Rules changed with `forwarder xdp` while the agent runs are saved in the instance's
+/// state directory and applied again at the next start, on top of the configuration's.
+#[test]
+fn run_time_rules_survive_a_restart_of_the_agent() {
+    require_root();
+    let pair = VethPair::new();
+    let instance = format!("xdps{}", unique());
+    let _upstream = EchoServer::start(&pair.fwd_ns, to(std::net::Ipv4Addr::LOCALHOST, 19000));
+    let state = forwarder_tests::peers::scratch_dir(&instance);
+    // The configuration denies a prefix the run-time change removes again.
+    let toml = format!(
+        r#"
+instance = "{instance}"
+state_dir = {state:?}
+[[frontend]]
+name = "mqtt"
+bind = "0.0.0.0:{PORT}"
+backend = "up"
+[[backend]]
+name = "up"
+servers = [{{ address = "127.0.0.1:19000" }}]
+[xdp]
+interfaces = ["{}"]
+deny = ["192.0.2.0/24"]
+"#,
+        pair.fwd_if
+    );
+    let target = || Target {
+        instance: instance.clone(),
+    };
+    let cli = |command: XdpCommand| {
+        let mut out = Vec::new();
+        forwarder::xdp::cli::run(command, &mut out).expect("forwarder xdp ...");
+        String::from_utf8(out).expect("utf-8 output")
+    };
+    let list = || {
+        cli(XdpCommand::List(Output {
+            target: target(),
+            json: true,
+        }))
+    };
+    let dest = to(FWD_V4, PORT);
+    let file = state.join(&instance).join(forwarder::xdp::state::FILE);
+
+    let (stop, agent) = spawn_agent(&pair, &instance, &toml);
+    echo_round_trip(&pair.peer_ns, PEER2_V4.into(), dest).expect("not denied yet");
+    cli(XdpCommand::Deny {
+        action: RuleAction::Add {
+            cidr: cidr(&format!("{PEER2_V4}/32")),
+            target: target(),
+        },
+    });
+    cli(XdpCommand::Deny {
+        action: RuleAction::Del {
+            cidr: cidr("192.0.2.0/24"),
+            target: target(),
+        },
+    });
+    assert!(
+        wait_until(Duration::from_secs(5), || std::fs::read_to_string(&file)
+            .is_ok_and(|t| t.contains("192.0.2.0/24"))),
+        "the agent did not save the run-time changes to {}",
+        file.display()
+    );
+    stop.send(true).expect("stop the agent");
+    agent.join().expect("agent thread").expect("clean exit");
+    assert_no_xdp(&pair);
+
+    let (stop, agent) = spawn_agent(&pair, &instance, &toml);
+    let after = list();
+    assert!(
+        after.contains(&format!("\"deny\":[\"{PEER2_V4}/32\"]")),
+        "the run-time deny rule is back and the removed configured one stays removed: {after}"
+    );
+    assert_refused(&pair, PEER2_V4.into(), dest);
+    echo_round_trip(&pair.peer_ns, PEER_V4.into(), dest).expect("others still connect");
+
+    // Removing the run-time rule again leaves nothing to save but the removed prefix.
+    cli(XdpCommand::Deny {
+        action: RuleAction::Del {
+            cidr: cidr(&format!("{PEER2_V4}/32")),
+            target: target(),
+        },
+    });
+    stop.send(true).expect("stop the agent");
+    agent.join().expect("agent thread").expect("clean exit");
+    let saved = std::fs::read_to_string(&file).expect("state file");
+    assert!(
+        !saved.contains(&PEER2_V4.to_string()) && saved.contains("192.0.2.0/24"),
+        "{saved}"
+    );
+    let _ = std::fs::remove_dir_all(&state);
 }

@@ -32,6 +32,38 @@ pub struct RunOptions {
     pub drain_deadline: Option<Duration>,
     /// Where the configuration came from: what a reload reads again.
     pub config_path: Option<PathBuf>,
+    /// Splice even on a kernel below the sockmap floor (`crate::kernel`).
+    pub allow_old_kernel: bool,
+}
+
+impl RunOptions {
+    /// These options against the running kernel: below the sockmap floor, splice
+    /// frontends are served in userspace (as with `no_ebpf`) unless `allow_old_kernel`.
+    fn against_kernel(&self) -> Self {
+        if self.no_ebpf {
+            tracing::warn!("eBPF splice disabled by flag: every connection is copied in userspace");
+            return self.clone();
+        }
+        self.against(&crate::kernel::Status::running())
+    }
+
+    fn against(&self, status: &crate::kernel::Status) -> Self {
+        let mut options = self.clone();
+        if status.splice_by_default() {
+            tracing::info!("kernel {status}");
+        } else if options.allow_old_kernel {
+            tracing::warn!(
+                "kernel {status}; --allow-old-kernel: splicing anyway (bytes may be lost or \
+                 duplicated under the kernel bugs the floor avoids)"
+            );
+        } else {
+            tracing::warn!(
+                "kernel {status}: every connection is copied in userspace (the splice is off)"
+            );
+            options.no_ebpf = true;
+        }
+        options
+    }
 }
 
 /// A frontend that is bound and serving.
@@ -54,6 +86,10 @@ pub struct Running {
 struct Spec {
     frontend: Frontend,
     backends: Vec<Backend>,
+    /// The certificate, key and CA files the frontend reads, with a hash of their
+    /// content (`None`: unreadable): a reload rebuilds a frontend whose files changed
+    /// even when its configuration text did not (certificate rotation).
+    files: Vec<(PathBuf, Option<u64>)>,
 }
 
 impl Spec {
@@ -63,16 +99,45 @@ impl Spec {
             .iter()
             .chain(frontend.sni_routes.values())
             .collect();
+        let backends: Vec<Backend> = config
+            .backends
+            .iter()
+            .filter(|b| used.contains(&&b.name))
+            .cloned()
+            .collect();
+        let mut paths: Vec<&PathBuf> = Vec::new();
+        if frontend.mode == Mode::Http {
+            paths.extend(frontend.tls_cert.iter().chain(&frontend.tls_key));
+        }
+        if matches!(frontend.mode, Mode::Http | Mode::Originate) {
+            paths.extend(backends.iter().filter_map(|b| b.ca_file.as_ref()));
+        }
+        let files = paths
+            .into_iter()
+            .map(|p| (p.clone(), content_hash(p)))
+            .collect();
         Self {
             frontend: frontend.clone(),
-            backends: config
-                .backends
-                .iter()
-                .filter(|b| used.contains(&&b.name))
-                .cloned()
-                .collect(),
+            backends,
+            files,
         }
     }
+
+    /// Same configuration, but a certificate, key or CA file's content differs.
+    fn only_files_differ(&self, other: &Self) -> bool {
+        self.frontend == other.frontend
+            && self.backends == other.backends
+            && self.files != other.files
+    }
+}
+
+/// A hash of a file's content (`None` if it cannot be read): enough to notice a change.
+fn content_hash(path: &std::path::Path) -> Option<u64> {
+    use std::hash::{Hash as _, Hasher as _};
+    let bytes = std::fs::read(path).ok()?;
+    let mut hasher = std::hash::DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    Some(hasher.finish())
 }
 
 #[derive(Clone)]
@@ -165,9 +230,18 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// Where the agent pins its maps (it unpins them at exit, so it must own them).
-    pub fn pin_dir(&self) -> std::path::PathBuf {
-        pin_dir_for(&self.config.instance)
+    /// The directories the agent still writes after start-up, so a user it becomes must
+    /// own them: its pin directory (it unpins at exit) and, with XDP, its state directory
+    /// (run-time rules; created here).
+    pub fn own_dirs(&self) -> anyhow::Result<Vec<std::path::PathBuf>> {
+        let mut dirs = vec![pin_dir_for(&self.config.instance)];
+        if self.config.xdp.is_some() {
+            let state = self.config.state_dir();
+            std::fs::create_dir_all(&state)
+                .with_context(|| format!("creating {}", state.display()))?;
+            dirs.push(state);
+        }
+        Ok(dirs)
     }
 }
 
@@ -175,6 +249,7 @@ impl Prepared {
 /// every frontend's listener, the XDP guard and the admin port. Leaves no task behind,
 /// so it can run on a runtime of its own before privileges are dropped.
 pub async fn prepare(config: Config, options: RunOptions) -> anyhow::Result<Prepared> {
+    let options = options.against_kernel();
     // First: a second agent of this instance must touch nothing (pins, ports).
     let instance = Arc::new(InstanceLock::acquire(&config.instance)?);
     let budget = FdBudget::raise();
@@ -227,9 +302,6 @@ fn launch(mut prepared: Prepared, shutdown: watch::Receiver<bool>) -> anyhow::Re
     if let Some(datapath) = &prepared.datapath {
         spawn_ebpf_logger(datapath);
     }
-    if prepared.options.no_ebpf {
-        tracing::warn!("eBPF splice disabled by flag: every connection is copied in userspace");
-    }
     let config = &prepared.config;
     for warning in config.warnings() {
         tracing::warn!("{warning}");
@@ -248,7 +320,12 @@ fn launch(mut prepared: Prepared, shutdown: watch::Receiver<bool>) -> anyhow::Re
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let metrics = FrontendMetrics::for_mode(f.mode);
         running.push(start_frontend(
-            config, f, &pools, &shared, metrics, listener,
+            config,
+            f,
+            &pools,
+            &shared,
+            metrics,
+            Some(listener),
         )?);
     }
     Ok(Started { running, prepared })
@@ -270,7 +347,9 @@ fn start_frontend(
     pools: &std::collections::HashMap<String, Arc<Pool>>,
     shared: &Shared<'_>,
     metrics: FrontendMetrics,
-    listener: tokio::net::TcpListener,
+    // Bound by `prepare`; `None`: bound here, once the frontend is built (a reload: a
+    // broken certificate never opens, then closes, a listener sharing the port).
+    listener: Option<tokio::net::TcpListener>,
 ) -> anyhow::Result<Running> {
     let Shared {
         datapath,
@@ -279,35 +358,63 @@ fn start_frontend(
         instance,
         shutdown,
     } = shared;
+    // The files are hashed before they are read, so a change in between shows at the
+    // next reload rather than being missed.
+    let spec = Spec::of(config, f);
     let gate = build::gate(f, agent_cap);
+    // Everything that reads files or can fail is built before the listener is bound: a
+    // broken certificate never opens (and then closes) a listener sharing the port.
+    enum Built {
+        Originate(l4::originate::OriginateFrontend, Arc<L4Metrics>),
+        L4(l4::L4Frontend, bool, Arc<L4Metrics>),
+        Http(http::HttpFrontend, Arc<HttpMetrics>),
+    }
+    let built = match (&metrics, f.mode) {
+        (FrontendMetrics::L4(m), Mode::Originate) => Built::Originate(
+            build::originate_frontend(config, f, pools, gate)?,
+            m.clone(),
+        ),
+        (FrontendMetrics::L4(m), _) => {
+            let kernel = datapath.is_some() && !options.no_ebpf;
+            Built::L4(
+                build::l4_frontend(f, pools, kernel, gate),
+                kernel,
+                m.clone(),
+            )
+        }
+        (FrontendMetrics::Http(m), _) => Built::Http(
+            build::http_frontend(config, f, pools, m.clone(), (*datapath).clone(), gate)?,
+            m.clone(),
+        ),
+    };
+    let listener = match listener {
+        Some(listener) => listener,
+        None => crate::listener::bind(f.bind)
+            .with_context(|| format!("frontend {}: binding {}", f.name, f.bind))?,
+    };
     let addr = listener.local_addr()?;
     let (stop, stopped) = frontend_stop((*shutdown).clone());
-    let task = match (&metrics, f.mode) {
-        (FrontendMetrics::L4(m), Mode::Originate) => {
-            let frontend = build::originate_frontend(config, f, pools, gate)?;
+    let task = match built {
+        Built::Originate(frontend, m) => {
             tracing::info!(frontend = %f.name, %addr, "listening (plain TCP in, TLS to the hub originated here; relayed in userspace, cannot be spliced)");
             tokio::spawn(l4::originate::serve(
                 listener,
                 Arc::new(frontend),
-                m.clone(),
+                m,
                 stopped,
             ))
         }
-        (FrontendMetrics::L4(m), _) => {
-            let kernel = datapath.is_some() && !options.no_ebpf;
-            let frontend = build::l4_frontend(f, pools, kernel, gate);
+        Built::L4(frontend, kernel, m) => {
             tracing::info!(frontend = %f.name, %addr, kernel, "listening (L4 passthrough)");
             tokio::spawn(l4::serve(
                 listener,
                 Arc::new(frontend),
                 (*datapath).clone(),
-                m.clone(),
+                m,
                 stopped,
             ))
         }
-        (FrontendMetrics::Http(m), _) => {
-            let frontend =
-                build::http_frontend(config, f, pools, m.clone(), (*datapath).clone(), gate)?;
+        Built::Http(frontend, m) => {
             tracing::info!(frontend = %f.name, %addr, "listening (HTTPS terminated, Host rewritten)");
             tracing::warn!(
                 frontend = %f.name,
@@ -317,12 +424,12 @@ fn start_frontend(
             tokio::spawn(http::serve(
                 listener,
                 Arc::new(frontend),
-                m.clone(),
+                m,
                 stopped,
+                (*shutdown).clone(),
             ))
         }
     };
-    let spec = Spec::of(config, f);
     Ok(Running {
         name: f.name.clone(),
         addr,
@@ -416,6 +523,8 @@ pub async fn serve(
     };
     register(&running);
     let mut config = config;
+    // Counters of frontends a reload stopped while they still had open connections.
+    let mut retired: Vec<FrontendMetrics> = Vec::new();
     let mut report = tokio::time::interval(Duration::from_secs(30));
     report.tick().await;
     let mut publish = tokio::time::interval(Duration::from_secs(1));
@@ -424,7 +533,7 @@ pub async fn serve(
             _ = shutdown.changed() => break,
             Some(()) = reload.recv() => {
                 let shared = Shared { datapath: &datapath, options: &options, agent_cap: &agent_cap, instance: &instance, shutdown: &shutdown };
-                match reload::apply(&config, &shared, &mut running).await {
+                match reload::apply(&config, &shared, &mut running, &mut retired).await {
                     Ok(new_config) => {
                         if let Some(guard) = xdp.as_mut()
                             && let Err(err) = guard.maps().set_ports(&running.iter().map(|r| r.addr.port()).collect::<Vec<_>>())
@@ -440,14 +549,29 @@ pub async fn serve(
                     Err(err) => tracing::error!("reload refused, still serving the previous configuration: {err:#}"),
                 }
             }
-            _ = publish.tick() => publish_stats(&running, datapath.as_deref()),
+            _ = publish.tick() => {
+                publish_stats(&running, datapath.as_deref());
+                if let Some(guard) = xdp.as_mut() {
+                    guard.save_rules();
+                }
+            }
             _ = report.tick() => log_stats(&running),
         }
     }
     let deadline = options.drain_deadline.unwrap_or(Duration::from_secs(30));
     tracing::info!(?deadline, "stopped accepting; draining open connections");
     let started = tokio::time::Instant::now();
-    while running.iter().any(|r| r.metrics.open() > 0) && started.elapsed() < deadline {
+    let retired_open: u64 = retired.iter().map(FrontendMetrics::open).sum();
+    if retired_open > 0 {
+        tracing::info!(
+            connections = retired_open,
+            "draining also the connections of frontends removed or replaced by earlier reloads"
+        );
+    }
+    let open = |m: &FrontendMetrics| m.open() > 0;
+    while (running.iter().any(|r| open(&r.metrics)) || retired.iter().any(open))
+        && started.elapsed() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     log_stats(&running);
@@ -533,4 +657,23 @@ fn spawn_ebpf_logger(datapath: &Datapath) {
             guard.clear_ready();
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::Status;
+
+    #[test]
+    fn below_the_kernel_floor_the_splice_is_off_unless_allowed() {
+        let default = RunOptions::default();
+        assert!(!default.against(&Status::of("6.12.34+deb13")).no_ebpf);
+        assert!(default.against(&Status::of("6.12.33")).no_ebpf);
+        assert!(default.against(&Status::of("6.14.11")).no_ebpf);
+        let allowed = RunOptions {
+            allow_old_kernel: true,
+            ..Default::default()
+        };
+        assert!(!allowed.against(&Status::of("5.15.0")).no_ebpf);
+    }
 }

@@ -2,7 +2,9 @@
 //! settings (and backends) are unchanged keep running untouched; changed ones get a new
 //! listener first (SO_REUSEPORT lets both hold the port for a moment) and then the old
 //! one stops accepting; removed ones stop accepting. Established connections, spliced or
-//! upgraded, belong to their own tasks and are never dropped by a reload.
+//! upgraded, belong to their own tasks and are never dropped by a reload. A frontend
+//! whose certificate, key or CA file content changed counts as changed (rotation); a new
+//! file that does not load is refused and the frontend keeps serving with the old one.
 
 use std::sync::Arc;
 
@@ -17,6 +19,7 @@ pub(super) async fn apply(
     current: &Config,
     shared: &Shared<'_>,
     running: &mut Vec<Running>,
+    retired: &mut Vec<FrontendMetrics>,
 ) -> anyhow::Result<Config> {
     let path = shared
         .options
@@ -51,7 +54,7 @@ pub(super) async fn apply(
         })
         .collect();
     let pools = super::build::pools(&next, &keep);
-    let (mut kept, mut started, mut stopped) = (0, 0, 0);
+    let (mut kept, mut started, mut stopped, mut rotations) = (0, 0, 0, 0u32);
     let mut next_running = Vec::with_capacity(next.frontends.len());
     for f in &next.frontends {
         let spec = Spec::of(&next, f);
@@ -63,25 +66,36 @@ pub(super) async fn apply(
             kept += 1;
             continue;
         }
+        let rotated = old.is_some_and(|i| running[i].spec.only_files_differ(&spec));
+        if rotated {
+            tracing::info!(frontend = %f.name, "reload: certificate, key or CA file changed on disk: loading it");
+        }
         // Counters go on under the same name while the kind of frontend stays.
         let metrics = match old.map(|i| &running[i].metrics) {
             Some(m) if m.same_kind(f.mode) => m.clone(),
             _ => FrontendMetrics::for_mode(f.mode),
         };
-        let new = crate::listener::bind(f.bind)
-            .with_context(|| format!("frontend {}: binding {}", f.name, f.bind))
-            .and_then(|listener| start_frontend(&next, f, &pools, shared, metrics, listener));
-        match new {
+        match start_frontend(&next, f, &pools, shared, metrics, None) {
             Ok(new) => {
+                if rotated {
+                    rotations += 1;
+                    tracing::info!(frontend = %f.name, "reload: TLS configuration rotated: \
+                         new connections get the new certificate, open ones go on");
+                }
                 if let Some(i) = old {
-                    stop(running.remove(i)).await;
+                    stop(running.remove(i), retired).await;
                     stopped += 1;
                 }
                 next_running.push(new);
                 started += 1;
             }
             Err(err) => {
-                tracing::error!(frontend = %f.name, "reload: not started: {err:#}");
+                if rotated {
+                    tracing::error!(frontend = %f.name, "reload: new certificate, key or CA file refused, \
+                         the frontend keeps its current TLS configuration: {err:#}");
+                } else {
+                    tracing::error!(frontend = %f.name, "reload: not started: {err:#}");
+                }
                 if let Some(i) = old {
                     next_running.push(running.remove(i));
                 }
@@ -100,11 +114,13 @@ pub(super) async fn apply(
                 }
             }
         }
-        stop(old).await;
+        stop(old, retired).await;
         stopped += 1;
     }
+    // Stopped listeners take no new connections: once a count is 0, it stays 0.
+    retired.retain(|m| m.open() > 0);
     *running = next_running;
-    tracing::info!(kept, started, stopped, "configuration reloaded");
+    tracing::info!(kept, started, stopped, rotations, "configuration reloaded");
     Ok(next)
 }
 
@@ -114,8 +130,10 @@ fn running_uses(running: &[Running], pool: &Arc<crate::l4::upstream::Pool>) -> b
         .any(|r| r.pools.iter().any(|p| Arc::ptr_eq(p, pool)))
 }
 
-/// Stops a frontend's accept loop and waits until its listening socket is closed.
-async fn stop(frontend: Running) {
+/// Stops a frontend's accept loop and waits until its listening socket is closed. Its
+/// counters go to `retired`, so the drain at stop still waits for its open connections.
+async fn stop(frontend: Running, retired: &mut Vec<FrontendMetrics>) {
     let _ = frontend.stop.send(true);
     let _ = frontend.task.await;
+    retired.push(frontend.metrics);
 }

@@ -66,7 +66,7 @@ pub struct Listing {
 }
 
 impl Listing {
-    /// Publishes every second until `shutdown`.
+    /// Publishes every second until `shutdown` or until the listing is dropped.
     pub fn start(
         datapath: Arc<Datapath>,
         frontend: &str,
@@ -77,12 +77,16 @@ impl Listing {
             frontend: frontend.to_string(),
             entries: Mutex::default(),
         });
-        let publisher = listing.clone();
+        // Weak: ends with the last connection of a frontend a reload replaced.
+        let publisher = Arc::downgrade(&listing);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(PUBLISH_EVERY);
             loop {
                 tokio::select! {
-                    _ = tick.tick() => publisher.publish(),
+                    _ = tick.tick() => match publisher.upgrade() {
+                        Some(listing) => listing.publish(),
+                        None => return,
+                    },
                     _ = shutdown.changed() => return,
                 }
             }

@@ -74,12 +74,15 @@ pub struct HttpFrontend {
     pub datapath: Option<Arc<Datapath>>,
 }
 
-/// Accepts until `shutdown`, one task per connection.
+/// Accepts until `shutdown`, one task per connection. Connections close gracefully on
+/// `connections` (the agent's stop), not on `shutdown`: a reload that replaces the
+/// frontend (a new certificate, say) leaves its keep-alive connections open.
 pub async fn serve(
     listener: TcpListener,
     frontend: Arc<HttpFrontend>,
     metrics: Arc<HttpMetrics>,
     mut shutdown: watch::Receiver<bool>,
+    connections: watch::Receiver<bool>,
 ) {
     let (http1, http2) = builders(&frontend.limits);
     let shared = Arc::new(Shared {
@@ -88,7 +91,7 @@ pub async fn serve(
         listing: frontend
             .datapath
             .clone()
-            .map(|dp| Listing::start(dp, &frontend.name, shutdown.clone())),
+            .map(|dp| Listing::start(dp, &frontend.name, connections.clone())),
     });
     while let Some((stream, peer, admitted)) = frontend
         .gate
@@ -103,7 +106,7 @@ pub async fn serve(
             shared.clone(),
             metrics.clone(),
             Arc::new(admitted),
-            shutdown.clone(),
+            connections.clone(),
         ));
     }
 }

@@ -38,6 +38,8 @@ pub struct XdpGuard {
     attached: Vec<Attached>,
     maps: XdpMaps,
     pin_dir: Option<PathBuf>,
+    /// Where run-time rule changes are saved (`super::state`).
+    rules: Option<super::state::RuleFile>,
 }
 
 impl XdpGuard {
@@ -48,6 +50,18 @@ impl XdpGuard {
         config: &XdpConfig,
         ports: &[u16],
         pin_dir: Option<PathBuf>,
+    ) -> anyhow::Result<Self> {
+        Self::start_with_rules(config, ports, pin_dir, None)
+    }
+
+    /// `start`, with the run-time rule changes saved in `rules` applied before the
+    /// program is attached (so no source denied at run time slips in at a restart), and
+    /// saved there from now on.
+    pub fn start_with_rules(
+        config: &XdpConfig,
+        ports: &[u16],
+        pin_dir: Option<PathBuf>,
+        mut rules: Option<super::state::RuleFile>,
     ) -> anyhow::Result<Self> {
         if let Err(err) = crate::sys::raise_memlock_limit() {
             tracing::debug!(%err, "could not raise RLIMIT_MEMLOCK; continuing");
@@ -75,8 +89,17 @@ impl XdpGuard {
                 }
             },
             pin_dir,
+            rules: None,
         };
         guard.configure(config, ports)?;
+        if let Some(rules) = &mut rules
+            && let Err(err) = rules.restore(&mut guard.maps)
+        {
+            tracing::warn!(
+                "xdp: run-time rule changes not re-applied, serving the configuration's lists: {err:#}"
+            );
+        }
+        guard.rules = rules;
         let program: &mut Xdp = guard
             .ebpf
             .program_mut(names::XDP_GUARD)
@@ -127,10 +150,21 @@ impl XdpGuard {
     pub fn pin_dir(&self) -> Option<&Path> {
         self.pin_dir.as_deref()
     }
+
+    /// Saves the rules if `forwarder xdp` changed them since the last save.
+    pub fn save_rules(&mut self) {
+        if let Some(rules) = &mut self.rules
+            && let Err(err) = rules.save(&self.maps)
+        {
+            tracing::warn!("xdp: run-time rule changes not saved: {err:#}");
+        }
+    }
 }
 
 impl Drop for XdpGuard {
     fn drop(&mut self) {
+        // The last changes, while the maps are still there.
+        self.save_rules();
         let program: Option<&mut Xdp> = self
             .ebpf
             .program_mut(names::XDP_GUARD)

@@ -11,6 +11,7 @@ pub mod cidr;
 pub mod cli;
 mod guard;
 pub mod maps;
+pub mod state;
 
 pub use cidr::{Cidr, CidrError};
 pub use guard::{Attached, AttachedMode, XdpGuard};
@@ -80,10 +81,12 @@ pub fn start_for(
     let mut ports: Vec<u16> = bound.into_iter().map(|a| a.port()).collect();
     ports.sort_unstable();
     ports.dedup();
-    let guard = XdpGuard::start(
+    let rules = state::RuleFile::new(&config.state_dir(), xdp);
+    let guard = XdpGuard::start_with_rules(
         xdp,
         &ports,
         Some(crate::ebpf::pin_dir_for(&config.instance)),
+        Some(rules),
     )?;
     tracing::info!(?ports, interfaces = ?guard.attached(), "XDP ingress guard on");
     Ok(Some(guard))

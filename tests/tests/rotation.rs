@@ -1,0 +1,191 @@
+//! Certificate rotation: a reload (SIGHUP) with the configuration text unchanged reads
+//! the certificate and key files again. New connections are shown the new certificate,
+//! connections opened before (keep-alive HTTPS, an upgraded WebSocket) go on untouched,
+//! and a broken new file is refused while the previous certificate stays in service.
+
+use std::io;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use forwarder::agent::{self, RunOptions};
+use forwarder::config::Config;
+use forwarder_tests::hub::TestHub;
+use forwarder_tests::init_logging;
+use forwarder_tests::peers::{free_port, scratch_dir};
+use forwarder_tests::pki::TestCa;
+use futures_util::{SinkExt as _, StreamExt as _};
+use http::Request;
+use http::header::HOST;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+
+const HUB: &str = "hub.test";
+const PROXY: &str = "proxy.test";
+
+type ClientBody = BoxBody<Bytes, io::Error>;
+
+async fn tls_connect(port: u16, ca: &TestCa) -> TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    tokio_rustls::TlsConnector::from(ca.client_config(&[b"http/1.1"]))
+        .connect(ServerName::try_from(PROXY).unwrap(), tcp)
+        .await
+        .expect("TLS handshake")
+}
+
+/// The leaf certificate a new connection is shown.
+async fn served_certificate(port: u16, ca: &TestCa) -> CertificateDer<'static> {
+    let tls = tls_connect(port, ca).await;
+    tls.get_ref().1.peer_certificates().expect("a certificate")[0]
+        .clone()
+        .into_owned()
+}
+
+fn leaf_on_disk(path: &Path) -> CertificateDer<'static> {
+    CertificateDer::from_pem_file(path).expect("leaf PEM")
+}
+
+async fn get_ok(sender: &mut hyper::client::conn::http1::SendRequest<ClientBody>) {
+    let request = Request::post("/devices/dev1/messages/events?api-version=2021-04-12")
+        .header(HOST, PROXY)
+        .header("authorization", "SharedAccessSignature sr=x&sig=x&se=1")
+        .body(
+            Full::new(Bytes::from_static(b"{}"))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .unwrap();
+    let response = sender.send_request(request).await.expect("response");
+    assert!(
+        response.status().is_success(),
+        "status {}",
+        response.status()
+    );
+    let _ = response.into_body().collect().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_rotates_certificates_keeps_open_connections_and_refuses_broken_files() {
+    init_logging();
+    let dir = scratch_dir("rotation");
+    let ca = TestCa::new(&dir);
+    let hub_leaf = ca.issue("hub", &[HUB]);
+    let hub = TestHub::start(HUB, &hub_leaf.cert, &hub_leaf.key, None).await;
+    // Certificate A, in the files the configuration names.
+    let leaf = ca.issue("proxy", &[PROXY]);
+    let cert_a = leaf_on_disk(&leaf.cert);
+    let port = free_port();
+    let config_path = dir.join("forwarder.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "instance = \"rotation-{pid}\"\n\
+             [[frontend]]\nname = \"https\"\nbind = \"127.0.0.1:{port}\"\nmode = \"http\"\n\
+             backend = \"hub\"\ntls_cert = {cert:?}\ntls_key = {key:?}\n\
+             [[backend]]\nname = \"hub\"\nservers = [{{ address = \"{hub}\" }}]\n\
+             host = \"{HUB}\"\nca_file = {ca_file:?}\n",
+            pid = std::process::id(),
+            hub = hub.addr,
+            cert = leaf.cert,
+            key = leaf.key,
+            ca_file = ca.ca_pem,
+        ),
+    )
+    .unwrap();
+    let config = Config::load(&config_path).expect("valid config");
+    let (stop, stopped) = watch::channel(false);
+    let (reload, reloads) = mpsc::channel(1);
+    let options = RunOptions {
+        config_path: Some(config_path.clone()),
+        drain_deadline: Some(Duration::from_secs(2)),
+        ..Default::default()
+    };
+    let agent = tokio::spawn(agent::run(config, options, stopped, reloads));
+    forwarder_tests::peers::wait_for_port(port, "the forwarder");
+    assert_eq!(served_certificate(port, &ca).await, cert_a);
+
+    // Opened before the rotation: a keep-alive HTTPS connection and a WebSocket.
+    let (mut keepalive, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(tls_connect(port, &ca).await))
+            .await
+            .expect("HTTP/1.1 handshake");
+    tokio::spawn(connection);
+    get_ok(&mut keepalive).await;
+    let mut request = format!("wss://{PROXY}/$iothub/websocket")
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", "mqtt".parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::client_async(request, tls_connect(port, &ca).await)
+        .await
+        .expect("WebSocket handshake");
+    let echo = async |ws: &mut tokio_tungstenite::WebSocketStream<_>, text: &str| {
+        ws.send(Message::Text(text.into())).await.unwrap();
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            Message::Text(text.into()),
+            "the WebSocket opened before the rotation stopped echoing"
+        );
+    };
+    echo(&mut ws, "before").await;
+
+    // Certificate B over the same files; the configuration text is unchanged.
+    let leaf_b = ca.issue("proxy", &[PROXY]);
+    let cert_b = leaf_on_disk(&leaf_b.cert);
+    assert_ne!(cert_a, cert_b);
+    reload.send(()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while served_certificate(port, &ca).await != cert_b {
+        assert!(
+            Instant::now() < deadline,
+            "new connections still see the old certificate after the reload"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    get_ok(&mut keepalive).await;
+    echo(&mut ws, "after the rotation").await;
+
+    // Broken files: unparseable PEM, then a certificate whose key is not the one on disk.
+    std::fs::write(&leaf.cert, "-----BEGIN CERTIFICATE-----\nnot base64!\n").unwrap();
+    reload.send(()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    for _ in 0..5 {
+        assert_eq!(
+            served_certificate(port, &ca).await,
+            cert_b,
+            "a broken certificate file replaced the working one"
+        );
+    }
+    let other = ca.issue("other", &[PROXY]);
+    std::fs::copy(&other.cert, &leaf.cert).unwrap();
+    reload.send(()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    for _ in 0..5 {
+        assert_eq!(
+            served_certificate(port, &ca).await,
+            cert_b,
+            "a certificate that does not match its key replaced the working one"
+        );
+    }
+    get_ok(&mut keepalive).await;
+    echo(&mut ws, "after the refused files").await;
+
+    stop.send(true).unwrap();
+    drop((ws, keepalive));
+    tokio::time::timeout(Duration::from_secs(10), agent)
+        .await
+        .expect("the agent stops")
+        .unwrap()
+        .unwrap();
+}
