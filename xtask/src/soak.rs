@@ -45,6 +45,9 @@ pub struct Options {
 /// share, plus the series' absolute slack (`Series::slack`).
 const REL_TOLERANCE: f64 = 0.10;
 
+/// Descriptors the agent may hold after the load beyond its baseline (admin, logs).
+const FD_SLACK: u64 = 16;
+
 /// Maps whose entries are per connection and must return to their baseline.
 /// `FWD_STATS` is keyed by (frontend, counter name): it gains an entry the first time a
 /// counter is bumped and keeps it, so it is checked for flatness only.
@@ -61,6 +64,8 @@ struct Sample {
     maps: BTreeMap<String, u64>,
     /// Sum of `forwarder_active` over the frontends.
     active: u64,
+    /// Every `forwarder_*` series on /metrics, summed over its labels.
+    metrics: BTreeMap<String, u64>,
     /// The load's counters at the time (from its last `LOAD` line).
     load: serde_json::Value,
 }
@@ -117,13 +122,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     let mut stdin = child.stdin.take().context("soak stdin")?;
     let lines = read_lines(child.stdout.take().context("soak stdout")?);
     let result = drive(
-        &lines,
-        &mut stdin,
-        &forwarder,
-        secs,
-        options.interval,
-        &out_dir,
-        stamp,
+        &lines, &mut stdin, &forwarder, options, secs, &out_dir, stamp,
     );
     // Stop the agent and the peers whatever happened.
     let _ = writeln!(stdin, "stop");
@@ -181,8 +180,8 @@ fn drive(
     lines: &Receiver<Line>,
     stdin: &mut std::process::ChildStdin,
     forwarder: &Path,
+    options: &Options,
     secs: f64,
-    interval: f64,
     out_dir: &Path,
     stamp: u64,
 ) -> anyhow::Result<bool> {
@@ -213,7 +212,7 @@ fn drive(
 
     let mut samples = Vec::new();
     let mut load = serde_json::Value::Null;
-    let period = Duration::from_secs_f64(interval.max(0.5));
+    let period = Duration::from_secs_f64(options.interval.max(0.5));
     let mut next = Instant::now() + period;
     let summary = loop {
         match lines.recv_timeout(next.saturating_duration_since(Instant::now())) {
@@ -248,7 +247,15 @@ fn drive(
         }
         std::thread::sleep(Duration::from_millis(500));
     };
-    let (report, failed) = report(&baseline, &samples, &after, &summary, secs, interval);
+    let (report, failed) = report(
+        &baseline,
+        &samples,
+        &after,
+        &summary,
+        secs,
+        options.interval,
+        options.wave_secs,
+    );
     println!("{report}");
     let md = out_dir.join(format!("soak-{stamp}.md"));
     let csv = out_dir.join(format!("soak-{stamp}.csv"));
@@ -310,12 +317,17 @@ impl Agent {
                 )
             })
             .collect();
-        let metrics = scrape(self.admin).unwrap_or_default();
-        let active = metrics
-            .lines()
-            .filter(|l| l.starts_with("forwarder_active{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum();
+        let mut metrics = BTreeMap::new();
+        for line in scrape(self.admin).unwrap_or_default().lines() {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let name = series.split('{').next().unwrap_or(series);
+            if let (true, Ok(value)) = (name.starts_with("forwarder_"), value.parse::<u64>()) {
+                *metrics.entry(name.to_owned()).or_insert(0) += value;
+            }
+        }
+        let active = metrics.get("forwarder_active").copied().unwrap_or(0);
         Ok(Sample {
             secs,
             rss_kib,
@@ -324,6 +336,7 @@ impl Agent {
             tcp_inuse: field("inuse"),
             maps,
             active,
+            metrics,
             load,
         })
     }
@@ -346,6 +359,11 @@ fn series(sample: &Sample) -> Vec<(String, f64, f64)> {
         (
             "kernel TCP memory (pages)".to_owned(),
             sample.tcp_mem_pages as f64,
+            64.0,
+        ),
+        (
+            "kernel TCP sockets in use".to_owned(),
+            sample.tcp_inuse as f64,
             64.0,
         ),
         ("active connections".to_owned(), sample.active as f64, 32.0),
@@ -422,6 +440,26 @@ fn legit_failures(load: &serde_json::Value) -> u64 {
     .sum()
 }
 
+/// The middle and the last window: after a third of the run, each as many whole wave
+/// periods as fit in a third (plain thirds when a third is shorter than a wave).
+fn windows(samples: &[Sample], secs: f64, wave_secs: u64) -> (Vec<Sample>, Vec<Sample>) {
+    let third = secs / 3.0;
+    let wave = wave_secs.max(1) as f64;
+    let span = if third >= wave {
+        (third / wave).floor() * wave
+    } else {
+        third
+    };
+    let pick = |from: f64| -> Vec<Sample> {
+        samples
+            .iter()
+            .filter(|s| s.secs > from && s.secs <= from + span)
+            .cloned()
+            .collect()
+    };
+    (pick(third), pick(secs - span))
+}
+
 fn mean(values: &[f64]) -> f64 {
     values.iter().sum::<f64>() / values.len().max(1) as f64
 }
@@ -434,6 +472,7 @@ fn report(
     summary: &serde_json::Value,
     secs: f64,
     interval: f64,
+    wave_secs: u64,
 ) -> (String, bool) {
     let mut failed = false;
     let mut out = String::new();
@@ -445,39 +484,40 @@ fn report(
     let head = header(&maps);
     let _ = writeln!(out, "| {} |", head.join(" | "));
     let _ = writeln!(out, "|{}", "---:|".repeat(head.len()));
-    let _ = writeln!(out, "| baseline {} |", row(baseline)[1..].join(" | "));
+    let _ = writeln!(out, "| baseline | {} |", row(baseline)[1..].join(" | "));
     for s in samples {
         let _ = writeln!(out, "| {} |", row(s).join(" | "));
     }
-    let _ = writeln!(out, "| after {} |", row(after)[1..].join(" | "));
+    let _ = writeln!(out, "| after | {} |", row(after)[1..].join(" | "));
 
+    let (middle, last) = windows(samples, secs, wave_secs);
     let _ = writeln!(
         out,
-        "\n## Flat?\n\nFirst third of the samples is warm-up; a series grows when the last third's \
-         mean exceeds the middle third's by more than {:.0} % plus its slack.\n",
+        "\n## Flat?\n\nThe first third of the run is warm-up. The middle and the last third are \
+         each cut to a whole number of hostile waves ({wave_secs} s apart; both windows {:.0} s), \
+         so both hold the same share of wave peaks. A series grows when the last window's mean \
+         exceeds the middle window's by more than {:.0} % plus its slack.\n",
+        last.last().map_or(0.0, |l| l.secs) - last.first().map_or(0.0, |f| f.secs) + interval,
         REL_TOLERANCE * 100.0
     );
     let _ = writeln!(
         out,
         "| series | middle third | last third | slack | verdict |\n|---|---:|---:|---:|---|"
     );
-    let third = samples.len() / 3;
-    if third < 2 {
+    if middle.len() < 2 || last.len() < 2 {
         let _ = writeln!(
             out,
             "| (too few samples: {}; run longer) | | | | not judged |",
             samples.len()
         );
     } else {
-        let middle = &samples[third..2 * third];
-        let last = &samples[samples.len() - third..];
         for (i, (name, _, slack)) in series(baseline).into_iter().enumerate() {
             let values = |part: &[Sample]| -> Vec<f64> {
                 part.iter()
                     .filter_map(|s| series(s).get(i).map(|v| v.1))
                     .collect()
             };
-            let (m, l) = (mean(&values(middle)), mean(&values(last)));
+            let (m, l) = (mean(&values(&middle)), mean(&values(&last)));
             let grows = l > m * (1.0 + REL_TOLERANCE) + slack;
             failed |= grows;
             let _ = writeln!(
@@ -508,7 +548,7 @@ fn report(
         baseline.maps.get("FWD_STATS").copied().unwrap_or(0),
         after.maps.get("FWD_STATS").copied().unwrap_or(0)
     );
-    let active_ok = after.active <= baseline.active;
+    let active_ok = after.active <= baseline.active && after.fds <= baseline.fds + FD_SLACK;
     failed |= !active_ok;
     let _ = writeln!(
         out,
@@ -519,6 +559,22 @@ fn report(
         after.fds,
         baseline.rss_kib as f64 / 1024.0,
         after.rss_kib as f64 / 1024.0
+    );
+    let _ = writeln!(
+        out,
+        "- {}: active connections back to baseline, fds within {FD_SLACK} of it",
+        if active_ok { "ok" } else { "FAILED" }
+    );
+    let counters: Vec<String> = after
+        .metrics
+        .iter()
+        .filter(|(name, value)| name.ends_with("_total") && **value > 0)
+        .map(|(name, value)| format!("`{}` {value}", name.trim_start_matches("forwarder_")))
+        .collect();
+    let _ = writeln!(
+        out,
+        "- the agent's counters at the end (/metrics, summed over frontends and backends): {}",
+        counters.join(", ")
     );
 
     let _ = writeln!(out, "\n## Traffic\n");
