@@ -234,11 +234,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
     let counters = Arc::new(Counters::default());
     let deadline = Instant::now() + Duration::from_secs_f64(args.secs);
-    load(&env, &counters, deadline, args.wave_secs).await?;
-    say(&format!("DONE {}", counters.json()));
-
-    // Whatever comes (`stop` or EOF): stop the agent the way an operator does.
-    let _ = stdin.next_line().await;
+    // xtask going away (EOF) or Ctrl-C ends the load early; the agent is still stopped
+    // below, and every client process is killed as its task is dropped.
+    let finished = tokio::select! {
+        result = load(&env, &counters, deadline, args.wave_secs) => Some(result),
+        _ = stdin.next_line() => None,
+        _ = tokio::signal::ctrl_c() => None,
+    };
+    match finished {
+        Some(Ok(())) => {
+            say(&format!("DONE {}", counters.json()));
+            // Whatever comes (`stop` or EOF): stop the agent the way an operator does.
+            let _ = stdin.next_line().await;
+        }
+        Some(Err(err)) => eprintln!("soak: the load failed: {err:#}"),
+        None => eprintln!("soak: stopped before the end of the load"),
+    }
     let status = agent.stop(Duration::from_secs(15));
     say(&format!(
         "STOPPED {}",
