@@ -635,17 +635,27 @@ fn report(
     (out, failed)
 }
 
+/// The table's columns, then every `/metrics` series (summed over its labels) over time.
 fn csv_text(baseline: &Sample, samples: &[Sample], after: &Sample) -> String {
     let maps: Vec<String> = baseline.maps.keys().cloned().collect();
+    let metrics: Vec<&String> = after.metrics.keys().collect();
     let mut out = String::new();
     let mut head = vec!["phase".to_owned()];
     head.extend(header(&maps));
+    head.extend(metrics.iter().map(|m| m.to_string()));
     let _ = writeln!(out, "{}", head.join(","));
     let all = std::iter::once(("baseline", baseline))
         .chain(samples.iter().map(|s| ("load", s)))
         .chain(std::iter::once(("after", after)));
     for (phase, s) in all {
-        let _ = writeln!(out, "{phase},{}", row(s).join(","));
+        let mut cells = row(s);
+        cells[0] = format!("{:.1}", s.secs);
+        cells.extend(
+            metrics
+                .iter()
+                .map(|m| s.metrics.get(*m).copied().unwrap_or(0).to_string()),
+        );
+        let _ = writeln!(out, "{phase},{}", cells.join(","));
     }
     out
 }
