@@ -462,6 +462,20 @@ fn windows(samples: &[Sample], secs: f64, wave_secs: u64) -> (Vec<Sample>, Vec<S
     (pick(third), pick(secs - span))
 }
 
+/// Least-squares slope of (seconds, value) points, per second (0 for fewer than 2).
+/// Shown beside the verdict: a drift too slow for the windows' tolerance shows here.
+fn slope(points: &[(f64, f64)]) -> f64 {
+    let n = points.len() as f64;
+    if points.len() < 2 {
+        return 0.0;
+    }
+    let mx = points.iter().map(|p| p.0).sum::<f64>() / n;
+    let my = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    if sxx == 0.0 { 0.0 } else { sxy / sxx }
+}
+
 fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
@@ -515,7 +529,7 @@ fn report(
     );
     let _ = writeln!(
         out,
-        "| series | middle window | last window | slack | verdict |\n|---|---:|---:|---:|---|"
+        "| series | middle window | last window | slack | verdict | trend after warm-up, per hour |\n|---|---:|---:|---:|---|---:|"
     );
     if middle.len() < 2 || last.len() < 2 {
         let _ = writeln!(
@@ -538,10 +552,16 @@ fn report(
             let (m, l) = (by(&values(&middle)), by(&values(&last)));
             let grows = l > m * (1.0 + REL_TOLERANCE) + slack;
             failed |= grows;
+            let judged: Vec<(f64, f64)> = samples
+                .iter()
+                .filter(|s| s.secs > secs / 3.0 && s.secs <= secs)
+                .filter_map(|s| series(s).get(i).map(|v| (s.secs, v.1)))
+                .collect();
             let _ = writeln!(
                 out,
-                "| {name} | {m:.1} | {l:.1} | {slack} | {} |",
-                if grows { "GROWS" } else { "flat" }
+                "| {name} | {m:.1} | {l:.1} | {slack} | {} | {:+.1} |",
+                if grows { "GROWS" } else { "flat" },
+                slope(&judged) * 3600.0
             );
         }
     }
