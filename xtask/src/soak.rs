@@ -134,6 +134,12 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             Ok(_) => {}
         }
     };
+    // It drops mosquitto and the rest after STOPPED: let it, before any kill (a killed
+    // soak would leave mosquitto, in its own process group, behind).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let _ = child.kill();
     let _ = child.wait();
     let verdicts = result?;
