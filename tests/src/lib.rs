@@ -1,7 +1,9 @@
-//! Shared helpers for the integration tests: privilege checks, payloads, hashing,
-//! and TCP pairs on loopback with ephemeral ports.
+//! Shared helpers for the integration tests (and the bench's and soak's load generators):
+//! privilege checks, payloads, hashing, and TCP pairs on loopback with ephemeral ports.
 
 pub mod agent;
+pub mod clients;
+pub mod echo;
 pub mod hub;
 pub mod netns;
 pub mod peers;

@@ -7,24 +7,19 @@
 //! and every refusal must be counted.
 
 use std::io::Write as _;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use forwarder_tests::clients::{
+    RestClient, connect_from, metric_value, partial_hello, scrape, source, tls_connect, websocket,
+};
 use forwarder_tests::hub::TestHub;
 use forwarder_tests::peers::{self, KillOnDrop, free_port, scratch_dir, wait_for_port};
 use forwarder_tests::pki::TestCa;
 use forwarder_tests::{raise_fd_limit, require_root};
 use futures_util::future::join_all;
-use http::header::HOST;
-use http::{Request, StatusCode};
-use http_body_util::{BodyExt as _, Full};
-use hyper_util::rt::TokioIo;
-use rustls_pki_types::ServerName;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpSocket, TcpStream};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use http::StatusCode;
 
 const SILENT: usize = 300;
 const PARTIAL_HELLOS: usize = 1_000;
@@ -83,25 +78,21 @@ async fn hostile_clients_are_absorbed_while_devices_are_served() {
 
     // The hostile load, TLS clients first (their handshakes cost the agent CPU once).
     let tls = pki.client_config(&[b"h2"]);
-    let silent_h2: Vec<_> = join_all((0..SILENT_H2).map(|_| {
-        let tls = tls.clone();
-        async move {
-            let tcp = TcpStream::connect(("127.0.0.1", ports.https)).await.ok()?;
-            let name = ServerName::try_from(PROXY).ok()?;
-            tokio_rustls::TlsConnector::from(tls)
-                .connect(name, tcp)
-                .await
-                .ok()
-        }
-    }))
+    let silent_h2: Vec<_> = join_all(
+        (0..SILENT_H2).map(|_| async { tls_connect(ports.https, PROXY, tls.clone()).await.ok() }),
+    )
     .await;
     assert_eq!(
         silent_h2.iter().flatten().count(),
         SILENT_H2,
         "silent HTTP/2 clients could not complete TLS"
     );
-    let websockets: Vec<_> =
-        join_all((0..IDLE_WEBSOCKETS).map(|_| idle_websocket(ports.https, &pki))).await;
+    let websockets: Vec<_> = join_all((0..IDLE_WEBSOCKETS).map(|_| async {
+        websocket(ports.https, PROXY, pki.client_config(&[b"http/1.1"]))
+            .await
+            .ok()
+    }))
+    .await;
     let silent = join_all((0..SILENT).map(|i| connect_from(source(1, i), ports.mqtt))).await;
     let partial =
         join_all((0..PARTIAL_HELLOS).map(|i| partial_hello(source(2, i), ports.mqtt))).await;
@@ -136,7 +127,10 @@ async fn hostile_clients_are_absorbed_while_devices_are_served() {
     let rest = pki.client_config(&[b"http/1.1"]);
     for _ in 0..10 {
         let started = Instant::now();
-        let status = post_telemetry(ports.https, rest.clone()).await;
+        let mut client = RestClient::connect(ports.https, PROXY, rest.clone())
+            .await
+            .expect("REST client");
+        let status = client.post_telemetry("dev1").await.expect("REST post");
         assert_eq!(status, StatusCode::NO_CONTENT);
         assert!(
             started.elapsed() < Duration::from_secs(2),
@@ -147,8 +141,8 @@ async fn hostile_clients_are_absorbed_while_devices_are_served() {
 
     // Every silent or partial client is closed at its timeout, and counted.
     tokio::time::sleep(Duration::from_millis(HELLO_TIMEOUT_MS) + Duration::from_secs(2)).await;
-    let metrics = scrape(ports.admin).await;
-    let counter = |name: &str, frontend: &str| value(&metrics, name, frontend);
+    let metrics = scrape(ports.admin).await.expect("scrape /metrics");
+    let counter = |name: &str, frontend: &str| metric_value(&metrics, name, frontend);
     eprintln!(
         "MQTT {MESSAGES} messages in {mqtt_took:?}; refused_per_source {}, client_hello_timeout {}, \
          preface_timeout {}, websockets_active {}",
@@ -221,53 +215,6 @@ fn forwarder_binary() -> std::path::PathBuf {
         .expect("target/<profile>/forwarder is missing: cargo build -p forwarder first")
 }
 
-/// Loopback address number `i` of group `group` (127.group.x.y): a source of its own.
-fn source(group: u8, i: usize) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(
-        127,
-        group,
-        (i / 250) as u8,
-        (i % 250 + 1) as u8,
-    ))
-}
-
-async fn connect_from(source: IpAddr, port: u16) -> Option<TcpStream> {
-    let socket = TcpSocket::new_v4().ok()?;
-    socket.bind(SocketAddr::new(source, 0)).ok()?;
-    socket
-        .connect(SocketAddr::from(([127, 0, 0, 1], port)))
-        .await
-        .ok()
-}
-
-/// A TLS record header that announces a 16 KiB ClientHello, and 100 bytes of it.
-async fn partial_hello(source: IpAddr, port: u16) -> Option<TcpStream> {
-    let mut stream = connect_from(source, port).await?;
-    let mut bytes = vec![0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0x00, 0x3f, 0xfc];
-    bytes.resize(105, 0x03);
-    stream.write_all(&bytes).await.ok()?;
-    Some(stream)
-}
-
-async fn idle_websocket(
-    port: u16,
-    pki: &TestCa,
-) -> Option<tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>> {
-    let tcp = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    let tls = tokio_rustls::TlsConnector::from(pki.client_config(&[b"http/1.1"]))
-        .connect(ServerName::try_from(PROXY).ok()?, tcp)
-        .await
-        .ok()?;
-    let mut request = format!("wss://{PROXY}/$iothub/websocket")
-        .into_client_request()
-        .ok()?;
-    request
-        .headers_mut()
-        .insert("sec-websocket-protocol", "mqtt".parse().ok()?);
-    let (ws, _) = tokio_tungstenite::client_async(request, tls).await.ok()?;
-    Some(ws)
-}
-
 /// mosquitto_sub and mosquitto_pub through the spliced port; messages received.
 async fn publish_and_receive(port: u16, ca: &Path) -> usize {
     let common = |cmd: &mut Command| {
@@ -324,27 +271,6 @@ async fn publish_and_receive(port: u16, ca: &Path) -> usize {
     String::from_utf8_lossy(&got.stdout).lines().count()
 }
 
-async fn post_telemetry(port: u16, tls: std::sync::Arc<rustls::ClientConfig>) -> StatusCode {
-    let tcp = TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect");
-    let stream = tokio_rustls::TlsConnector::from(tls)
-        .connect(ServerName::try_from(PROXY).unwrap(), tcp)
-        .await
-        .expect("TLS");
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("HTTP/1.1 handshake");
-    tokio::spawn(connection);
-    let request = Request::post("/devices/dev1/messages/events?api-version=2021-04-12")
-        .header(HOST, PROXY)
-        .header("content-type", "application/json")
-        .body(Full::new(bytes::Bytes::from_static(b"{\"t\":1}")).map_err(|never| match never {}))
-        .unwrap();
-    let response = sender.send_request(request).await.expect("response");
-    response.status()
-}
-
 /// utime + stime of a process, in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("agent stat");
@@ -355,28 +281,4 @@ fn cpu_seconds(pid: u32) -> f64 {
     // SAFETY: sysconf has no preconditions.
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     ticks as f64 / per_second
-}
-
-async fn scrape(port: u16) -> String {
-    let mut stream = TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("admin");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.unwrap();
-    text
-}
-
-/// The value of `metric` for `frontend` in Prometheus text (0 when absent).
-fn value(metrics: &str, metric: &str, frontend: &str) -> u64 {
-    let prefix = format!("{metric}{{frontend=\"{frontend}\"");
-    metrics
-        .lines()
-        .find(|line| line.starts_with(&prefix))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }

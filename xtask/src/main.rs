@@ -1,11 +1,14 @@
-//! Developer tasks: `setup`, `build`, `test`, `run`, `demo`, `bench`, `xdp-bench`, `fuzz`.
-//! `cargo xtask test` is the one command that takes a fresh machine to green tests;
+//! Developer tasks: `setup`, `build`, `test`, `run`, `demo`, `bench`, `xdp-bench`, `fuzz`,
+//! `soak`. `cargo xtask test` is the one command that takes a fresh machine to green tests;
 //! `.ci/run` calls exactly that. `cargo xtask fuzz --seconds N` runs every cargo-fuzz
-//! target (`fuzz/`, nightly) for N seconds; it is not part of `test`.
+//! target (`fuzz/`, nightly) for N seconds; it is not part of `test`. `cargo xtask soak
+//! --minutes N` (or `--seconds N`) runs mixed and hostile traffic through a real agent and
+//! fails if its RSS, fds, map entries or kernel TCP memory grow; not part of `test` or CI.
 
 mod bench;
 mod fuzz;
 mod setup;
+mod soak;
 mod xdp_bench;
 
 use std::process::Command;
@@ -51,6 +54,10 @@ enum Task {
     /// Every cargo-fuzz target in `fuzz/` for a bounded time each (nightly, ASan);
     /// fails on a crash and names the input. Installs cargo-fuzz if missing.
     Fuzz(fuzz::Options),
+    /// Mixed MQTT, AMQP, HTTPS and WebSocket traffic plus waves of hostile clients for N
+    /// minutes; samples the agent's RSS, fds, map entries and kernel TCP memory and fails
+    /// if any grows or legitimate traffic fails (root; not in CI).
+    Soak(soak::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -72,6 +79,7 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Bench(options) => bench::run(&options),
         Task::Fuzz(options) => fuzz::run(&options),
+        Task::Soak(options) => soak::run(&options),
         Task::Run { args } => {
             setup::run()?;
             build(true)?;

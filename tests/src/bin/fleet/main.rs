@@ -10,7 +10,6 @@
 //! reaches each phase (xtask samples CPU and memory on those lines), then one JSON line.
 //! `storm` prints one JSON line.
 
-mod echo;
 mod load;
 mod stats;
 mod storm;
@@ -70,7 +69,7 @@ fn main() -> anyhow::Result<()> {
         match cli.mode {
             Mode::EchoServer { listen, tls } => {
                 let tls = tls.and_then(|v| Some((v.first()?.clone(), v.get(1)?.clone())));
-                echo::serve(listen, tls).await
+                forwarder_tests::echo::serve(listen, tls).await
             }
             Mode::Fleet(args) => load::run(args).await,
             Mode::Storm(args) => storm::run(args).await,

@@ -1,4 +1,4 @@
-//! The echo servers behind the proxies: one task per connection on a tokio runtime, so
+//! The echo servers behind the proxies (the bench's fleet, the soak's AMQP stand-in): one task per connection on a tokio runtime, so
 //! thousands of idle devices cost a few KiB each instead of a thread each.
 
 use std::net::SocketAddr;
