@@ -10,6 +10,8 @@ use tokio::net::TcpListener;
 use crate::config::{Backend, Config, Frontend, Mode};
 
 pub const DEMO_PORT: u16 = 18883;
+/// The demo agent's instance name.
+pub const INSTANCE: &str = "demo";
 
 /// Starts the echo upstream and returns a config that fronts it on 127.0.0.1:18883.
 pub async fn start() -> anyhow::Result<Config> {
@@ -34,5 +36,5 @@ pub async fn start() -> anyhow::Result<Config> {
          `target/release/forwarder conns --instance demo` lists it \
          (bytes are spliced in the kernel, and echoed back). Ctrl-C stops."
     );
-    Ok(Config::new("demo", vec![frontend], vec![backend]))
+    Ok(Config::new(INSTANCE, vec![frontend], vec![backend]))
 }

@@ -5,6 +5,9 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::mpsc;
 
 use anyhow::Context as _;
 use aya::maps::{HashMap, MapData, MapError, RingBuf, SockHash};
@@ -13,6 +16,7 @@ use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfLoader};
 use forwarder_common::{ConnInfo, NAME_LEN, PeerLink, SockCounters, StatKey, names};
 
+use crate::l4::session::HandedSession;
 use crate::l4::supervisor::Supervisor;
 use crate::sys;
 
@@ -60,7 +64,21 @@ struct Maps {
 pub struct LoadOptions {
     /// Pin the maps under this directory (created, and removed again on drop).
     pub pin_dir: Option<PathBuf>,
+    /// Reuse the maps pinned there by the agent this one upgrades (see `crate::upgrade`),
+    /// instead of removing them as a crashed agent's.
+    pub adopt: bool,
 }
+
+/// The maps pinned for the CLI and for an upgrade's next agent (the event ring too: the
+/// spliced sockets' verdict reports into it, whichever agent reads it).
+const PINNED: [&str; 6] = [
+    names::SOCKS,
+    names::LINKS,
+    names::COUNTERS,
+    names::CONNS,
+    names::STATS,
+    names::EVENTS,
+];
 
 /// The loaded and attached eBPF data path. Dropping it detaches the programs.
 pub struct Datapath {
@@ -68,11 +86,15 @@ pub struct Datapath {
     ebpf: Mutex<Ebpf>,
     maps: Mutex<Maps>,
     pin_dir: Option<PathBuf>,
+    /// Set when an upgrade's new agent took the maps over: the pins stay at drop.
+    leave_pins: AtomicBool,
     /// The instance's lock: let go only after the pins are gone (fields drop after `drop`).
     instance_lock: Option<std::sync::Arc<crate::instance_lock::InstanceLock>>,
     /// The verdict's event ring until the supervisor takes it, then the supervisor: it
     /// starts with the first splice, on the runtime that serves the sessions.
     supervision: Mutex<Supervision>,
+    /// During an upgrade: where spliced sessions hand themselves over (`crate::upgrade`).
+    handover: Mutex<Option<mpsc::UnboundedSender<Box<HandedSession>>>>,
 }
 
 enum Supervision {
@@ -116,7 +138,18 @@ impl Datapath {
         if let Err(err) = sys::raise_memlock_limit() {
             tracing::debug!(%err, "could not raise RLIMIT_MEMLOCK; continuing");
         }
-        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).context(
+        if let Some(dir) = &options.pin_dir {
+            prepare_pin_dir(dir, options.adopt)?;
+        }
+        let mut loader = EbpfLoader::new();
+        if let Some(dir) = &options.pin_dir {
+            // Pinned as they are created, or (an upgrade) the running agent's maps reused:
+            // its spliced sockets and their verdict program live on in them.
+            for name in PINNED {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).context(
             "loading the eBPF object failed: the agent needs root (or CAP_BPF + CAP_NET_ADMIN) \
              and a kernel with BPF sockmap support (the 2025 sockmap fixes are in 6.1.142, 6.6.94, \
              6.12.34, 6.15.3 and >= 6.16; tested: 6.18)",
@@ -145,18 +178,6 @@ impl Datapath {
         )?;
 
         let pin_dir = options.pin_dir.clone();
-        if let Some(dir) = &pin_dir {
-            pin_maps(
-                dir,
-                &[
-                    (names::SOCKS, map_data(&socks)),
-                    (names::LINKS, map_data(&links)),
-                    (names::COUNTERS, map_data(&counters)),
-                    (names::CONNS, map_data(&conns)),
-                    (names::STATS, map_data(&stats)),
-                ],
-            )?;
-        }
         Ok(Self {
             ebpf: Mutex::new(ebpf),
             maps: Mutex::new(Maps {
@@ -167,8 +188,11 @@ impl Datapath {
                 stats,
             }),
             pin_dir,
+            // Until the previous agent has handed everything over, its pins are its own.
+            leave_pins: AtomicBool::new(options.adopt),
             instance_lock: None,
             supervision: Mutex::new(Supervision::NotStarted(events)),
+            handover: Mutex::new(None),
         })
     }
 
@@ -194,6 +218,55 @@ impl Datapath {
         };
         *supervision = Supervision::Running(started.clone());
         Ok(started)
+    }
+
+    /// Starts an upgrade's hand-over: every spliced session packs itself up and goes to
+    /// `sessions` (see `hand_over`).
+    pub fn begin_handover(&self, sessions: mpsc::UnboundedSender<Box<HandedSession>>) {
+        *self.handover.lock().unwrap_or_else(|p| p.into_inner()) = Some(sessions);
+        if let Ok(supervisor) = self.supervisor() {
+            supervisor.begin_handover();
+        }
+    }
+
+    /// Sends a session to the next agent; gives it back when the hand-over is not (or no
+    /// longer) possible.
+    pub fn hand_over(&self, session: Box<HandedSession>) -> Result<(), Box<HandedSession>> {
+        let handover = self.handover.lock().unwrap_or_else(|p| p.into_inner());
+        match handover.as_ref() {
+            Some(sessions) => sessions.send(session).map_err(|e| e.0),
+            None => Err(session),
+        }
+    }
+
+    /// Ends the hand-over (the next agent is gone or done): sessions stay here.
+    pub fn end_handover(&self) {
+        *self.handover.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// The next agent owns the maps now: leave the pins when this one goes.
+    pub fn leave_pins(&self) {
+        self.leave_pins.store(true, Ordering::Release);
+    }
+
+    /// The pins are ours now (an upgrade's hand-over is complete): removed at our exit.
+    pub fn own_pins(&self) {
+        self.leave_pins.store(false, Ordering::Release);
+    }
+
+    /// Attaches our verdict to the socket map again: a failed upgrade's new agent may have
+    /// replaced it (and detached its own on exit), and new connections need one.
+    pub fn reattach_verdict(&self) -> anyhow::Result<()> {
+        let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
+        let maps = self.maps();
+        let verdict: &mut SkSkb = ebpf
+            .program_mut(names::VERDICT)
+            .context("the splice verdict program is missing")?
+            .try_into()?;
+        verdict
+            .attach(maps.socks.fd())
+            .context("attaching the stream verdict to the socket map again")?;
+        Ok(())
     }
 
     /// The aya-log reader for this object's log records, for the agent to drive.
@@ -315,6 +388,11 @@ impl Datapath {
             .map_err(io::Error::other)
     }
 
+    /// A connection's listing, if it has one.
+    pub fn conn_info(&self, client_cookie: u64) -> Option<ConnInfo> {
+        self.maps().conns.get(&client_cookie, 0).ok()
+    }
+
     pub fn forget_conn(&self, client_cookie: u64) {
         let _ = self.maps().conns.remove(&client_cookie);
     }
@@ -386,18 +464,27 @@ impl Datapath {
 
 impl Drop for Datapath {
     fn drop(&mut self) {
+        if self.leave_pins.load(Ordering::Acquire) {
+            return;
+        }
         if let Some(dir) = &self.pin_dir {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
 }
 
-fn pin_maps(dir: &Path, maps: &[(&str, &MapData)]) -> anyhow::Result<()> {
+/// Makes the pin directory ready: checked, and emptied of a crashed agent's pins unless
+/// `adopt` (an upgrade takes the running agent's maps over; then their layout must be
+/// the one this binary's programs expect).
+fn prepare_pin_dir(dir: &Path, adopt: bool) -> anyhow::Result<()> {
     ensure_bpffs()?;
     if let Some(root) = dir.parent() {
         std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
         // The CLI (as root) trusts what it finds here.
         crate::instance_lock::check_not_writable_by_others(root)?;
+    }
+    if adopt {
+        return check_adoptable(dir);
     }
     if dir.exists() {
         // Left by an agent that crashed: its maps are not ours and nothing uses them.
@@ -405,15 +492,39 @@ fn pin_maps(dir: &Path, maps: &[(&str, &MapData)]) -> anyhow::Result<()> {
             .with_context(|| format!("removing stale pins in {}", dir.display()))?;
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    for (name, map) in maps {
-        map.pin(dir.join(name))
-            .with_context(|| format!("pinning {name} under {}", dir.display()))?;
-    }
     Ok(())
 }
 
-fn map_data<K: aya::Pod, V>(map: &impl aya::maps::IterableMap<K, V>) -> &MapData {
-    map.map()
+/// The running agent's pinned maps have the key and value sizes this binary uses: a new
+/// binary whose maps changed shape cannot take them over (it needs a restart).
+fn check_adoptable(dir: &Path) -> anyhow::Result<()> {
+    use std::mem::size_of;
+    let expected = [
+        (names::SOCKS, size_of::<u64>(), size_of::<u32>()),
+        (names::LINKS, size_of::<u64>(), size_of::<PeerLink>()),
+        (names::COUNTERS, size_of::<u64>(), size_of::<SockCounters>()),
+        (names::CONNS, size_of::<u64>(), size_of::<ConnInfo>()),
+        (names::STATS, size_of::<StatKey>(), size_of::<u64>()),
+    ];
+    for (name, key, value) in expected {
+        let path = dir.join(name);
+        let info = aya::maps::MapInfo::from_pin(&path)
+            .with_context(|| format!("opening the running agent's map {}", path.display()))?;
+        anyhow::ensure!(
+            info.key_size() as usize == key && info.value_size() as usize == value,
+            "map {name} of the running agent has {}-byte keys and {}-byte values, this binary \
+             uses {key} and {value}: the new version cannot take its connections over (restart \
+             it instead)",
+            info.key_size(),
+            info.value_size()
+        );
+    }
+    anyhow::ensure!(
+        dir.join(names::EVENTS).exists(),
+        "the running agent pinned no {}: it is too old to be upgraded in place (restart it)",
+        names::EVENTS
+    );
+    Ok(())
 }
 
 /// Mounts bpffs on /sys/fs/bpf if nothing is mounted there (a fresh machine has none).

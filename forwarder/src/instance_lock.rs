@@ -62,8 +62,45 @@ impl InstanceLock {
         Ok(Self { _file: file, path })
     }
 
+    /// Takes over the lock the previous agent held (an upgrade passed its descriptor: the
+    /// same open file, so the same `flock`), after checking it is this instance's file.
+    pub fn inherit(fd: std::os::fd::OwnedFd, instance: &str) -> anyhow::Result<Self> {
+        use std::os::fd::AsRawFd as _;
+        let path = Path::new(LOCK_DIR).join(format!("{instance}.lock"));
+        let named = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .context("reading the handed-over lock's path")?;
+        anyhow::ensure!(
+            named == path,
+            "the previous agent's lock is {}, this instance's is {}: the new configuration \
+             must keep the instance name",
+            named.display(),
+            path.display()
+        );
+        let mut file = File::from(fd);
+        file.set_len(0)?;
+        file.rewind()?;
+        write!(file, "{}", std::process::id())?;
+        Ok(Self { _file: file, path })
+    }
+
+    /// The pid written in an instance's lock file (the agent holding it, or the last one).
+    pub fn holder(instance: &str) -> anyhow::Result<u32> {
+        let path = Path::new(LOCK_DIR).join(format!("{instance}.lock"));
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("no agent of instance {instance:?} ({})", path.display()))?;
+        text.trim()
+            .parse()
+            .with_context(|| format!("{} holds no pid", path.display()))
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The lock's descriptor, for an upgrade to hand over.
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd as _;
+        self._file.as_fd()
     }
 }
 

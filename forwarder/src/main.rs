@@ -82,6 +82,17 @@ enum Command {
         config: PathBuf,
     },
     /// Open connections of a running agent: client, upstream, bytes, age, idle, path.
+    /// Hands the running agent over to the binary on disk without dropping a device:
+    /// listeners, pinned maps and every spliced connection move to the new process, and
+    /// the old one exits (userspace and HTTPS connections are drained by it first). The
+    /// same as sending the agent SIGUSR2.
+    Upgrade {
+        #[arg(long, default_value = "default")]
+        instance: String,
+        /// How long to wait for the old agent to be gone.
+        #[arg(long, default_value_t = 60)]
+        wait_secs: u64,
+    },
     Conns(Inspect),
     /// Counters of a running agent per frontend (and the XDP guard's).
     Stats(Inspect),
@@ -161,9 +172,14 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
+    forwarder::upgrade::remember_exe();
     let cli = Cli::parse();
     init_logging(cli.log_json);
     match cli.command {
+        Command::Upgrade {
+            instance,
+            wait_secs,
+        } => upgrade(&instance, std::time::Duration::from_secs(wait_secs)),
         Command::Conns(i) => {
             forwarder::inspect::print_conns(&Pinned::open(&i.instance)?, i.json, &mut stdout())
         }
@@ -215,6 +231,34 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Where `forwarder run` gets its configuration.
+/// Signals the instance's agent to upgrade itself and waits until a new process holds
+/// the instance and the old one is gone.
+fn upgrade(instance: &str, wait: std::time::Duration) -> anyhow::Result<()> {
+    use forwarder::instance_lock::InstanceLock;
+    let old = InstanceLock::holder(instance)?;
+    anyhow::ensure!(
+        std::path::Path::new(&format!("/proc/{old}")).exists(),
+        "no agent of instance {instance:?} runs (pid {old} is gone)"
+    );
+    forwarder::sys::send_signal(old, libc::SIGUSR2)
+        .with_context(|| format!("signalling the agent (pid {old})"))?;
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let holder = InstanceLock::holder(instance).unwrap_or(old);
+        let old_gone = !std::path::Path::new(&format!("/proc/{old}")).exists();
+        if holder != old && old_gone {
+            println!("upgraded: instance {instance} now runs as pid {holder} (was {old})");
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the upgrade did not complete within {wait:?} (old pid {old}, lock holder {holder}): \
+             see the agent's log; a refused upgrade leaves the old agent serving"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 enum Source {
     File(PathBuf),
     Hub(Box<Config>),
@@ -247,6 +291,8 @@ fn run(source: Source, options: RunOptions, user: Option<String>) -> anyhow::Res
             .build()
             .context("starting the runtime")
     };
+    // Started by `forwarder upgrade`: the running agent's offer comes first.
+    let mut inherited = forwarder::upgrade::Inherited::receive()?;
     let root = forwarder::sys::effective_uid() == 0;
     if !root && let Some(user) = &user {
         tracing::warn!(%user, "not started as root: already unprivileged, `user` has no effect");
@@ -257,7 +303,11 @@ fn run(source: Source, options: RunOptions, user: Option<String>) -> anyhow::Res
             // the agent needs after start-up.
             let config = config.context("a configuration")?;
             config.validate()?;
-            let prepared = one_thread_runtime()?.block_on(agent::prepare(config, options))?;
+            let prepared = one_thread_runtime()?.block_on(agent::prepare_with(
+                config,
+                options,
+                inherited.take(),
+            ))?;
             forwarder::privilege::trim()?;
             return serving()?.block_on(serve_until_stopped(prepared));
         }
@@ -267,14 +317,15 @@ fn run(source: Source, options: RunOptions, user: Option<String>) -> anyhow::Res
                 None => forwarder::demo::start().await?,
             };
             config.validate()?;
-            serve_until_stopped(agent::prepare(config, options).await?).await
+            serve_until_stopped(agent::prepare_with(config, options, inherited).await?).await
         });
     };
     let config =
         config.context("--user needs -c FILE or --hub (the built-in demo runs as root)")?;
     config.validate()?;
     let target = forwarder::privilege::Target::lookup(&user)?;
-    let prepared = one_thread_runtime()?.block_on(agent::prepare(config, options))?;
+    let prepared =
+        one_thread_runtime()?.block_on(agent::prepare_with(config, options, inherited.take()))?;
     let own = prepared.own_dirs()?;
     forwarder::privilege::drop_to(&target, &own)?;
     serving()?.block_on(serve_until_stopped(prepared))
@@ -299,6 +350,14 @@ async fn serve_until_stopped(prepared: agent::Prepared) -> anyhow::Result<()> {
             let _ = reload.try_send(());
         }
     });
+    let (upgrade, upgrades) = tokio::sync::mpsc::channel(1);
+    let mut usr2 = signal(SignalKind::user_defined2()).context("installing SIGUSR2 handler")?;
+    tokio::spawn(async move {
+        while usr2.recv().await.is_some() {
+            tracing::info!("SIGUSR2: upgrading to the binary on disk");
+            let _ = upgrade.try_send(());
+        }
+    });
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -309,7 +368,7 @@ async fn serve_until_stopped(prepared: agent::Prepared) -> anyhow::Result<()> {
         }
         let _ = stop.send(true);
     });
-    agent::serve(prepared, stopped, reloads).await
+    agent::serve_with_upgrades(prepared, stopped, reloads, upgrades).await
 }
 
 #[cfg(test)]

@@ -71,6 +71,12 @@ counters!(L4Metrics {
     kernel_events_lost,
     /// Connections ended by a reset from either side.
     resets,
+    /// Spliced connections handed to the agent's next binary by `forwarder upgrade`
+    /// (counted by the agent that handed them over).
+    handed_over,
+    /// Spliced connections taken over from the previous agent by `forwarder upgrade`
+    /// (counted by the agent that took them; their bytes count here at their end).
+    adopted,
     /// Payload bytes client -> upstream, kernel and userspace.
     bytes_up,
     /// Payload bytes upstream -> client.

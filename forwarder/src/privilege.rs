@@ -11,7 +11,9 @@
 //!   worker needs, beyond `net.core.wmem_max`), and detaching the programs at exit.
 //! - `CAP_NET_BIND_SERVICE`: a reload that adds a frontend on a port below 1024.
 //!
-//! Everything else is dropped from the bounding set too, and `no_new_privs` is set.
+//! Everything else is dropped from the bounding set too, and `no_new_privs` is set. The
+//! kept three are also made ambient: `forwarder upgrade` execs the agent's new binary,
+//! which must start with them (and with nothing more: the bounding set holds).
 //!
 //! Capabilities are per thread and the change must reach every thread, so the agent does
 //! it while it is still one thread: the privileged start-up runs on a single-threaded
@@ -89,6 +91,7 @@ pub fn drop_to(target: &Target, own: &[std::path::PathBuf]) -> anyhow::Result<()
         .with_context(|| format!("switching to user {:?}", target.name))?;
     sys::set_keep_capabilities(false).context("PR_SET_KEEPCAPS")?;
     sys::set_capabilities(KEPT).context("setting the kept capabilities")?;
+    sys::raise_ambient(KEPT).context("making the kept capabilities ambient")?;
     sys::set_no_new_privileges().context("PR_SET_NO_NEW_PRIVS")?;
     tracing::info!(
         user = %target.name,
@@ -119,6 +122,7 @@ pub fn trim() -> anyhow::Result<()> {
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         .context("no CapPrm in /proc/self/status")?;
     sys::set_capabilities(KEPT & permitted).context("trimming capabilities")?;
+    sys::raise_ambient(KEPT & permitted).context("making the kept capabilities ambient")?;
     sys::set_no_new_privileges().context("PR_SET_NO_NEW_PRIVS")?;
     tracing::info!(
         kept = format!("{:#x}", KEPT & permitted),
@@ -138,6 +142,16 @@ fn give(dir: &Path, target: &Target) -> anyhow::Result<()> {
         let entry = entry?;
         if entry.file_type()?.is_dir() {
             give(&entry.path(), target)?;
+        } else {
+            // Pinned maps: `forwarder upgrade`'s new agent, started as this user, opens them.
+            std::os::unix::fs::chown(entry.path(), Some(target.uid), Some(target.gid))
+                .with_context(|| {
+                    format!(
+                        "giving {} to user {:?}",
+                        entry.path().display(),
+                        target.name
+                    )
+                })?;
         }
     }
     Ok(())

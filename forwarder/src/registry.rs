@@ -18,6 +18,8 @@ pub struct Registration<D: Deref<Target = Datapath>> {
     datapath: D,
     cookie: u64,
     info: ConnInfo,
+    /// Handed to the next agent (`crate::upgrade`): the entry stays at drop.
+    handed_over: bool,
 }
 
 fn mapped(addr: IpAddr) -> [u8; 16] {
@@ -85,6 +87,7 @@ impl<D: Deref<Target = Datapath>> Registration<D> {
                 datapath,
                 cookie,
                 info,
+                handed_over: false,
             }),
             Err(err) => {
                 tracing::debug!(%err, "connection not listed for `forwarder conns`");
@@ -94,6 +97,23 @@ impl<D: Deref<Target = Datapath>> Registration<D> {
     }
 
     /// The kernel could not take the pair after all: it is served in userspace.
+    /// Takes over the entry the previous agent listed for this connection (an upgrade:
+    /// the map is shared), if there is one.
+    pub fn adopt(datapath: D, client_cookie: u64) -> Option<Self> {
+        let info = datapath.conn_info(client_cookie)?;
+        Some(Self {
+            datapath,
+            cookie: client_cookie,
+            info,
+            handed_over: false,
+        })
+    }
+
+    /// Leaves the entry to the next agent, which takes it over (`adopt`).
+    pub fn hand_over(mut self) {
+        self.handed_over = true;
+    }
+
     pub fn set_userspace(&mut self) {
         self.info.path = PATH_USERSPACE;
         let _ = self.datapath.register_conn(self.cookie, &self.info);
@@ -120,6 +140,9 @@ impl<D: Deref<Target = Datapath>> Registration<D> {
 
 impl<D: Deref<Target = Datapath>> Drop for Registration<D> {
     fn drop(&mut self) {
+        if self.handed_over {
+            return;
+        }
         self.datapath.forget_conn(self.cookie);
     }
 }

@@ -372,8 +372,8 @@ struct CapData {
 
 const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
-/// Sets this thread's effective and permitted capabilities to `kept` (a bit mask), and
-/// its inheritable set to none.
+/// Sets this thread's effective, permitted and inheritable capabilities to `kept` (a bit
+/// mask). Inheritable too, so `raise_ambient` can keep them across the exec of an upgrade.
 pub fn set_capabilities(kept: u64) -> io::Result<()> {
     let mut header = CapHeader {
         version: CAPABILITY_VERSION_3,
@@ -385,17 +385,36 @@ pub fn set_capabilities(kept: u64) -> io::Result<()> {
         CapData {
             effective: low,
             permitted: low,
-            inheritable: 0,
+            inheritable: low,
         },
         CapData {
             effective: high,
             permitted: high,
-            inheritable: 0,
+            inheritable: high,
         },
     ];
     // SAFETY: capset reads the header and two data structs (version 3), which live
     // across the call.
     check(unsafe { libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) as libc::c_int })
+}
+
+/// Makes the capabilities in `kept` ambient (they must be permitted and inheritable), so
+/// the agent's next binary, exec'd by `forwarder upgrade`, starts with them: an ordinary
+/// user's exec otherwise clears every capability.
+pub fn raise_ambient(kept: u64) -> io::Result<()> {
+    for cap in (0..64u32).filter(|c| kept & (1 << c) != 0) {
+        // SAFETY: prctl with integer arguments only.
+        check(unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+                libc::c_ulong::from(cap),
+                0,
+                0,
+            )
+        })?;
+    }
+    Ok(())
 }
 
 /// No exec of this process can gain privileges again (setuid binaries, file caps).
@@ -463,6 +482,19 @@ pub fn async_fd_readable<T: AsRawFd>(inner: T) -> io::Result<tokio::io::unix::As
     // stays open and unchanged for the registration's whole lifetime.
     unsafe {
         tokio::io::unix::AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| io::Error::other(e.to_string()))
+}
+
+/// Registers a descriptor with tokio for reading and writing.
+pub fn async_fd<T: AsRawFd>(inner: T) -> io::Result<tokio::io::unix::AsyncFd<T>> {
+    // SAFETY: as in `async_fd_readable`: the AsyncFd owns `inner`, which owns the
+    // descriptor for the registration's whole lifetime.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(
+            inner,
+            tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE,
+        )
     }
     .map_err(|e| io::Error::other(e.to_string()))
 }
@@ -545,6 +577,11 @@ impl Epoll {
         self.ctl(libc::EPOLL_CTL_ADD, fd, events, data)
     }
 
+    /// Stops watching `fd`.
+    pub fn delete(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0)
+    }
+
     /// Changes what `fd` is watched for.
     pub fn modify(&self, fd: BorrowedFd<'_>, events: u32, data: u64) -> io::Result<()> {
         self.ctl(libc::EPOLL_CTL_MOD, fd, events, data)
@@ -577,4 +614,175 @@ impl AsRawFd for Epoll {
     fn as_raw_fd(&self) -> RawFd {
         self.0.as_raw_fd()
     }
+}
+
+/// A connected pair of `SOCK_SEQPACKET` Unix sockets (close-on-exec): message boundaries
+/// are kept, and descriptors ride along (`send_with_fds`).
+pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: socketpair writes two descriptors into `fds`, which we then own.
+    check(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    })?;
+    // SAFETY: both are fresh descriptors nobody else owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Sets `O_NONBLOCK` (shared by every descriptor of the open file).
+pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: fcntl on an open descriptor with integer arguments.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) })
+}
+
+/// Lets `fd` survive an exec (clears `FD_CLOEXEC`).
+pub fn clear_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: fcntl on an open descriptor with integer arguments.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, flags & !libc::FD_CLOEXEC) })
+}
+
+/// Takes ownership of a descriptor number inherited across exec (see `clear_cloexec`),
+/// after checking it is open. Marks it close-on-exec again.
+pub fn inherited_fd(raw: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_GETFD only checks that the number is an open descriptor.
+    if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFD on the open descriptor.
+    check(unsafe { libc::fcntl(raw, libc::F_SETFD, libc::FD_CLOEXEC) })?;
+    // SAFETY: the descriptor was handed to this process to own (by the exec'ing agent),
+    // and nothing else in this process refers to it.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Most descriptors one message carries (the kernel's SCM_MAX_FD is 253).
+pub const MAX_FDS_PER_MESSAGE: usize = 250;
+
+/// Sends one message with `fds` attached (SCM_RIGHTS): the receiver gets its own
+/// descriptors for the same open files.
+pub fn send_with_fds(
+    socket: BorrowedFd<'_>,
+    bytes: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<()> {
+    if fds.len() > MAX_FDS_PER_MESSAGE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "too many descriptors for one message",
+        ));
+    }
+    let raw: Vec<libc::c_int> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+    let payload = std::mem::size_of_val(raw.as_slice());
+    // SAFETY: CMSG_SPACE is arithmetic on its argument.
+    let space = unsafe { libc::CMSG_SPACE(payload as u32) } as usize;
+    let mut control = vec![0u8; if raw.is_empty() { 0 } else { space }];
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: a zeroed msghdr is a valid empty one.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !raw.is_empty() {
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = control.len();
+        // SAFETY: `control` has room for one header and `payload` bytes (CMSG_SPACE), so
+        // the first header and its data lie inside it.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(payload as u32) as usize;
+            std::ptr::copy_nonoverlapping(raw.as_ptr(), libc::CMSG_DATA(cmsg).cast(), raw.len());
+        }
+    }
+    loop {
+        // SAFETY: every pointer in `msg` refers to live buffers of the stated lengths.
+        let n = unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        if n >= 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// Receives one message (waiting for it) into `buf`; returns its length (0: the peer
+/// closed) and the descriptors that came with it, owned by us now.
+pub fn recv_with_fds(socket: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    // SAFETY: CMSG_SPACE is arithmetic on its argument.
+    let space =
+        unsafe { libc::CMSG_SPACE((MAX_FDS_PER_MESSAGE * size_of::<libc::c_int>()) as u32) };
+    let mut control = vec![0u8; space as usize];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: a zeroed msghdr is a valid empty one.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = control.len();
+    let n = loop {
+        // SAFETY: every pointer in `msg` refers to live buffers of the stated lengths.
+        let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    };
+    let mut fds = Vec::new();
+    // SAFETY: the kernel filled `control` up to msg_controllen; CMSG_FIRSTHDR/NXTHDR stay
+    // inside it, and each SCM_RIGHTS payload holds cmsg_len - CMSG_LEN(0) bytes of fresh
+    // descriptors that this process now owns.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let bytes = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                let count = bytes / size_of::<libc::c_int>();
+                let data = libc::CMSG_DATA(cmsg).cast::<libc::c_int>();
+                for i in 0..count {
+                    fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    if msg.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "hand-over message truncated",
+        ));
+    }
+    Ok((n, fds))
+}
+
+/// Sends `signal` to process `pid`.
+pub fn send_signal(pid: u32, signal: libc::c_int) -> io::Result<()> {
+    let pid =
+        libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: kill with integer arguments only.
+    check(unsafe { libc::kill(pid, signal) })
 }

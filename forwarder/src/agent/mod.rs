@@ -5,6 +5,7 @@
 mod build;
 pub mod fd_budget;
 mod reload;
+mod upgrade;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -79,6 +80,8 @@ pub struct Running {
     stop: Arc<watch::Sender<bool>>,
     /// One agent per instance: held while any frontend runs.
     _instance: Arc<InstanceLock>,
+    /// A copy of the listener's descriptor, for `forwarder upgrade` to hand over.
+    listener_fd: Option<std::os::fd::OwnedFd>,
     task: JoinHandle<()>,
 }
 
@@ -183,13 +186,16 @@ fn load_datapath(
     config: &Config,
     options: &RunOptions,
     instance: &Arc<InstanceLock>,
+    adopt: bool,
 ) -> anyhow::Result<Option<Arc<Datapath>>> {
     let splices = config.frontends.iter().any(|f| f.mode == Mode::Splice);
     let load = LoadOptions {
         pin_dir: Some(pin_dir_for(&config.instance)),
+        adopt,
     };
     match Datapath::load(&load) {
         Ok(datapath) => Ok(Some(Arc::new(datapath.holding(instance.clone())))),
+        Err(err) if adopt => Err(err.context("taking the running agent's maps over")),
         Err(err) if splices && !options.no_ebpf => Err(err),
         Err(err) => {
             tracing::warn!(
@@ -227,6 +233,8 @@ pub struct Prepared {
     /// Attached once the frontends are bound, so their ports are known; detached on drop.
     xdp: Option<crate::xdp::XdpGuard>,
     admin: Option<std::net::TcpListener>,
+    /// Started by `forwarder upgrade`: where the previous agent's sessions arrive.
+    arrivals: Option<crate::upgrade::Arrivals>,
 }
 
 impl Prepared {
@@ -249,18 +257,40 @@ impl Prepared {
 /// every frontend's listener, the XDP guard and the admin port. Leaves no task behind,
 /// so it can run on a runtime of its own before privileges are dropped.
 pub async fn prepare(config: Config, options: RunOptions) -> anyhow::Result<Prepared> {
+    prepare_with(config, options, None).await
+}
+
+/// `prepare`, or (`inherited`: started by `forwarder upgrade`) taking over the previous
+/// agent's lock, maps, listeners and admin port instead of making new ones.
+pub async fn prepare_with(
+    config: Config,
+    options: RunOptions,
+    mut inherited: Option<crate::upgrade::Inherited>,
+) -> anyhow::Result<Prepared> {
     let options = options.against_kernel();
     // First: a second agent of this instance must touch nothing (pins, ports).
-    let instance = Arc::new(InstanceLock::acquire(&config.instance)?);
+    let instance = Arc::new(match inherited.as_mut() {
+        Some(inherited) => {
+            let lock = inherited.lock.try_clone()?;
+            InstanceLock::inherit(lock, &config.instance)?
+        }
+        None => InstanceLock::acquire(&config.instance)?,
+    });
     let budget = FdBudget::raise();
     budget.log(&config);
     let agent_cap = AgentCap::new(budget.agent_cap(&config));
-    let datapath = load_datapath(&config, &options, &instance)?;
+    let datapath = load_datapath(&config, &options, &instance, inherited.is_some())?;
     crate::listener::enable_migration();
     let listeners = config
         .frontends
         .iter()
         .map(|f| {
+            if let Some(listener) = inherited
+                .as_mut()
+                .and_then(|i| i.take_listener(&f.name, f.bind))
+            {
+                return Ok(listener);
+            }
             crate::listener::bind(f.bind)
                 .and_then(|l| l.into_std())
                 .with_context(|| format!("frontend {}: binding {}", f.name, f.bind))
@@ -274,6 +304,9 @@ pub async fn prepare(config: Config, options: RunOptions) -> anyhow::Result<Prep
     let admin = config
         .admin
         .map(|addr| {
+            if let Some(listener) = inherited.as_mut().and_then(|i| i.take_admin(addr)) {
+                return Ok(listener);
+            }
             crate::admin::bind(addr)
                 .and_then(|l| l.into_std())
                 .with_context(|| format!("admin: binding {addr}"))
@@ -288,6 +321,7 @@ pub async fn prepare(config: Config, options: RunOptions) -> anyhow::Result<Prep
         listeners,
         xdp,
         admin,
+        arrivals: inherited.map(crate::upgrade::Inherited::into_arrivals),
     })
 }
 
@@ -393,6 +427,10 @@ fn start_frontend(
             .with_context(|| format!("frontend {}: binding {}", f.name, f.bind))?,
     };
     let addr = listener.local_addr()?;
+    let listener_fd = std::os::fd::AsFd::as_fd(&listener)
+        .try_clone_to_owned()
+        .map_err(|err| tracing::debug!(%err, "no copy of the listener for upgrades"))
+        .ok();
     let (stop, stopped) = frontend_stop((*shutdown).clone());
     let task = match built {
         Built::Originate(frontend, m) => {
@@ -442,6 +480,7 @@ fn start_frontend(
         spec,
         stop,
         _instance: (*instance).clone(),
+        listener_fd,
         task,
     })
 }
@@ -478,8 +517,20 @@ pub async fn run(
 /// Serves what `prepare` set up until `shutdown`, then drains (see `run`).
 pub async fn serve(
     prepared: Prepared,
+    shutdown: watch::Receiver<bool>,
+    reload: mpsc::Receiver<()>,
+) -> anyhow::Result<()> {
+    let (_no_upgrades, upgrades) = mpsc::channel(1);
+    serve_with_upgrades(prepared, shutdown, reload, upgrades).await
+}
+
+/// `serve`, where each message on `upgrade` hands the agent over to its binary on disk
+/// (`crate::upgrade`); once that succeeds, this process exits.
+pub async fn serve_with_upgrades(
+    prepared: Prepared,
     mut shutdown: watch::Receiver<bool>,
     mut reload: mpsc::Receiver<()>,
+    mut upgrade: mpsc::Receiver<()>,
 ) -> anyhow::Result<()> {
     let Started {
         mut running,
@@ -494,7 +545,14 @@ pub async fn serve(
         listeners: _,
         mut xdp,
         admin,
+        arrivals,
     } = prepared;
+    let admin_fd = admin.as_ref().and_then(|l| {
+        Some((
+            l.local_addr().ok()?,
+            std::os::fd::AsFd::as_fd(l).try_clone_to_owned().ok()?,
+        ))
+    });
     let admin = match admin {
         Some(listener) => {
             let registry = Arc::new(crate::admin::Registry::new(pin_dir_for(&config.instance)));
@@ -522,6 +580,11 @@ pub async fn serve(
         }
     };
     register(&running);
+    if let Some(arrivals) = arrivals {
+        let takers = upgrade::takers(&config, &running);
+        tokio::spawn(upgrade::receive(arrivals, takers, datapath.clone()));
+    }
+    crate::notify::ready();
     let mut config = config;
     // Counters of frontends a reload stopped while they still had open connections.
     let mut retired: Vec<FrontendMetrics> = Vec::new();
@@ -531,6 +594,29 @@ pub async fn serve(
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
+            Some(()) = upgrade.recv() => {
+                let holdings = upgrade::Holdings {
+                    instance: &instance,
+                    running: &running,
+                    admin: admin_fd.as_ref().map(|(addr, fd)| (*addr, fd)),
+                    xdp: xdp.is_some(),
+                    demo: options.config_path.is_none() && config.instance == crate::demo::INSTANCE,
+                };
+                match upgrade::start_next(holdings).await {
+                    Ok(next) => {
+                        let drain = options.drain_deadline.unwrap_or(DEFAULT_DRAIN);
+                        upgrade::hand_over_and_exit(next, running, retired, datapath, drain).await;
+                    }
+                    Err(err) => {
+                        tracing::error!("upgrade refused, still serving: {err:#}");
+                        if let Some(datapath) = &datapath
+                            && let Err(err) = datapath.reattach_verdict()
+                        {
+                            tracing::error!("after the failed upgrade: {err:#}");
+                        }
+                    }
+                }
+            }
             Some(()) = reload.recv() => {
                 let shared = Shared { datapath: &datapath, options: &options, agent_cap: &agent_cap, instance: &instance, shutdown: &shutdown };
                 match reload::apply(&config, &shared, &mut running, &mut retired).await {
@@ -558,7 +644,7 @@ pub async fn serve(
             _ = report.tick() => log_stats(&running),
         }
     }
-    let deadline = options.drain_deadline.unwrap_or(Duration::from_secs(30));
+    let deadline = options.drain_deadline.unwrap_or(DEFAULT_DRAIN);
     tracing::info!(?deadline, "stopped accepting; draining open connections");
     let started = tokio::time::Instant::now();
     let retired_open: u64 = retired.iter().map(FrontendMetrics::open).sum();
@@ -588,6 +674,9 @@ pub async fn serve(
     }
     Ok(())
 }
+
+/// How long a stop (or an upgrade) waits for open connections without `--drain-secs`.
+pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
 
 /// Counters into the pinned `FWD_STATS` map, for `forwarder stats`: per frontend, and
 /// per backend under `backend:<name>`.

@@ -132,7 +132,9 @@ fn running_uses(running: &[Running], pool: &Arc<crate::l4::upstream::Pool>) -> b
 
 /// Stops a frontend's accept loop and waits until its listening socket is closed. Its
 /// counters go to `retired`, so the drain at stop still waits for its open connections.
-async fn stop(frontend: Running, retired: &mut Vec<FrontendMetrics>) {
+async fn stop(mut frontend: Running, retired: &mut Vec<FrontendMetrics>) {
+    // Our copy of the listener must not keep it open once its accept loop lets go.
+    frontend.listener_fd = None;
     let _ = frontend.stop.send(true);
     let _ = frontend.task.await;
     retired.push(frontend.metrics);

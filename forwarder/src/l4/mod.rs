@@ -111,6 +111,9 @@ pub enum End {
         side: Option<Side>,
         error: io::Error,
     },
+    /// Not ended: handed to the agent's next binary (`crate::upgrade`), which counts its
+    /// bytes and its end.
+    HandedOver,
 }
 
 /// What happened to one connection, whatever path carried it: `finish` turns it into
@@ -128,6 +131,18 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// A spliced connection the next agent took over.
+    pub fn handed_over() -> Self {
+        Self {
+            carrier: Carrier::Kernel,
+            bytes_up: 0,
+            bytes_down: 0,
+            userspace_bytes: 0,
+            diverted: false,
+            end: End::HandedOver,
+        }
+    }
+
     /// A connection that ended in an error before any byte moved.
     pub fn failed(carrier: Carrier, error: io::Error) -> Self {
         Self {
@@ -160,6 +175,10 @@ pub fn finish(outcome: &Outcome, metrics: &L4Metrics) {
         End::Error { side, error } => {
             metrics::add(&metrics.session_errors, 1);
             tracing::warn!(?side, %error, "connection ended by an error");
+        }
+        End::HandedOver => {
+            metrics::add(&metrics.handed_over, 1);
+            return;
         }
     }
     tracing::debug!(
@@ -322,7 +341,21 @@ async fn carry(
                 Ok(spliced) => {
                     metrics::add(&metrics.kernel_spliced, 1);
                     tracing::debug!(%upstream_addr, cookie = pair.client, "spliced in the kernel");
-                    return session::run(datapath, spliced, &frontend.session, metrics).await;
+                    let outcome = session::run(
+                        datapath,
+                        spliced,
+                        &frontend.session,
+                        metrics,
+                        &frontend.name,
+                    )
+                    .await;
+                    if matches!(outcome.end, End::HandedOver) {
+                        // The next agent lists it from now on (same entry, same map).
+                        if let Some(registration) = registration {
+                            registration.hand_over();
+                        }
+                    }
+                    return outcome;
                 }
                 Err(Unspliced::Fallback(client, upstream, err)) => {
                     metrics::add(fallback_counter(&err, metrics), 1);

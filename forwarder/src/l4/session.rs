@@ -106,6 +106,55 @@ impl<'a> Direction<'a> {
         }
     }
 
+    /// What an upgrade's next agent needs to go on with this direction.
+    fn state(&mut self) -> DirectionState {
+        DirectionState {
+            eof: self.eof,
+            shut: self.shut,
+            copied: self.copied,
+            read: self.read,
+            pending: std::mem::take(&mut self.pending),
+            redirected: self.redirected,
+            diverted: self.diverted,
+            limit: self.limit,
+            refresh_at: self.refresh_at,
+            passed_mark: self.passed_mark,
+            over_budget_seen: self.over_budget_seen,
+            watching_data: self.watching_data,
+            sink_base: self.sink_base,
+        }
+    }
+
+    /// A direction as the previous agent left it (`state`).
+    fn restore(
+        (src, sink): (&'a TcpStream, &'a TcpStream),
+        side: usize,
+        pair: SplicedPair,
+        state: DirectionState,
+    ) -> Self {
+        let cookies = [pair.client, pair.upstream];
+        Self {
+            src,
+            sink,
+            side,
+            src_cookie: cookies[side],
+            sink_cookie: cookies[1 - side],
+            eof: state.eof,
+            shut: state.shut,
+            copied: state.copied,
+            read: state.read,
+            pending: state.pending,
+            redirected: state.redirected,
+            diverted: state.diverted,
+            limit: state.limit,
+            refresh_at: state.refresh_at,
+            passed_mark: state.passed_mark,
+            over_budget_seen: state.over_budget_seen,
+            watching_data: state.watching_data,
+            sink_base: state.sink_base,
+        }
+    }
+
     /// Writes `src`'s link with a new limit and mark. Neither ever goes down: the verdict
     /// keeps a copy of the link and reads the real one only when the copy would stop a
     /// segment (see `SockCounters::link`). A limit kept from an earlier, smaller ack is
@@ -173,17 +222,81 @@ struct Session<'a> {
     datapath: &'a Datapath,
     options: &'a SessionOptions,
     metrics: &'a L4Metrics,
+    frontend: &'a str,
     dirs: [Direction<'a>; 2],
     started_ns: u64,
     last_userspace_io_ns: u64,
+    /// Taken over by an upgrade: look often until then (see `CATCH_UP`).
+    catch_up_until: Option<Instant>,
 }
 
-/// Runs until both directions are closed, a side resets, or the idle timeout hits.
+/// One direction's state, as handed to an upgrade's next agent (`crate::upgrade`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DirectionState {
+    pub eof: bool,
+    pub shut: bool,
+    pub copied: u64,
+    pub read: u64,
+    /// Travels beside the JSON, as raw bytes.
+    #[serde(skip)]
+    pub pending: Vec<u8>,
+    pub redirected: u64,
+    pub diverted: bool,
+    pub limit: u64,
+    pub refresh_at: u64,
+    pub passed_mark: u64,
+    pub over_budget_seen: u64,
+    pub watching_data: bool,
+    pub sink_base: u64,
+}
+
+/// A spliced session's state, as handed to an upgrade's next agent: everything it cannot
+/// read back from the sockets and the maps.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SessionState {
+    pub frontend: String,
+    pub client_cookie: u64,
+    pub upstream_cookie: u64,
+    pub idle_timeout_ms: u64,
+    pub max_lag: u64,
+    /// CLOCK_MONOTONIC, the same for every process of the machine.
+    pub started_ns: u64,
+    pub last_userspace_io_ns: u64,
+    pub directions: [DirectionState; 2],
+}
+
+impl SessionState {
+    pub fn pair(&self) -> SplicedPair {
+        SplicedPair {
+            client: self.client_cookie,
+            upstream: self.upstream_cookie,
+        }
+    }
+
+    pub fn options(&self) -> SessionOptions {
+        SessionOptions {
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            max_lag: self.max_lag,
+        }
+    }
+}
+
+/// A session on its way to the next agent: its state and both sockets.
+#[derive(Debug)]
+pub struct HandedSession {
+    pub state: SessionState,
+    pub client: TcpStream,
+    pub upstream: TcpStream,
+}
+
+/// Runs until both directions are closed, a side resets, or the idle timeout hits (or an
+/// upgrade takes the session: `End::HandedOver`).
 pub async fn run(
     datapath: &Datapath,
     spliced: Spliced,
     options: &SessionOptions,
     metrics: &L4Metrics,
+    frontend: &str,
 ) -> Outcome {
     let Spliced {
         pair,
@@ -192,61 +305,259 @@ pub async fn run(
         written_before,
         watch,
     } = spliced;
-    let mut session = Session {
+    let context = Context {
         datapath,
         options,
         metrics,
-        dirs: [
-            Direction::new(
-                (&client, &upstream),
-                0,
-                pair,
-                written_before.upstream,
-                options.max_lag,
-            ),
-            Direction::new(
-                (&upstream, &client),
-                1,
-                pair,
-                written_before.client,
-                options.max_lag,
-            ),
-        ],
-        started_ns: sys::monotonic_ns(),
-        last_userspace_io_ns: 0,
+        frontend,
     };
-    let end = session.supervise(&watch).await;
-    // The kernel's last word: a direction nobody looked at lately has moved on since.
-    let last = session
-        .dirs
-        .each_ref()
-        .map(|d| datapath.counters(d.src_cookie).ok());
-    for (d, c) in session.dirs.iter_mut().zip(&last) {
-        if let Some(c) = c {
-            d.redirected = c.redirected_bytes;
-        }
-    }
-    let outcome = session.outcome(end);
-    session.close(&outcome.end, &last);
-    drop(session);
-    drop(watch);
-    // Closing takes the sockets out of the socket map; then their entries go.
-    drop((client, upstream));
-    datapath.release(pair);
-    outcome
+    carry_on(
+        context,
+        pair,
+        (client, upstream),
+        watch,
+        Begin::Fresh(written_before),
+    )
+    .await
 }
 
-impl Session<'_> {
+/// Goes on with a session the previous agent handed over (`crate::upgrade`). Its sockets
+/// are spliced already, in the maps this agent took over.
+pub async fn adopt(
+    datapath: &Datapath,
+    handed: HandedSession,
+    options: &SessionOptions,
+    metrics: &L4Metrics,
+) -> Outcome {
+    let HandedSession {
+        state,
+        client,
+        upstream,
+    } = handed;
+    let pair = state.pair();
+    let watched = datapath.supervisor().and_then(|s| {
+        s.watch(
+            [pair.client, pair.upstream],
+            [client.as_fd(), upstream.as_fd()],
+        )
+    });
+    let watch = match watched {
+        Ok(watch) => watch,
+        Err(error) => {
+            // Unwatched, a FIN or reset would go unseen: end it, loudly, instead.
+            let _ = sys::set_linger_zero(client.as_fd());
+            let _ = sys::set_linger_zero(upstream.as_fd());
+            drop((client, upstream));
+            datapath.release(pair);
+            return Outcome::failed(Carrier::Kernel, error);
+        }
+    };
+    for (side, d) in state.directions.iter().enumerate() {
+        let src = if side == 0 { &client } else { &upstream };
+        if d.watching_data && !d.shut {
+            let _ = watch.watch_data(side, src.as_fd(), true);
+        }
+    }
+    let frontend = state.frontend.clone();
+    let context = Context {
+        datapath,
+        options,
+        metrics,
+        frontend: &frontend,
+    };
+    carry_on(
+        context,
+        pair,
+        (client, upstream),
+        watch,
+        Begin::Restored(Box::new(state)),
+    )
+    .await
+}
+
+/// What a session runs with, whichever agent started it.
+#[derive(Clone, Copy)]
+struct Context<'a> {
+    datapath: &'a Datapath,
+    options: &'a SessionOptions,
+    metrics: &'a L4Metrics,
+    frontend: &'a str,
+}
+
+/// How a session starts: just spliced, or as the previous agent (or a failed hand-over)
+/// left it.
+enum Begin {
+    Fresh(WrittenBefore),
+    Restored(Box<SessionState>),
+}
+
+/// After taking a session over, look often for a while: the previous agent may have read
+/// (and dropped) a report of the verdict's about it on its way out.
+const CATCH_UP: Duration = Duration::from_secs(1);
+const CATCH_UP_TICK: Duration = Duration::from_millis(50);
+
+/// Supervises the pair to its end, handing it to the next agent if an upgrade asks.
+async fn carry_on(
+    cx: Context<'_>,
+    pair: SplicedPair,
+    (mut client, mut upstream): (TcpStream, TcpStream),
+    watch: Watch,
+    mut begin: Begin,
+) -> Outcome {
+    loop {
+        let session = Session::begin(cx, pair, (&client, &upstream), begin);
+        match session.drive(&watch).await {
+            Driven::Ended(outcome) => {
+                drop(watch);
+                // Closing takes the sockets out of the socket map; then their entries go.
+                drop((client, upstream));
+                cx.datapath.release(pair);
+                return outcome;
+            }
+            Driven::HandOver(state) => {
+                let handed = Box::new(HandedSession {
+                    state: *state,
+                    client,
+                    upstream,
+                });
+                match cx.datapath.hand_over(handed) {
+                    // The sockets, the maps' entries and the listing are the next agent's.
+                    Ok(()) => return Outcome::handed_over(),
+                    Err(back) => {
+                        tracing::warn!(
+                            "hand-over to the new agent failed: the connection stays here"
+                        );
+                        watch.decline_handover();
+                        (client, upstream) = (back.client, back.upstream);
+                        begin = Begin::Restored(Box::new(back.state));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A session's end, or its state for the next agent.
+enum Driven {
+    Ended(Outcome),
+    HandOver(Box<SessionState>),
+}
+
+impl<'a> Session<'a> {
+    fn begin(
+        cx: Context<'a>,
+        pair: SplicedPair,
+        (client, upstream): (&'a TcpStream, &'a TcpStream),
+        begin: Begin,
+    ) -> Self {
+        let (dirs, started_ns, last_userspace_io_ns, catch_up_until) = match begin {
+            Begin::Fresh(written_before) => (
+                [
+                    Direction::new(
+                        (client, upstream),
+                        0,
+                        pair,
+                        written_before.upstream,
+                        cx.options.max_lag,
+                    ),
+                    Direction::new(
+                        (upstream, client),
+                        1,
+                        pair,
+                        written_before.client,
+                        cx.options.max_lag,
+                    ),
+                ],
+                sys::monotonic_ns(),
+                0,
+                None,
+            ),
+            Begin::Restored(state) => {
+                let SessionState {
+                    directions: [up, down],
+                    started_ns,
+                    last_userspace_io_ns,
+                    ..
+                } = *state;
+                (
+                    [
+                        Direction::restore((client, upstream), 0, pair, up),
+                        Direction::restore((upstream, client), 1, pair, down),
+                    ],
+                    started_ns,
+                    last_userspace_io_ns,
+                    Some(Instant::now() + CATCH_UP),
+                )
+            }
+        };
+        Self {
+            datapath: cx.datapath,
+            options: cx.options,
+            metrics: cx.metrics,
+            frontend: cx.frontend,
+            dirs,
+            started_ns,
+            last_userspace_io_ns,
+            catch_up_until,
+        }
+    }
+
+    /// Supervises to the end and finishes, or packs the session up for an upgrade.
+    async fn drive(mut self, watch: &Watch) -> Driven {
+        let end = self.supervise(watch).await;
+        if matches!(end, End::HandedOver) {
+            return Driven::HandOver(Box::new(self.state()));
+        }
+        // The kernel's last word: a direction nobody looked at lately has moved on since.
+        let last = self
+            .dirs
+            .each_ref()
+            .map(|d| self.datapath.counters(d.src_cookie).ok());
+        for (d, c) in self.dirs.iter_mut().zip(&last) {
+            if let Some(c) = c {
+                d.redirected = c.redirected_bytes;
+            }
+        }
+        let outcome = self.outcome(end);
+        self.close(&outcome.end, &last);
+        Driven::Ended(outcome)
+    }
+
+    /// Everything the next agent needs (`crate::upgrade`).
+    fn state(&mut self) -> SessionState {
+        SessionState {
+            frontend: self.frontend.to_owned(),
+            client_cookie: self.dirs[0].src_cookie,
+            upstream_cookie: self.dirs[1].src_cookie,
+            idle_timeout_ms: u64::try_from(self.options.idle_timeout.as_millis())
+                .unwrap_or(u64::MAX),
+            max_lag: self.options.max_lag,
+            started_ns: self.started_ns,
+            last_userspace_io_ns: self.last_userspace_io_ns,
+            directions: [self.dirs[0].state(), self.dirs[1].state()],
+        }
+    }
+
+    /// The first look: when quiet (the watch was there before the splice, so whatever
+    /// happened since has been reported), or at once for a session taken over.
+    fn first_look(&self) -> Instant {
+        match self.catch_up_until {
+            Some(_) => Instant::now(),
+            None => self.quiet_until(self.started_ns),
+        }
+    }
+
     /// The session's life: wait for a wake-up, check resets, look at both directions,
     /// check the end, plan the next wake-up.
     async fn supervise(&mut self, watch: &Watch) -> End {
-        // The watch was there before the splice: whatever happened since has been
-        // reported, so the first look can wait like any other.
-        let mut wake_at = self.quiet_until(self.started_ns);
+        let mut wake_at = self.first_look();
         let mut tick = ATTENTION_TICK;
         let mut last_progress = 0;
         loop {
             let bits = watch.wait_until(wake_at).await;
+            if bits & wake::HANDOVER != 0 {
+                return End::HandedOver;
+            }
             metrics::add(&self.metrics.session_wakeups, 1);
             for d in &mut self.dirs {
                 if bits & wake::hangup(d.side) != 0 {
@@ -278,6 +589,14 @@ impl Session<'_> {
                 tick = ATTENTION_TICK;
                 self.quiet_until(look.last_active_ns)
             };
+            if let Some(until) = self.catch_up_until {
+                let now = Instant::now();
+                if now < until {
+                    wake_at = wake_at.min(now + CATCH_UP_TICK);
+                } else {
+                    self.catch_up_until = None;
+                }
+            }
             last_progress = look.progress;
         }
     }

@@ -17,13 +17,13 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::BorrowedFd;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use aya::maps::{MapData, RingBuf};
 use forwarder_common::SpliceEvent;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::sys::{self, Epoll};
@@ -40,6 +40,8 @@ pub mod wake {
     pub const DATA: u32 = 1 << 3;
     /// The verdict reported on one of the sockets.
     pub const KERNEL: u32 = 1 << 4;
+    /// `forwarder upgrade`: hand the session to the agent's next binary.
+    pub const HANDOVER: u32 = 1 << 5;
 }
 
 /// One session's mailbox: wake bits, and a permit that survives until it is taken.
@@ -65,6 +67,8 @@ pub struct Supervisor {
     epoll: Arc<Epoll>,
     routes: Arc<Routes>,
     wakeups: Arc<AtomicU64>,
+    /// Turns true when an upgrade begins: every session hands itself over.
+    handover: watch::Sender<bool>,
     /// Dropping it ends the dispatch task (with the data path).
     _stop: oneshot::Sender<()>,
 }
@@ -87,6 +91,7 @@ impl Supervisor {
             epoll,
             routes,
             wakeups,
+            handover: watch::Sender::new(false),
             _stop: stop,
         })
     }
@@ -95,6 +100,11 @@ impl Supervisor {
     /// healthy, it stays still however many messages flow.
     pub fn wakeups(&self) -> u64 {
         self.wakeups.load(Ordering::Relaxed)
+    }
+
+    /// Wakes every session to hand itself over (`crate::upgrade`).
+    pub fn begin_handover(&self) {
+        self.handover.send_replace(true);
     }
 
     /// Routes wake-ups for a spliced pair (client first) to a new `Watch`. The sockets
@@ -113,6 +123,8 @@ impl Supervisor {
             routes: self.routes.clone(),
             signal,
             cookies,
+            handover: self.handover.subscribe(),
+            handover_declined: AtomicBool::new(false),
         };
         for (fd, cookie) in fds.into_iter().zip(cookies) {
             self.epoll.add(fd, sys::HANGUP_ONLY, cookie)?;
@@ -129,20 +141,52 @@ pub struct Watch {
     routes: Arc<Routes>,
     signal: Arc<Signal>,
     cookies: [u64; 2],
+    handover: watch::Receiver<bool>,
+    /// The hand-over failed for this session: it stays here.
+    handover_declined: AtomicBool,
 }
 
 impl Watch {
     /// Waits for a wake-up or until `deadline`; returns the `wake` bits (0: the deadline).
     pub async fn wait_until(&self, deadline: Instant) -> u32 {
-        let bits = self.signal.bits.swap(0, Ordering::AcqRel);
+        let bits = self.signal.bits.swap(0, Ordering::AcqRel) | self.handover_bit();
         if bits != 0 {
             return bits;
         }
+        let mut handover = self.handover.clone();
+        let upgrade = async {
+            let asked = handover.wait_for(|h| *h).await.is_ok();
+            if !asked || self.handover_declined.load(Ordering::Relaxed) {
+                // The supervisor went away without an upgrade, or this session stays.
+                std::future::pending::<()>().await;
+            }
+        };
         tokio::select! {
             () = self.signal.notify.notified() => {}
             () = tokio::time::sleep_until(deadline) => {}
+            () = upgrade => {}
         }
-        self.signal.bits.swap(0, Ordering::AcqRel)
+        self.signal.bits.swap(0, Ordering::AcqRel) | self.handover_bit()
+    }
+
+    fn handover_bit(&self) -> u32 {
+        if *self.handover.borrow() && !self.handover_declined.load(Ordering::Relaxed) {
+            wake::HANDOVER
+        } else {
+            0
+        }
+    }
+
+    /// The session could not be handed over: it stays with this agent.
+    pub fn decline_handover(&self) {
+        self.handover_declined.store(true, Ordering::Relaxed);
+    }
+
+    /// Stops watching both sockets here (they are about to belong to another agent).
+    pub fn forget(&self, fds: [BorrowedFd<'_>; 2]) {
+        for fd in fds {
+            let _ = self.epoll.delete(fd);
+        }
     }
 
     /// Also wakes the session when bytes arrive on `side`'s socket (a direction on the

@@ -1,0 +1,233 @@
+//! The agent's side of `forwarder upgrade` (see `crate::upgrade` for the whole story):
+//! handing everything to the next binary and exiting, or taking it over at start.
+
+use std::collections::HashMap;
+use std::os::fd::AsFd as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tracing::Instrument as _;
+
+use super::{FrontendMetrics, Running};
+use crate::config::{Config, Mode};
+use crate::ebpf::Datapath;
+use crate::instance_lock::InstanceLock;
+use crate::l4::{self, SessionOptions};
+use crate::metrics::{self, ActiveGuard, L4Metrics};
+use crate::registry::Registration;
+use crate::upgrade::{self, Arrival, Arrivals, HandedSession, Next, Offer, wire::ListenerEntry};
+
+/// What the running agent holds that an upgrade hands over.
+pub(super) struct Holdings<'a> {
+    pub instance: &'a InstanceLock,
+    pub running: &'a [Running],
+    pub admin: Option<(std::net::SocketAddr, &'a std::os::fd::OwnedFd)>,
+    pub xdp: bool,
+    pub demo: bool,
+}
+
+/// Starts the next binary and hands it the listeners; `Err` leaves this agent serving.
+pub(super) async fn start_next(holdings: Holdings<'_>) -> anyhow::Result<Next> {
+    anyhow::ensure!(
+        !holdings.xdp,
+        "the XDP guard cannot be handed over yet: restart the agent to upgrade it"
+    );
+    anyhow::ensure!(
+        !holdings.demo,
+        "the built-in demo's stand-in upstream lives in this process: restart it instead"
+    );
+    let listeners = holdings
+        .running
+        .iter()
+        .filter_map(|r| {
+            let fd = r.listener_fd.as_ref()?;
+            Some((
+                ListenerEntry {
+                    frontend: r.name.clone(),
+                    addr: r.addr,
+                },
+                fd.as_fd(),
+            ))
+        })
+        .collect();
+    let offer = Offer {
+        lock: holdings.instance.as_fd(),
+        listeners,
+        admin: holdings.admin.map(|(addr, fd)| (addr, fd.as_fd())),
+    };
+    let next = upgrade::start_next(offer).await?;
+    tracing::info!(
+        pid = next.pid,
+        "upgrade: the new agent serves; handing over"
+    );
+    Ok(next)
+}
+
+/// Stops accepting, sends every spliced session to `next`, drains the connections that
+/// cannot be sent (userspace copies, terminated HTTPS), then exits the process: the pins,
+/// the maps and the listeners live on in the new agent.
+pub(super) async fn hand_over_and_exit(
+    next: Next,
+    running: Vec<Running>,
+    retired: Vec<FrontendMetrics>,
+    datapath: Option<Arc<Datapath>>,
+    drain: Duration,
+) -> ! {
+    let started = tokio::time::Instant::now();
+    for r in &running {
+        // Stop without draining the accept queue: the new agent accepts from it.
+        let _ = r.stop.send(true);
+    }
+    let (sessions, mut arriving) = mpsc::unbounded_channel::<Box<HandedSession>>();
+    if let Some(datapath) = &datapath {
+        datapath.begin_handover(sessions);
+    } else {
+        drop(sessions);
+    }
+    let open = |running: &[Running], retired: &[FrontendMetrics]| {
+        running.iter().map(|r| r.metrics.open()).sum::<u64>()
+            + retired.iter().map(FrontendMetrics::open).sum::<u64>()
+    };
+    let mut sent = 0u64;
+    let mut failed = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        tokio::select! {
+            Some(session) = arriving.recv() => {
+                match next.send(session).await {
+                    Ok(()) => sent += 1,
+                    Err(err) => {
+                        // The sockets closed with the failed send: that connection is lost.
+                        failed += 1;
+                        tracing::error!(%err, "upgrade: sending a session to the new agent failed");
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                if open(&running, &retired) == 0 || started.elapsed() >= drain {
+                    break;
+                }
+            }
+        }
+    }
+    if let Some(datapath) = &datapath {
+        datapath.end_handover();
+        // Sessions that packed themselves up meanwhile still go.
+        while let Ok(session) = arriving.try_recv() {
+            match next.send(session).await {
+                Ok(()) => sent += 1,
+                Err(_) => failed += 1,
+            }
+        }
+        datapath.leave_pins();
+    }
+    let left = open(&running, &retired);
+    if let Err(err) = next.done(sent).await {
+        tracing::error!(%err, "upgrade: the new agent did not hear the end of the hand-over");
+    }
+    crate::notify::main_pid(next.pid);
+    tracing::info!(
+        sessions = sent,
+        failed,
+        cut_by_drain_deadline = left,
+        new_pid = next.pid,
+        elapsed = ?started.elapsed(),
+        "upgrade: handed over; exiting"
+    );
+    // No destructors: they would detach programs and remove pins the new agent uses. The
+    // kernel closes our descriptors; the new agent holds its own.
+    std::process::exit(0)
+}
+
+/// The frontends that can take sessions over: name -> (counters, session options).
+pub(super) type Takers = HashMap<String, (Arc<L4Metrics>, SessionOptions)>;
+
+pub(super) fn takers(config: &Config, running: &[Running]) -> Takers {
+    running
+        .iter()
+        .filter_map(|r| {
+            let FrontendMetrics::L4(metrics) = &r.metrics else {
+                return None;
+            };
+            let f = config
+                .frontends
+                .iter()
+                .find(|f| f.name == r.name && f.mode == Mode::Splice)?;
+            let options = SessionOptions {
+                idle_timeout: Duration::from_secs(f.idle_timeout_secs),
+                max_lag: f.max_lag_bytes,
+            };
+            Some((r.name.clone(), (metrics.clone(), options)))
+        })
+        .collect()
+}
+
+/// Says ready to the previous agent, then takes over each session it sends.
+pub(super) async fn receive(arrivals: Arrivals, takers: Takers, datapath: Option<Arc<Datapath>>) {
+    let Some(datapath) = datapath else {
+        // Not saying ready makes the previous agent stop this one and go on serving.
+        tracing::error!("upgrade: no eBPF data path here to take the sessions over");
+        return;
+    };
+    let arrivals = match arrivals.ready().await {
+        Ok(incoming) => incoming,
+        Err(err) => {
+            tracing::error!(%err, "upgrade: could not tell the previous agent we serve");
+            return;
+        }
+    };
+    // Sessions of a frontend the new configuration lacks keep their own options.
+    let orphans = Arc::new(L4Metrics::default());
+    let mut taken = 0u64;
+    loop {
+        match arrivals.next().await {
+            Ok(Some(Arrival::Session(session))) => {
+                taken += 1;
+                let frontend = session.state.frontend.clone();
+                let (metrics, options) = match takers.get(&frontend) {
+                    Some((m, o)) => (m.clone(), o.clone()),
+                    None => (orphans.clone(), session.state.options()),
+                };
+                let span = tracing::info_span!("conn", %frontend, adopted = true);
+                tokio::spawn(adopt(session, datapath.clone(), metrics, options).instrument(span));
+            }
+            Ok(Some(Arrival::Done { sessions })) => {
+                datapath.own_pins();
+                tracing::info!(
+                    sessions,
+                    taken,
+                    old_pid = arrivals.old_pid,
+                    "upgrade: took over from the previous agent"
+                );
+                return;
+            }
+            Ok(None) => {
+                datapath.own_pins();
+                tracing::error!(
+                    taken,
+                    "upgrade: the previous agent left without finishing the hand-over"
+                );
+                return;
+            }
+            Err(err) => {
+                datapath.own_pins();
+                tracing::error!(taken, "upgrade: the hand-over channel failed: {err:#}");
+                return;
+            }
+        }
+    }
+}
+
+async fn adopt(
+    session: Box<HandedSession>,
+    datapath: Arc<Datapath>,
+    metrics: Arc<L4Metrics>,
+    options: SessionOptions,
+) {
+    let _active = ActiveGuard::new(&metrics.active);
+    metrics::add(&metrics.adopted, 1);
+    let _listed = Registration::adopt(&*datapath, session.state.client_cookie);
+    let outcome = l4::session::adopt(&datapath, *session, &options, &metrics).await;
+    l4::finish(&outcome, &metrics);
+}
