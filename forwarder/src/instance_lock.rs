@@ -83,6 +83,15 @@ impl InstanceLock {
         Ok(Self { _file: file, path })
     }
 
+    /// Writes this process's pid into the lock file again (a failed upgrade's new agent
+    /// wrote its own before it gave up).
+    pub fn claim(&self) -> io::Result<()> {
+        let mut file = &self._file;
+        file.set_len(0)?;
+        file.rewind()?;
+        write!(file, "{}", std::process::id())
+    }
+
     /// The pid written in an instance's lock file (the agent holding it, or the last one).
     pub fn holder(instance: &str) -> anyhow::Result<u32> {
         let path = Path::new(LOCK_DIR).join(format!("{instance}.lock"));

@@ -279,20 +279,45 @@ impl Source {
 /// runtime, privileges are dropped while the process is one thread (capabilities are
 /// per thread), and only then are the serving runtime's threads created.
 fn run(source: Source, options: RunOptions, user: Option<String>) -> anyhow::Result<()> {
+    // Started by `forwarder upgrade`: the running agent's offer comes first, so that any
+    // failure after it (a broken configuration too) is reported back to that agent.
+    let inherited = forwarder::upgrade::Inherited::receive()?;
+    let reporter = inherited.as_ref().and_then(|i| i.reporter().ok());
+    let result = load_and_run(source, options, user, inherited);
+    if let (Err(err), Some(reporter)) = (&result, &reporter) {
+        // After a hand-over the previous agent is gone and this goes nowhere.
+        forwarder::upgrade::report_failure(reporter, err);
+    }
+    result
+}
+
+fn load_and_run(
+    source: Source,
+    options: RunOptions,
+    user: Option<String>,
+    inherited: Option<forwarder::upgrade::Inherited>,
+) -> anyhow::Result<()> {
     let config = match &source {
         Source::File(path) => Some(Config::load(path)?),
         Source::Hub(config) => Some((**config).clone()),
         Source::Demo => None,
     };
     let user = user.or_else(|| config.as_ref().and_then(|c| c.user.clone()));
+    run_with(config, options, user, inherited)
+}
+
+fn run_with(
+    config: Option<Config>,
+    options: RunOptions,
+    user: Option<String>,
+    mut inherited: Option<forwarder::upgrade::Inherited>,
+) -> anyhow::Result<()> {
     let serving = || {
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .context("starting the runtime")
     };
-    // Started by `forwarder upgrade`: the running agent's offer comes first.
-    let mut inherited = forwarder::upgrade::Inherited::receive()?;
     let root = forwarder::sys::effective_uid() == 0;
     if !root && let Some(user) = &user {
         tracing::warn!(%user, "not started as root: already unprivileged, `user` has no effect");

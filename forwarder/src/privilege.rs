@@ -10,10 +10,12 @@
 //! - `CAP_NET_ADMIN`: `SO_SNDBUFFORCE` on spliced sockets (the send buffer the redirect
 //!   worker needs, beyond `net.core.wmem_max`), and detaching the programs at exit.
 //! - `CAP_NET_BIND_SERVICE`: a reload that adds a frontend on a port below 1024.
+//! - `CAP_PERFMON`: `forwarder upgrade` starts the agent's new binary, which loads its
+//!   programs; the verifier accepts ours (pointers into maps and the stack) only with it.
 //!
 //! Everything else is dropped from the bounding set too, and `no_new_privs` is set. The
-//! kept three are also made ambient: `forwarder upgrade` execs the agent's new binary,
-//! which must start with them (and with nothing more: the bounding set holds).
+//! kept four are also made ambient, so the new binary of an upgrade starts with them
+//! (and with nothing more: the bounding set holds).
 //!
 //! Capabilities are per thread and the change must reach every thread, so the agent does
 //! it while it is still one thread: the privileged start-up runs on a single-threaded
@@ -27,10 +29,12 @@ use crate::sys;
 
 const CAP_NET_BIND_SERVICE: u32 = 10;
 const CAP_NET_ADMIN: u32 = 12;
+const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
 /// The capabilities the agent keeps after start-up (a bit mask).
-pub const KEPT: u64 = (1 << CAP_NET_BIND_SERVICE) | (1 << CAP_NET_ADMIN) | (1 << CAP_BPF);
+pub const KEPT: u64 =
+    (1 << CAP_NET_BIND_SERVICE) | (1 << CAP_NET_ADMIN) | (1 << CAP_PERFMON) | (1 << CAP_BPF);
 
 /// A user to become.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -97,7 +101,7 @@ pub fn drop_to(target: &Target, own: &[std::path::PathBuf]) -> anyhow::Result<()
         user = %target.name,
         uid = target.uid,
         gid = target.gid,
-        "privileges dropped: keeping CAP_BPF, CAP_NET_ADMIN, CAP_NET_BIND_SERVICE only"
+        "privileges dropped: keeping CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_NET_BIND_SERVICE only"
     );
     Ok(())
 }
@@ -126,7 +130,7 @@ pub fn trim() -> anyhow::Result<()> {
     sys::set_no_new_privileges().context("PR_SET_NO_NEW_PRIVS")?;
     tracing::info!(
         kept = format!("{:#x}", KEPT & permitted),
-        "capabilities trimmed to CAP_BPF, CAP_NET_ADMIN, CAP_NET_BIND_SERVICE (those given)"
+        "capabilities trimmed to CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_NET_BIND_SERVICE (those given)"
     );
     Ok(())
 }

@@ -20,6 +20,21 @@ impl KillOnDrop {
         self.0.id()
     }
 
+    /// Waits up to `limit` for the process to exit by itself. Once it has, what it left
+    /// running in its group is not killed (an agent's upgrade leaves its successor
+    /// there); on a timeout the group is killed as on drop.
+    pub fn wait_exit(mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                std::mem::forget(self);
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        None
+    }
+
     /// SIGTERM, then up to `grace` for the process to exit on its own (killed after).
     pub fn stop(mut self, grace: Duration) -> Option<std::process::ExitStatus> {
         if let Ok(pid) = i32::try_from(self.0.id()) {

@@ -131,8 +131,8 @@ async fn the_agent_drops_privileges_and_still_splices() {
                 .unwrap_or_default()
         };
         assert_eq!(field("Uid:"), "65534\t65534\t65534\t65534", "{status}");
-        assert_eq!(field("CapEff:"), "0000008000001400", "{status}");
-        assert_eq!(field("CapBnd:"), "0000008000001400", "{status}");
+        assert_eq!(field("CapEff:"), "000000c000001400", "{status}");
+        assert_eq!(field("CapBnd:"), "000000c000001400", "{status}");
         assert_eq!(field("NoNewPrivs:"), "1");
         threads += 1;
     }

@@ -56,7 +56,15 @@ pub(super) async fn start_next(holdings: Holdings<'_>) -> anyhow::Result<Next> {
         listeners,
         admin: holdings.admin.map(|(addr, fd)| (addr, fd.as_fd())),
     };
-    let next = upgrade::start_next(offer).await?;
+    let next = match upgrade::start_next(offer).await {
+        Ok(next) => next,
+        Err(err) => {
+            if let Err(claim) = holdings.instance.claim() {
+                tracing::warn!(%claim, "could not write our pid into the instance lock again");
+            }
+            return Err(err);
+        }
+    };
     tracing::info!(
         pid = next.pid,
         "upgrade: the new agent serves; handing over"

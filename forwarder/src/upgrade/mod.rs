@@ -102,6 +102,13 @@ pub async fn start_next(offer: Offer<'_>) -> anyhow::Result<Next> {
         Ok(Err(err)) => format!("the hand-over channel failed: {err}"),
         Err(_) => format!("it did not serve within {READY_TIMEOUT:?}"),
     };
+    // Give it a moment to finish saying why (its log), then make sure it is gone.
+    for _ in 0..50 {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let _ = child.kill();
     let _ = child.wait();
     anyhow::bail!(
@@ -194,6 +201,11 @@ impl Inherited {
             listeners,
             admin,
         }))
+    }
+
+    /// A second handle on the channel, to say why start-up failed (`report_failure`).
+    pub fn reporter(&self) -> std::io::Result<OwnedFd> {
+        self.channel.try_clone()
     }
 
     /// The listener `frontend` had on `addr`, if handed over.
@@ -298,5 +310,16 @@ impl Incoming {
             }
             other => anyhow::bail!("unexpected hand-over message: {other:?}"),
         }
+    }
+}
+
+/// Tells the previous agent why this one could not start (it goes on serving). Blocking:
+/// start-up failed, there is no runtime to lean on.
+pub fn report_failure(reporter: &OwnedFd, error: &anyhow::Error) {
+    let message = Message::Failed {
+        reason: format!("{error:#}"),
+    };
+    if let Ok(record) = wire::encode(&message, &[]) {
+        let _ = sys::send_with_fds(reporter.as_fd(), &record, &[]);
     }
 }

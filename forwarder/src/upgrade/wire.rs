@@ -120,7 +120,7 @@ pub fn recv_blocking(fd: BorrowedFd<'_>) -> io::Result<Option<Received>> {
     }))
 }
 
-fn encode(message: &Message, extra: &[&[u8]]) -> io::Result<Vec<u8>> {
+pub(super) fn encode(message: &Message, extra: &[&[u8]]) -> io::Result<Vec<u8>> {
     let json = serde_json::to_vec(message).map_err(io::Error::other)?;
     let len = u32::try_from(json.len()).map_err(io::Error::other)?;
     let mut record =
