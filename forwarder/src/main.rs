@@ -237,7 +237,7 @@ fn upgrade(instance: &str, wait: std::time::Duration) -> anyhow::Result<()> {
     use forwarder::instance_lock::InstanceLock;
     let old = InstanceLock::holder(instance)?;
     anyhow::ensure!(
-        std::path::Path::new(&format!("/proc/{old}")).exists(),
+        running(old),
         "no agent of instance {instance:?} runs (pid {old} is gone)"
     );
     forwarder::sys::send_signal(old, libc::SIGUSR2)
@@ -245,7 +245,7 @@ fn upgrade(instance: &str, wait: std::time::Duration) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + wait;
     loop {
         let holder = InstanceLock::holder(instance).unwrap_or(old);
-        let old_gone = !std::path::Path::new(&format!("/proc/{old}")).exists();
+        let old_gone = !running(old);
         if holder != old && old_gone {
             println!("upgraded: instance {instance} now runs as pid {holder} (was {old})");
             return Ok(());
@@ -257,6 +257,18 @@ fn upgrade(instance: &str, wait: std::time::Duration) -> anyhow::Result<()> {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+}
+
+/// The process exists and has not exited (a zombie waiting for its parent has).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // The state follows the command name, which is in parentheses.
+            let after = &stat[stat.rfind(')')? + 1..];
+            after.split_whitespace().next().map(|state| state != "Z")
+        })
+        .unwrap_or(false)
 }
 
 enum Source {

@@ -100,3 +100,15 @@ pub fn read_to_end_within(stream: &mut TcpStream, limit: Duration) -> Vec<u8> {
         .unwrap_or_else(|err| panic!("reading to EOF failed after {} bytes: {err}", out.len()));
     out
 }
+
+/// The process exists and has not exited: a zombie (exited, waiting for a parent that
+/// may be gone, as an upgraded agent's is) counts as gone.
+pub fn process_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let after = &stat[stat.rfind(')')? + 1..];
+            after.split_whitespace().next().map(|state| state != "Z")
+        })
+        .unwrap_or(false)
+}

@@ -197,7 +197,7 @@ async fn an_upgrade_keeps_200_mqtt_devices_and_a_64_mib_transfer_byte_exact() {
     // The new agent stops like any other and removes the pins it took over.
     forwarder::sys::send_signal(new_pid, libc::SIGTERM).unwrap();
     wait_until("the new agent stops", || {
-        !Path::new(&format!("/proc/{new_pid}")).exists()
+        !forwarder_tests::process_running(new_pid)
     })
     .await;
     let pin_dir = forwarder::ebpf::pin_dir_for(&instance);
@@ -422,7 +422,7 @@ struct PidGuard(u32);
 
 impl Drop for PidGuard {
     fn drop(&mut self) {
-        if Path::new(&format!("/proc/{}", self.0)).exists() {
+        if forwarder_tests::process_running(self.0) {
             let _ = forwarder::sys::send_signal(self.0, libc::SIGKILL);
         }
     }

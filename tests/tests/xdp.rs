@@ -844,3 +844,158 @@ deny = ["192.0.2.0/24"]
     );
     let _ = std::fs::remove_dir_all(&state);
 }
+
+/// `forwarder upgrade` with the guard on: the new agent swaps its program into the same
+/// BPF link (no moment unguarded) and takes the pinned maps over, so a rule added at run
+/// time, the counters and a spliced connection all carry on; the old process is gone.
+#[test]
+fn an_upgrade_keeps_the_guard_its_rules_and_counters() {
+    require_root();
+    let pair = VethPair::new();
+    let instance = format!("xdpu{}", unique());
+    let _upstream = EchoServer::start(&pair.fwd_ns, to(std::net::Ipv4Addr::LOCALHOST, 19000));
+    let dir = forwarder_tests::peers::scratch_dir(&instance);
+    let config = dir.join("forwarder.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+instance = "{instance}"
+state_dir = {dir:?}
+[[frontend]]
+name = "mqtt"
+bind = "0.0.0.0:{PORT}"
+backend = "up"
+[[backend]]
+name = "up"
+servers = [{{ address = "127.0.0.1:19000" }}]
+[xdp]
+interfaces = ["{}"]
+"#,
+            pair.fwd_if
+        ),
+    )
+    .unwrap();
+    let binary = forwarder_binary();
+    let old = forwarder_tests::peers::KillOnDrop::spawn(
+        // nsenter, not `ip netns exec`: that one also gives the process a /sys of its own,
+        // where the pins would be out of the CLI's sight.
+        std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", pair.fwd_ns))
+            .arg(&binary)
+            .args(["run", "--drain-secs", "1", "-c"])
+            .arg(&config)
+            .stdout(std::fs::File::create(dir.join("agent.log")).unwrap()),
+    )
+    .expect("start the agent");
+    assert!(
+        wait_until(Duration::from_secs(20), || pair
+            .fwd_link_json()
+            .contains("\"xdp\"")),
+        "the agent did not attach the XDP guard"
+    );
+    let dest = to(FWD_V4, PORT);
+    let mut stream = connect_from(&pair.peer_ns, PEER_V4.into(), dest, Duration::from_secs(3))
+        .expect("connect through the agent");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let echo = |stream: &mut std::net::TcpStream, text: &[u8]| {
+        use std::io::{Read as _, Write as _};
+        stream.write_all(text).unwrap();
+        let mut back = vec![0u8; text.len()];
+        stream.read_exact(&mut back).unwrap();
+        assert_eq!(back, text);
+    };
+    echo(&mut stream, b"before\n");
+    let target = || Target {
+        instance: instance.clone(),
+    };
+    let mut out = Vec::new();
+    forwarder::xdp::cli::run(
+        XdpCommand::Deny {
+            action: RuleAction::Add {
+                cidr: cidr(&format!("{PEER2_V4}/32")),
+                target: target(),
+            },
+        },
+        &mut out,
+    )
+    .expect("forwarder xdp deny add");
+    assert_refused(&pair, PEER2_V4.into(), dest);
+    let stats = || {
+        let mut out = Vec::new();
+        forwarder::xdp::cli::run(
+            XdpCommand::Stats(Output {
+                target: target(),
+                json: true,
+            }),
+            &mut out,
+        )
+        .expect("forwarder xdp stats");
+        let json: serde_json::Value = serde_json::from_slice(&out).expect("stats JSON");
+        json["dropped_deny"].as_u64().expect("dropped_deny counter")
+    };
+    let denied_before = stats();
+    assert!(denied_before > 0, "the refused SYNs were counted");
+    let link_before = pair.fwd_link_json();
+
+    let upgraded = std::process::Command::new(&binary)
+        .args(["upgrade", "--instance", &instance, "--wait-secs", "20"])
+        .output()
+        .expect("run forwarder upgrade");
+    let log = || std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
+    assert!(
+        upgraded.status.success(),
+        "forwarder upgrade: {}{}\n{}",
+        String::from_utf8_lossy(&upgraded.stdout),
+        String::from_utf8_lossy(&upgraded.stderr),
+        log()
+    );
+    let status = old.wait_exit(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "old agent: {status:?}\n{}",
+        log()
+    );
+    let new_pid = forwarder::instance_lock::InstanceLock::holder(&instance).unwrap();
+    assert!(
+        log().contains("XDP guard taken over"),
+        "the new agent swapped its program into the link: {}",
+        log()
+    );
+    let link_after = pair.fwd_link_json();
+    assert!(
+        link_after.contains("\"xdp\""),
+        "{link_before} -> {link_after}"
+    );
+
+    // The run-time rule and the counters live on in the maps the new agent took over.
+    assert_refused(&pair, PEER2_V4.into(), dest);
+    assert!(
+        stats() > denied_before,
+        "counting goes on from where it was"
+    );
+    echo(&mut stream, b"after, same connection\n");
+    echo_round_trip(&pair.peer_ns, PEER_V4.into(), dest).expect("new connections too");
+
+    drop(stream);
+    forwarder::sys::send_signal(new_pid, libc::SIGTERM).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            !forwarder_tests::process_running(new_pid)
+        }),
+        "the new agent did not stop"
+    );
+    assert_no_xdp(&pair);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The `forwarder` binary itself (built by `cargo xtask test` before the tests run).
+fn forwarder_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(std::path::Path::parent)
+        .map(|dir| dir.join("forwarder"))
+        .expect("target directory")
+}

@@ -300,7 +300,7 @@ pub async fn prepare_with(
         .iter()
         .map(|l| l.local_addr())
         .collect::<std::io::Result<Vec<_>>>()?;
-    let xdp = crate::xdp::start_for(&config, addrs)?;
+    let xdp = crate::xdp::start_for(&config, addrs, inherited.is_some())?;
     let admin = config
         .admin
         .map(|addr| {
@@ -599,7 +599,7 @@ pub async fn serve_with_upgrades(
                     instance: &instance,
                     running: &running,
                     admin: admin_fd.as_ref().map(|(addr, fd)| (*addr, fd)),
-                    xdp: xdp.is_some(),
+                    xdp: xdp.as_mut(),
                     demo: options.config_path.is_none() && config.instance == crate::demo::INSTANCE,
                 };
                 match upgrade::start_next(holdings).await {

@@ -23,16 +23,12 @@ pub(super) struct Holdings<'a> {
     pub instance: &'a InstanceLock,
     pub running: &'a [Running],
     pub admin: Option<(std::net::SocketAddr, &'a std::os::fd::OwnedFd)>,
-    pub xdp: bool,
+    pub xdp: Option<&'a mut crate::xdp::XdpGuard>,
     pub demo: bool,
 }
 
 /// Starts the next binary and hands it the listeners; `Err` leaves this agent serving.
-pub(super) async fn start_next(holdings: Holdings<'_>) -> anyhow::Result<Next> {
-    anyhow::ensure!(
-        !holdings.xdp,
-        "the XDP guard cannot be handed over yet: restart the agent to upgrade it"
-    );
+pub(super) async fn start_next(mut holdings: Holdings<'_>) -> anyhow::Result<Next> {
     anyhow::ensure!(
         !holdings.demo,
         "the built-in demo's stand-in upstream lives in this process: restart it instead"
@@ -56,9 +52,27 @@ pub(super) async fn start_next(holdings: Holdings<'_>) -> anyhow::Result<Next> {
         listeners,
         admin: holdings.admin.map(|(addr, fd)| (addr, fd.as_fd())),
     };
-    let next = match upgrade::start_next(offer).await {
+    // The XDP guard's links, pinned for the new agent to swap its program in.
+    let pinned = match holdings
+        .xdp
+        .as_deref_mut()
+        .map(crate::xdp::XdpGuard::pin_links)
+    {
+        Some(Err(err)) => Err(err.context("handing the XDP guard over")),
+        _ => Ok(()),
+    };
+    let started = match pinned {
+        Ok(()) => upgrade::start_next(offer).await,
+        Err(err) => Err(err),
+    };
+    let next = match started {
         Ok(next) => next,
         Err(err) => {
+            if let Some(guard) = holdings.xdp.as_deref_mut()
+                && let Err(unpin) = guard.unpin_links()
+            {
+                tracing::error!("after the failed upgrade, the XDP guard: {unpin:#}");
+            }
             if let Err(claim) = holdings.instance.claim() {
                 tracing::warn!(%claim, "could not write our pid into the instance lock again");
             }

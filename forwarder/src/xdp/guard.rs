@@ -6,7 +6,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use aya::programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::xdp::{XdpLink, XdpLinkId};
+use aya::programs::{ProgramError, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use forwarder_common::names;
 
@@ -38,6 +40,8 @@ pub struct XdpGuard {
     attached: Vec<Attached>,
     maps: XdpMaps,
     pin_dir: Option<PathBuf>,
+    /// Links pinned for an upgrade's next agent (`pin_links`), until it takes them.
+    handed: Vec<(PinnedLink, Attached)>,
     /// Where run-time rule changes are saved (`super::state`).
     rules: Option<super::state::RuleFile>,
 }
@@ -51,7 +55,7 @@ impl XdpGuard {
         ports: &[u16],
         pin_dir: Option<PathBuf>,
     ) -> anyhow::Result<Self> {
-        Self::start_with_rules(config, ports, pin_dir, None)
+        Self::start_with_rules(config, ports, pin_dir, None, false)
     }
 
     /// `start`, with the run-time rule changes saved in `rules` applied before the
@@ -62,18 +66,28 @@ impl XdpGuard {
         ports: &[u16],
         pin_dir: Option<PathBuf>,
         mut rules: Option<super::state::RuleFile>,
+        // An upgrade: the running agent's pinned maps and links are taken over (its rules,
+        // SYN-rate settings and counters go on), its program swapped for ours in place.
+        adopt: bool,
     ) -> anyhow::Result<Self> {
         if let Err(err) = crate::sys::raise_memlock_limit() {
             tracing::debug!(%err, "could not raise RLIMIT_MEMLOCK; continuing");
         }
-        let mut ebpf = EbpfLoader::new().load(XDP_OBJECT).context(
+        let mut loader = EbpfLoader::new();
+        if let (true, Some(dir)) = (adopt, &pin_dir) {
+            for name in super::maps::PINNED {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(XDP_OBJECT).context(
             "loading the XDP guard object failed: it needs root (or CAP_BPF + CAP_NET_ADMIN)",
         )?;
         if let Some(dir) = &pin_dir {
             crate::ebpf::ensure_bpffs()?;
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let maps = XdpMaps::take(&mut ebpf, pin_dir.as_deref());
+        let pin_now = if adopt { None } else { pin_dir.as_deref() };
+        let maps = XdpMaps::take(&mut ebpf, pin_now);
         // From here on, Drop cleans up whatever was pinned or attached, also on error.
         let mut guard = Self {
             ebpf,
@@ -89,6 +103,7 @@ impl XdpGuard {
                 }
             },
             pin_dir,
+            handed: Vec::new(),
             rules: None,
         };
         guard.configure(config, ports)?;
@@ -109,7 +124,20 @@ impl XdpGuard {
             .load()
             .context("the kernel verifier rejected the XDP guard program")?;
         for interface in &config.interfaces {
-            let (link, mode) = attach(program, interface, config.mode, config.replace)?;
+            let left = guard
+                .pin_dir
+                .as_deref()
+                .and_then(|d| take_pinned_link(d, interface));
+            let (link, mode) = match left {
+                Some((link, mode)) => {
+                    let id = program
+                        .attach_to_link(link)
+                        .with_context(|| format!("taking the XDP guard on {interface} over"))?;
+                    tracing::info!(%interface, "XDP guard taken over: our program swapped in, no packet unguarded");
+                    (id, mode)
+                }
+                None => attach(program, interface, config.mode, config.replace)?,
+            };
             guard.links.push(link);
             guard.attached.push(Attached {
                 interface: interface.clone(),
@@ -117,6 +145,53 @@ impl XdpGuard {
             });
         }
         Ok(guard)
+    }
+
+    /// For an upgrade: pins each interface's link, so the next agent can swap its own
+    /// program in without a moment unguarded. The program goes on filtering meanwhile.
+    pub fn pin_links(&mut self) -> anyhow::Result<()> {
+        let dir = self
+            .pin_dir
+            .clone()
+            .context("the XDP guard has no pin directory")?;
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(names::XDP_GUARD)
+            .context("the XDP guard program is missing")?
+            .try_into()?;
+        let links: Vec<_> = self.links.drain(..).zip(self.attached.drain(..)).collect();
+        for (id, attached) in links {
+            let link = program.take_link(id)?;
+            let fd_link = FdLink::try_from(link).map_err(|_| {
+                anyhow::anyhow!(
+                    "the XDP guard on {} is attached through netlink (an old kernel?), not a \
+                     BPF link: it cannot be handed over",
+                    attached.interface
+                )
+            })?;
+            let path = link_pin(&dir, &attached.interface, attached.mode);
+            let _ = std::fs::remove_file(&path);
+            let pinned = fd_link
+                .pin(&path)
+                .with_context(|| format!("pinning the XDP link at {}", path.display()))?;
+            self.handed.push((pinned, attached));
+        }
+        Ok(())
+    }
+
+    /// A failed upgrade: takes the pinned links back (see `pin_links`).
+    pub fn unpin_links(&mut self) -> anyhow::Result<()> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(names::XDP_GUARD)
+            .context("the XDP guard program is missing")?
+            .try_into()?;
+        for (pinned, attached) in self.handed.drain(..) {
+            let link = XdpLink::try_from(pinned.unpin()?)?;
+            self.links.push(program.attach_to_link(link)?);
+            self.attached.push(attached);
+        }
+        Ok(())
     }
 
     fn configure(&mut self, config: &XdpConfig, ports: &[u16]) -> anyhow::Result<()> {
@@ -183,6 +258,37 @@ impl Drop for XdpGuard {
             XdpMaps::unpin(dir);
         }
     }
+}
+
+/// Where an upgrade leaves an interface's link for the next agent.
+fn link_pin(dir: &Path, interface: &str, mode: AttachedMode) -> PathBuf {
+    let mode = match mode {
+        AttachedMode::Native => "native",
+        AttachedMode::Generic => "generic",
+    };
+    dir.join(format!("xdp-link-{mode}-{interface}"))
+}
+
+/// The link the previous agent pinned for `interface` (an upgrade), unpinned: ours now.
+fn take_pinned_link(dir: &Path, interface: &str) -> Option<(XdpLink, AttachedMode)> {
+    for mode in [AttachedMode::Native, AttachedMode::Generic] {
+        let path = link_pin(dir, interface, mode);
+        if !path.exists() {
+            continue;
+        }
+        let taken = PinnedLink::from_pin(&path)
+            .map_err(anyhow::Error::from)
+            .and_then(|pinned| Ok(pinned.unpin()?))
+            .and_then(|fd_link| Ok(XdpLink::try_from(fd_link)?));
+        match taken {
+            Ok(link) => return Some((link, mode)),
+            Err(err) => {
+                tracing::warn!(%interface, "the previous agent's XDP link is unusable ({err:#}); attaching anew");
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    None
 }
 
 /// Why one attach attempt failed.

@@ -13,7 +13,7 @@ use forwarder_common::{XdpSettings, names, xdp_reason};
 use super::Cidr;
 
 /// The maps pinned for the CLI (the SYN buckets are the kernel's alone).
-const PINNED: [&str; 7] = [
+pub(crate) const PINNED: [&str; 7] = [
     names::XDP_PORTS,
     names::XDP_ALLOW_V4,
     names::XDP_DENY_V4,

@@ -74,6 +74,7 @@ pub fn validate(config: &XdpConfig) -> Result<(), String> {
 pub fn start_for(
     config: &crate::config::Config,
     bound: impl IntoIterator<Item = std::net::SocketAddr>,
+    adopt: bool,
 ) -> anyhow::Result<Option<XdpGuard>> {
     let Some(xdp) = &config.xdp else {
         return Ok(None);
@@ -87,6 +88,7 @@ pub fn start_for(
         &ports,
         Some(crate::ebpf::pin_dir_for(&config.instance)),
         Some(rules),
+        adopt,
     )?;
     tracing::info!(?ports, interfaces = ?guard.attached(), "XDP ingress guard on");
     Ok(Some(guard))
