@@ -30,6 +30,9 @@
 //!    counters and the closing log line; `registry` lists each live connection for
 //!    `forwarder conns` meanwhile.
 //! 6. **Inspect** (`inspect`): `forwarder conns|stats|maps` read the pinned maps.
+//! 7. **Upgrade** (`upgrade`, `agent::upgrade`): SIGUSR2 starts the binary on disk, hands
+//!    it the lock, listeners and pinned maps, then every spliced session
+//!    (`l4::session::HandedSession`), and exits; `notify` keeps systemd informed.
 //!
 //! `sys` holds the few raw socket calls (and all of the agent's `unsafe`).
 pub mod admin;
