@@ -381,8 +381,9 @@ fn start_frontend(
     pools: &std::collections::HashMap<String, Arc<Pool>>,
     shared: &Shared<'_>,
     metrics: FrontendMetrics,
-    // Bound by `prepare`; `None`: bound here, once the frontend is built (a reload: a
-    // broken certificate never opens, then closes, a listener sharing the port).
+    // Bound by `prepare` (or the replaced frontend's, on a reload); `None`: bound here,
+    // once the frontend is built (a broken certificate never opens, then closes, a
+    // listener sharing the port).
     listener: Option<tokio::net::TcpListener>,
 ) -> anyhow::Result<Running> {
     let Shared {

@@ -1,7 +1,8 @@
 //! SIGHUP: read the configuration again and apply the difference. Frontends whose
-//! settings (and backends) are unchanged keep running untouched; changed ones get a new
-//! listener first (SO_REUSEPORT lets both hold the port for a moment) and then the old
-//! one stops accepting; removed ones stop accepting. Established connections, spliced or
+//! settings (and backends) are unchanged keep running untouched; a changed one on the same
+//! address goes on with the same listening socket (the new accept loop starts on it, then
+//! the old one stops: nothing queued is reset, as no listener closes); one whose address
+//! changed gets a new listener first, then the old one stops; removed ones stop accepting. Established connections, spliced or
 //! upgraded, belong to their own tasks and are never dropped by a reload. A frontend
 //! whose certificate, key or CA file content changed counts as changed (rotation); a new
 //! file that does not load is refused and the frontend keeps serving with the old one.
@@ -75,7 +76,8 @@ pub(super) async fn apply(
             Some(m) if m.same_kind(f.mode) => m.clone(),
             _ => FrontendMetrics::for_mode(f.mode),
         };
-        match start_frontend(&next, f, &pools, shared, metrics, None) {
+        let same_socket = old.and_then(|i| same_listener(&running[i], f));
+        match start_frontend(&next, f, &pools, shared, metrics, same_socket) {
             Ok(new) => {
                 if rotated {
                     rotations += 1;
@@ -122,6 +124,18 @@ pub(super) async fn apply(
     *running = next_running;
     tracing::info!(kept, started, stopped, rotations, "configuration reloaded");
     Ok(next)
+}
+
+/// The running frontend's listening socket, for its successor on the same address: no
+/// listener closes, so no connection queued in it (or being set up for it) is reset.
+fn same_listener(old: &Running, f: &crate::config::Frontend) -> Option<tokio::net::TcpListener> {
+    if old.spec.frontend.bind != f.bind {
+        return None;
+    }
+    let fd = old.listener_fd.as_ref()?.try_clone().ok()?;
+    tokio::net::TcpListener::from_std(std::net::TcpListener::from(fd))
+        .map_err(|err| tracing::warn!(%err, "reload: a new listener instead of the same one"))
+        .ok()
 }
 
 fn running_uses(running: &[Running], pool: &Arc<crate::l4::upstream::Pool>) -> bool {
