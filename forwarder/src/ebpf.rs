@@ -239,11 +239,6 @@ impl Datapath {
         }
     }
 
-    /// Ends the hand-over (the next agent is gone or done): sessions stay here.
-    pub fn end_handover(&self) {
-        *self.handover.lock().unwrap_or_else(|p| p.into_inner()) = None;
-    }
-
     /// The next agent owns the maps now: leave the pins when this one goes.
     pub fn leave_pins(&self) {
         self.leave_pins.store(true, Ordering::Release);

@@ -5,6 +5,7 @@
 mod build;
 pub mod fd_budget;
 mod reload;
+mod serving;
 mod upgrade;
 
 use std::net::SocketAddr;
@@ -374,6 +375,13 @@ struct Shared<'a> {
     shutdown: &'a watch::Receiver<bool>,
 }
 
+/// A frontend built from its configuration, not yet listening.
+enum Built {
+    Originate(l4::originate::OriginateFrontend, Arc<L4Metrics>),
+    L4(l4::L4Frontend, bool, Arc<L4Metrics>),
+    Http(http::HttpFrontend, Arc<HttpMetrics>),
+}
+
 /// Spawns a frontend's accept loop on its bound listener.
 fn start_frontend(
     config: &Config,
@@ -386,42 +394,11 @@ fn start_frontend(
     // listener sharing the port).
     listener: Option<tokio::net::TcpListener>,
 ) -> anyhow::Result<Running> {
-    let Shared {
-        datapath,
-        options,
-        agent_cap,
-        instance,
-        shutdown,
-    } = shared;
     // The files are hashed before they are read, so a change in between shows at the
     // next reload rather than being missed.
     let spec = Spec::of(config, f);
-    let gate = build::gate(f, agent_cap);
-    // Everything that reads files or can fail is built before the listener is bound: a
-    // broken certificate never opens (and then closes) a listener sharing the port.
-    enum Built {
-        Originate(l4::originate::OriginateFrontend, Arc<L4Metrics>),
-        L4(l4::L4Frontend, bool, Arc<L4Metrics>),
-        Http(http::HttpFrontend, Arc<HttpMetrics>),
-    }
-    let built = match (&metrics, f.mode) {
-        (FrontendMetrics::L4(m), Mode::Originate) => Built::Originate(
-            build::originate_frontend(config, f, pools, gate)?,
-            m.clone(),
-        ),
-        (FrontendMetrics::L4(m), _) => {
-            let kernel = datapath.is_some() && !options.no_ebpf;
-            Built::L4(
-                build::l4_frontend(f, pools, kernel, gate),
-                kernel,
-                m.clone(),
-            )
-        }
-        (FrontendMetrics::Http(m), _) => Built::Http(
-            build::http_frontend(config, f, pools, m.clone(), (*datapath).clone(), gate)?,
-            m.clone(),
-        ),
-    };
+    // Everything that reads files or can fail is built before the listener is bound.
+    let built = build_frontend(config, f, pools, shared, &metrics)?;
     let listener = match listener {
         Some(listener) => listener,
         None => crate::listener::bind(f.bind)
@@ -432,43 +409,8 @@ fn start_frontend(
         .try_clone_to_owned()
         .map_err(|err| tracing::debug!(%err, "no copy of the listener for upgrades"))
         .ok();
-    let (stop, stopped) = frontend_stop((*shutdown).clone());
-    let task = match built {
-        Built::Originate(frontend, m) => {
-            tracing::info!(frontend = %f.name, %addr, "listening (plain TCP in, TLS to the hub originated here; relayed in userspace, cannot be spliced)");
-            tokio::spawn(l4::originate::serve(
-                listener,
-                Arc::new(frontend),
-                m,
-                stopped,
-            ))
-        }
-        Built::L4(frontend, kernel, m) => {
-            tracing::info!(frontend = %f.name, %addr, kernel, "listening (L4 passthrough)");
-            tokio::spawn(l4::serve(
-                listener,
-                Arc::new(frontend),
-                (*datapath).clone(),
-                m,
-                stopped,
-            ))
-        }
-        Built::Http(frontend, m) => {
-            tracing::info!(frontend = %f.name, %addr, "listening (HTTPS terminated, Host rewritten)");
-            tracing::warn!(
-                frontend = %f.name,
-                "this frontend terminates TLS: device client certificates (X.509) cannot reach the hub \
-                 through it. X.509 devices must use the passthrough ports (MQTT 8883, AMQP 5671)"
-            );
-            tokio::spawn(http::serve(
-                listener,
-                Arc::new(frontend),
-                m,
-                stopped,
-                (*shutdown).clone(),
-            ))
-        }
-    };
+    let (stop, stopped) = frontend_stop(shared.shutdown.clone());
+    let task = spawn_frontend(built, (&f.name, addr), listener, shared, stopped);
     Ok(Running {
         name: f.name.clone(),
         addr,
@@ -480,10 +422,84 @@ fn start_frontend(
             .collect(),
         spec,
         stop,
-        _instance: (*instance).clone(),
+        _instance: shared.instance.clone(),
         listener_fd,
         task,
     })
+}
+
+fn build_frontend(
+    config: &Config,
+    f: &Frontend,
+    pools: &std::collections::HashMap<String, Arc<Pool>>,
+    shared: &Shared<'_>,
+    metrics: &FrontendMetrics,
+) -> anyhow::Result<Built> {
+    let gate = build::gate(f, shared.agent_cap);
+    Ok(match (metrics, f.mode) {
+        (FrontendMetrics::L4(m), Mode::Originate) => Built::Originate(
+            build::originate_frontend(config, f, pools, gate)?,
+            m.clone(),
+        ),
+        (FrontendMetrics::L4(m), _) => {
+            let kernel = shared.datapath.is_some() && !shared.options.no_ebpf;
+            Built::L4(
+                build::l4_frontend(f, pools, kernel, gate),
+                kernel,
+                m.clone(),
+            )
+        }
+        (FrontendMetrics::Http(m), _) => Built::Http(
+            build::http_frontend(config, f, pools, m.clone(), shared.datapath.clone(), gate)?,
+            m.clone(),
+        ),
+    })
+}
+
+/// Starts the accept loop of a built frontend on `listener`.
+fn spawn_frontend(
+    built: Built,
+    (name, addr): (&str, SocketAddr),
+    listener: tokio::net::TcpListener,
+    shared: &Shared<'_>,
+    stopped: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    match built {
+        Built::Originate(frontend, m) => {
+            tracing::info!(frontend = %name, %addr, "listening (plain TCP in, TLS to the hub originated here; relayed in userspace, cannot be spliced)");
+            tokio::spawn(l4::originate::serve(
+                listener,
+                Arc::new(frontend),
+                m,
+                stopped,
+            ))
+        }
+        Built::L4(frontend, kernel, m) => {
+            tracing::info!(frontend = %name, %addr, kernel, "listening (L4 passthrough)");
+            tokio::spawn(l4::serve(
+                listener,
+                Arc::new(frontend),
+                shared.datapath.clone(),
+                m,
+                stopped,
+            ))
+        }
+        Built::Http(frontend, m) => {
+            tracing::info!(frontend = %name, %addr, "listening (HTTPS terminated, Host rewritten)");
+            tracing::warn!(
+                frontend = %name,
+                "this frontend terminates TLS: device client certificates (X.509) cannot reach the hub \
+                 through it. X.509 devices must use the passthrough ports (MQTT 8883, AMQP 5671)"
+            );
+            tokio::spawn(http::serve(
+                listener,
+                Arc::new(frontend),
+                m,
+                stopped,
+                shared.shutdown.clone(),
+            ))
+        }
+    }
 }
 
 /// A stop signal for one frontend: set by a reload that removes or replaces it, or by
@@ -533,146 +549,22 @@ pub async fn serve_with_upgrades(
     mut reload: mpsc::Receiver<()>,
     mut upgrade: mpsc::Receiver<()>,
 ) -> anyhow::Result<()> {
-    let Started {
-        mut running,
-        prepared,
-    } = launch(prepared, shutdown.clone())?;
-    let Prepared {
-        config,
-        options,
-        instance,
-        agent_cap,
-        datapath,
-        listeners: _,
-        mut xdp,
-        admin,
-        arrivals,
-    } = prepared;
-    let admin_fd = admin.as_ref().and_then(|l| {
-        Some((
-            l.local_addr().ok()?,
-            std::os::fd::AsFd::as_fd(l).try_clone_to_owned().ok()?,
-        ))
-    });
-    let admin = match admin {
-        Some(listener) => {
-            let registry = Arc::new(crate::admin::Registry::new(pin_dir_for(&config.instance)));
-            let listener = tokio::net::TcpListener::from_std(listener)?;
-            let addr = listener.local_addr()?;
-            tracing::info!(%addr, "admin: Prometheus metrics at /metrics");
-            tokio::spawn(crate::admin::serve(
-                listener,
-                registry.clone(),
-                shutdown.clone(),
-            ));
-            Some(registry)
-        }
-        None => None,
-    };
-    let register = |running: &[Running]| {
-        if let Some(admin) = &admin {
-            admin.set(
-                running
-                    .iter()
-                    .map(|r| (r.name.clone(), r.metrics.clone()))
-                    .collect(),
-                backend_pools(running),
-            );
-        }
-    };
-    register(&running);
-    if let Some(arrivals) = arrivals {
-        let takers = upgrade::takers(&config, &running);
-        tokio::spawn(upgrade::receive(arrivals, takers, datapath.clone()));
-    }
+    let started = launch(prepared, shutdown.clone())?;
+    let mut serving = serving::Serving::start(started, shutdown.clone())?;
     crate::notify::ready();
-    let mut config = config;
-    // Counters of frontends a reload stopped while they still had open connections.
-    let mut retired: Vec<FrontendMetrics> = Vec::new();
     let mut report = tokio::time::interval(Duration::from_secs(30));
     report.tick().await;
     let mut publish = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
-            Some(()) = upgrade.recv() => {
-                let holdings = upgrade::Holdings {
-                    instance: &instance,
-                    running: &running,
-                    admin: admin_fd.as_ref().map(|(addr, fd)| (*addr, fd)),
-                    xdp: xdp.as_mut(),
-                    demo: options.config_path.is_none() && config.instance == crate::demo::INSTANCE,
-                };
-                match upgrade::start_next(holdings).await {
-                    Ok(next) => {
-                        let drain = options.drain_deadline.unwrap_or(DEFAULT_DRAIN);
-                        upgrade::hand_over_and_exit(next, running, retired, datapath, drain).await;
-                    }
-                    Err(err) => {
-                        tracing::error!("upgrade refused, still serving: {err:#}");
-                        if let Some(datapath) = &datapath
-                            && let Err(err) = datapath.reattach_verdict()
-                        {
-                            tracing::error!("after the failed upgrade: {err:#}");
-                        }
-                    }
-                }
-            }
-            Some(()) = reload.recv() => {
-                let shared = Shared { datapath: &datapath, options: &options, agent_cap: &agent_cap, instance: &instance, shutdown: &shutdown };
-                match reload::apply(&config, &shared, &mut running, &mut retired).await {
-                    Ok(new_config) => {
-                        if let Some(guard) = xdp.as_mut()
-                            && let Err(err) = guard.maps().set_ports(&running.iter().map(|r| r.addr.port()).collect::<Vec<_>>())
-                        {
-                            tracing::warn!(%err, "reload: XDP protected ports not updated");
-                        }
-                        if new_config.admin != config.admin {
-                            tracing::warn!("reload: a new admin address takes effect at the next start");
-                        }
-                        register(&running);
-                        config = new_config;
-                    }
-                    Err(err) => tracing::error!("reload refused, still serving the previous configuration: {err:#}"),
-                }
-            }
-            _ = publish.tick() => {
-                publish_stats(&running, datapath.as_deref());
-                if let Some(guard) = xdp.as_mut() {
-                    guard.save_rules();
-                }
-            }
-            _ = report.tick() => log_stats(&running),
+            Some(()) = upgrade.recv() => serving.upgrade().await,
+            Some(()) = reload.recv() => serving.reload().await,
+            _ = publish.tick() => serving.publish(),
+            _ = report.tick() => log_stats(&serving.running),
         }
     }
-    let deadline = options.drain_deadline.unwrap_or(DEFAULT_DRAIN);
-    tracing::info!(?deadline, "stopped accepting; draining open connections");
-    let started = tokio::time::Instant::now();
-    let retired_open: u64 = retired.iter().map(FrontendMetrics::open).sum();
-    if retired_open > 0 {
-        tracing::info!(
-            connections = retired_open,
-            "draining also the connections of frontends removed or replaced by earlier reloads"
-        );
-    }
-    let open = |m: &FrontendMetrics| m.open() > 0;
-    while (running.iter().any(|r| open(&r.metrics)) || retired.iter().any(open))
-        && started.elapsed() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    log_stats(&running);
-    drop(xdp);
-    drop(running);
-    if let Some(datapath) = datapath {
-        // Connection tasks let go of their handle as they finish: wait for them (briefly)
-        // so the programs are detached and the pins gone when `run` returns.
-        let until = tokio::time::Instant::now() + Duration::from_secs(2);
-        while Arc::strong_count(&datapath) > 1 && tokio::time::Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        drop(datapath);
-    }
+    serving.drain().await;
     Ok(())
 }
 

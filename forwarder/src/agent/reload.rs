@@ -7,12 +7,14 @@
 //! whose certificate, key or CA file content changed counts as changed (rotation); a new
 //! file that does not load is refused and the frontend keeps serving with the old one.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Context as _;
 
 use super::{FrontendMetrics, Running, Shared, Spec, start_frontend};
-use crate::config::Config;
+use crate::config::{Config, Frontend};
+use crate::l4::upstream::Pool;
 
 /// Applies the configuration file's current content; returns it. On error nothing has
 /// changed that the error concerns, and the agent goes on with what runs.
@@ -22,6 +24,41 @@ pub(super) async fn apply(
     running: &mut Vec<Running>,
     retired: &mut Vec<FrontendMetrics>,
 ) -> anyhow::Result<Config> {
+    let next = read_next(current, shared)?;
+    let pools = super::build::pools(&next, &pools_in_use(running));
+    let mut tally = Tally::default();
+    let mut next_running = Vec::with_capacity(next.frontends.len());
+    for f in &next.frontends {
+        let change = Change {
+            next: &next,
+            pools: &pools,
+            shared,
+        };
+        next_running.push(change.apply(f, running, retired, &mut tally).await);
+    }
+    let mut next_running: Vec<Running> = next_running.into_iter().flatten().collect();
+    // What is left was removed from the configuration.
+    for old in running.drain(..) {
+        tracing::info!(frontend = %old.name, "reload: frontend removed; open connections go on");
+        forget_stats(shared, &old, &next_running);
+        stop(old, retired).await;
+        tally.stopped += 1;
+    }
+    // Stopped listeners take no new connections: once a count is 0, it stays 0.
+    retired.retain(|m| m.open() > 0);
+    std::mem::swap(running, &mut next_running);
+    let Tally {
+        kept,
+        started,
+        stopped,
+        rotations,
+    } = tally;
+    tracing::info!(kept, started, stopped, rotations, "configuration reloaded");
+    Ok(next)
+}
+
+/// Reads the configuration file again and says what a reload cannot change.
+fn read_next(current: &Config, shared: &Shared<'_>) -> anyhow::Result<Config> {
     let path = shared
         .options
         .config_path
@@ -45,7 +82,12 @@ pub(super) async fn apply(
     for warning in next.warnings() {
         tracing::warn!("{warning}");
     }
-    let keep: Vec<_> = running
+    Ok(next)
+}
+
+/// Every running backend pool with its settings: a pool whose settings stay is reused.
+fn pools_in_use(running: &[Running]) -> Vec<(crate::config::Backend, Arc<Pool>)> {
+    running
         .iter()
         .flat_map(|r| {
             r.spec.backends.iter().filter_map(|b| {
@@ -53,19 +95,41 @@ pub(super) async fn apply(
                 Some((b.clone(), pool.clone()))
             })
         })
-        .collect();
-    let pools = super::build::pools(&next, &keep);
-    let (mut kept, mut started, mut stopped, mut rotations) = (0, 0, 0, 0u32);
-    let mut next_running = Vec::with_capacity(next.frontends.len());
-    for f in &next.frontends {
-        let spec = Spec::of(&next, f);
+        .collect()
+}
+
+#[derive(Default)]
+struct Tally {
+    kept: u32,
+    started: u32,
+    stopped: u32,
+    rotations: u32,
+}
+
+/// What one frontend of the new configuration is applied against.
+struct Change<'a> {
+    next: &'a Config,
+    pools: &'a HashMap<String, Arc<Pool>>,
+    shared: &'a Shared<'a>,
+}
+
+impl Change<'_> {
+    /// Keeps, replaces or starts frontend `f`; returns what runs for it now (`None`: a new
+    /// frontend that did not start).
+    async fn apply(
+        &self,
+        f: &Frontend,
+        running: &mut Vec<Running>,
+        retired: &mut Vec<FrontendMetrics>,
+        tally: &mut Tally,
+    ) -> Option<Running> {
+        let spec = Spec::of(self.next, f);
         let old = running.iter().position(|r| r.name == f.name);
         if let Some(i) = old
             && running[i].spec == spec
         {
-            next_running.push(running.remove(i));
-            kept += 1;
-            continue;
+            tally.kept += 1;
+            return Some(running.remove(i));
         }
         let rotated = old.is_some_and(|i| running[i].spec.only_files_differ(&spec));
         if rotated {
@@ -77,19 +141,19 @@ pub(super) async fn apply(
             _ => FrontendMetrics::for_mode(f.mode),
         };
         let same_socket = old.and_then(|i| same_listener(&running[i], f));
-        match start_frontend(&next, f, &pools, shared, metrics, same_socket) {
+        match start_frontend(self.next, f, self.pools, self.shared, metrics, same_socket) {
             Ok(new) => {
                 if rotated {
-                    rotations += 1;
+                    tally.rotations += 1;
                     tracing::info!(frontend = %f.name, "reload: TLS configuration rotated: \
                          new connections get the new certificate, open ones go on");
                 }
                 if let Some(i) = old {
                     stop(running.remove(i), retired).await;
-                    stopped += 1;
+                    tally.stopped += 1;
                 }
-                next_running.push(new);
-                started += 1;
+                tally.started += 1;
+                Some(new)
             }
             Err(err) => {
                 if rotated {
@@ -98,32 +162,24 @@ pub(super) async fn apply(
                 } else {
                     tracing::error!(frontend = %f.name, "reload: not started: {err:#}");
                 }
-                if let Some(i) = old {
-                    next_running.push(running.remove(i));
-                }
+                old.map(|i| running.remove(i))
             }
         }
     }
-    // What is left was removed from the configuration.
-    for old in running.drain(..) {
-        tracing::info!(frontend = %old.name, "reload: frontend removed; open connections go on");
-        if let Some(datapath) = shared.datapath {
-            datapath.forget_stats(&old.name);
-            for pool in &old.pools {
-                // Still used by a frontend that stays? Then its counters stay too.
-                if !running_uses(&next_running, pool) {
-                    datapath.forget_stats(&format!("{}{}", super::BACKEND_PREFIX, pool.name));
-                }
-            }
+}
+
+/// Drops a removed frontend's counters from `FWD_STATS`, and its backends' unless a
+/// frontend that stays still uses them.
+fn forget_stats(shared: &Shared<'_>, old: &Running, staying: &[Running]) {
+    let Some(datapath) = shared.datapath else {
+        return;
+    };
+    datapath.forget_stats(&old.name);
+    for pool in &old.pools {
+        if !running_uses(staying, pool) {
+            datapath.forget_stats(&format!("{}{}", super::BACKEND_PREFIX, pool.name));
         }
-        stop(old, retired).await;
-        stopped += 1;
     }
-    // Stopped listeners take no new connections: once a count is 0, it stays 0.
-    retired.retain(|m| m.open() > 0);
-    *running = next_running;
-    tracing::info!(kept, started, stopped, rotations, "configuration reloaded");
-    Ok(next)
 }
 
 /// The running frontend's listening socket, for its successor on the same address: no
@@ -138,7 +194,7 @@ fn same_listener(old: &Running, f: &crate::config::Frontend) -> Option<tokio::ne
         .ok()
 }
 
-fn running_uses(running: &[Running], pool: &Arc<crate::l4::upstream::Pool>) -> bool {
+fn running_uses(running: &[Running], pool: &Arc<Pool>) -> bool {
     running
         .iter()
         .any(|r| r.pools.iter().any(|p| Arc::ptr_eq(p, pool)))

@@ -98,7 +98,8 @@ pub(super) async fn hand_over_and_exit(
 ) -> ! {
     let started = tokio::time::Instant::now();
     for r in &running {
-        // Stop without draining the accept queue: the new agent accepts from it.
+        // The new agent accepts on the same sockets now; what this one already took from
+        // their queues it serves (spliced connections then come over like the rest).
         let _ = r.stop.send(true);
     }
     let (sessions, mut arriving) = mpsc::unbounded_channel::<Box<HandedSession>>();
@@ -107,44 +108,15 @@ pub(super) async fn hand_over_and_exit(
     } else {
         drop(sessions);
     }
-    let open = |running: &[Running], retired: &[FrontendMetrics]| {
+    let open = || {
         running.iter().map(|r| r.metrics.open()).sum::<u64>()
             + retired.iter().map(FrontendMetrics::open).sum::<u64>()
     };
-    let mut sent = 0u64;
-    let mut failed = 0u64;
-    let mut tick = tokio::time::interval(Duration::from_millis(20));
-    loop {
-        tokio::select! {
-            Some(session) = arriving.recv() => {
-                match next.send(session).await {
-                    Ok(()) => sent += 1,
-                    Err(err) => {
-                        // The sockets closed with the failed send: that connection is lost.
-                        failed += 1;
-                        tracing::error!(%err, "upgrade: sending a session to the new agent failed");
-                    }
-                }
-            }
-            _ = tick.tick() => {
-                if open(&running, &retired) == 0 || started.elapsed() >= drain {
-                    break;
-                }
-            }
-        }
-    }
+    let (sent, failed) = forward_sessions(&next, &mut arriving, &open, drain, started).await;
     if let Some(datapath) = &datapath {
-        datapath.end_handover();
-        // Sessions that packed themselves up meanwhile still go.
-        while let Ok(session) = arriving.try_recv() {
-            match next.send(session).await {
-                Ok(()) => sent += 1,
-                Err(_) => failed += 1,
-            }
-        }
         datapath.leave_pins();
     }
-    let left = open(&running, &retired);
+    let left = open();
     if let Err(err) = next.done(sent).await {
         tracing::error!(%err, "upgrade: the new agent did not hear the end of the hand-over");
     }
@@ -160,6 +132,43 @@ pub(super) async fn hand_over_and_exit(
     // No destructors: they would detach programs and remove pins the new agent uses. The
     // kernel closes our descriptors; the new agent holds its own.
     std::process::exit(0)
+}
+
+/// Sends each session as it packs itself up, until no connection is left here (or the
+/// drain deadline); returns (sent, failed).
+async fn forward_sessions(
+    next: &Next,
+    arriving: &mut mpsc::UnboundedReceiver<Box<HandedSession>>,
+    open: &impl Fn() -> u64,
+    drain: Duration,
+    started: tokio::time::Instant,
+) -> (u64, u64) {
+    let (mut sent, mut failed) = (0u64, 0u64);
+    let mut send = async |session| match next.send(session).await {
+        Ok(()) => sent += 1,
+        Err(err) => {
+            // The sockets closed with the failed send: that connection is lost.
+            failed += 1;
+            tracing::error!(%err, "upgrade: sending a session to the new agent failed");
+        }
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        tokio::select! {
+            Some(session) = arriving.recv() => send(session).await,
+            _ = tick.tick() => {
+                if open() == 0 || started.elapsed() >= drain {
+                    break;
+                }
+            }
+        }
+    }
+    // Sessions still packing up stay here; those already packed still go.
+    arriving.close();
+    while let Ok(session) = arriving.try_recv() {
+        send(session).await;
+    }
+    (sent, failed)
 }
 
 /// The frontends that can take sessions over: name -> (counters, session options).
