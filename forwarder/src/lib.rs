@@ -23,9 +23,11 @@
 //!    the pair, woken only by `l4::supervisor` (a FIN, a reset, or a report from the
 //!    verdict), never per message. When the kernel cannot take the pair, `l4::copy`
 //!    carries it in userspace. `l4::originate` serves plain MQTT by opening TLS to the hub.
+//!    Every userspace path (this fallback, originate, WebSocket tunnels) runs on one copy
+//!    engine, `relay`: half-close, resets, idle timeout and counting, one contract.
 //! 4. **Termination** (`http`): TLS ends here, `http::headers` rewrites the request for
 //!    the hub, `http::connector` re-originates verified TLS, and WebSocket upgrades are
-//!    joined by `relay`.
+//!    joined by `http::tunnel` (on `relay`). Every accept loop is `admission::Gate::serve`.
 //! 5. **Finish**: every L4 path returns one `l4::Outcome`, which `l4::finish` turns into
 //!    counters and the closing log line; `registry` lists each live connection for
 //!    `forwarder conns` meanwhile.

@@ -81,7 +81,7 @@ pub async fn serve(
     listener: TcpListener,
     frontend: Arc<HttpFrontend>,
     metrics: Arc<HttpMetrics>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     connections: watch::Receiver<bool>,
 ) {
     let (http1, http2) = builders(&frontend.limits);
@@ -93,13 +93,10 @@ pub async fn serve(
             .clone()
             .map(|dp| Listing::start(dp, &frontend.name, connections.clone())),
     });
-    while let Some((stream, peer, admitted)) = frontend
-        .gate
-        .accept(&listener, &mut shutdown, &metrics.gate())
-        .await
-    {
+    let counters = metrics.gate();
+    let serve = |stream, peer, admitted| {
         metrics::add(&metrics.accepted, 1);
-        tokio::spawn(serve_connection(
+        serve_connection(
             stream,
             peer,
             frontend.clone(),
@@ -107,8 +104,12 @@ pub async fn serve(
             metrics.clone(),
             Arc::new(admitted),
             connections.clone(),
-        ));
-    }
+        )
+    };
+    frontend
+        .gate
+        .serve(&listener, shutdown, &counters, serve)
+        .await;
 }
 
 type Builder = auto::Builder<TokioExecutor>;

@@ -128,6 +128,18 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// A connection the copy engine carried: every byte crossed userspace.
+    pub fn copied(copied: crate::relay::Copied) -> Self {
+        Self {
+            carrier: Carrier::Userspace,
+            bytes_up: copied.bytes_up,
+            bytes_down: copied.bytes_down,
+            userspace_bytes: copied.bytes_up + copied.bytes_down,
+            diverted: false,
+            end: copied.end,
+        }
+    }
+
     /// A connection that ended in an error before any byte moved.
     pub fn failed(carrier: Carrier, error: io::Error) -> Self {
         Self {
@@ -204,7 +216,7 @@ pub async fn serve(
     frontend: Arc<L4Frontend>,
     datapath: Option<Arc<Datapath>>,
     metrics: Arc<L4Metrics>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     if let Some(k) = frontend.keepalive {
         // Accepted sockets inherit the listener's keepalive: no per-connection syscalls.
@@ -212,21 +224,20 @@ pub async fn serve(
             tracing::warn!(frontend = %frontend.name, %err, "could not set TCP keepalive");
         }
     }
-    while let Some((client, peer, admitted)) = frontend
-        .gate
-        .accept(&listener, &mut shutdown, &metrics.gate())
-        .await
-    {
+    let counters = metrics.gate();
+    let serve = |client, peer, admitted| {
         let (frontend, datapath, metrics) = (frontend.clone(), datapath.clone(), metrics.clone());
         let span = tracing::info_span!("conn", frontend = %frontend.name, client = %peer);
-        tokio::spawn(
-            async move {
-                handle_connection(client, &frontend, datapath.as_deref(), &metrics).await;
-                drop(admitted);
-            }
-            .instrument(span),
-        );
-    }
+        async move {
+            handle_connection(client, &frontend, datapath.as_deref(), &metrics).await;
+            drop(admitted);
+        }
+        .instrument(span)
+    };
+    frontend
+        .gate
+        .serve(&listener, shutdown, &counters, serve)
+        .await;
 }
 
 /// Serves one accepted connection to its end: route, connect, splice (or fall back to

@@ -15,7 +15,7 @@ use tracing::Instrument as _;
 
 use crate::admission::Gate;
 use crate::l4::upstream::Pool;
-use crate::l4::{Carrier, End, Keepalive, Outcome, finish};
+use crate::l4::{Keepalive, Outcome, finish};
 use crate::metrics::{self, ActiveGuard, L4Metrics};
 use crate::{relay, sys};
 
@@ -36,23 +36,22 @@ pub async fn serve(
     listener: TcpListener,
     frontend: Arc<OriginateFrontend>,
     metrics: Arc<L4Metrics>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    while let Some((client, peer, admitted)) = frontend
-        .gate
-        .accept(&listener, &mut shutdown, &metrics.gate())
-        .await
-    {
+    let counters = metrics.gate();
+    let serve = |client, peer, admitted| {
         let (frontend, metrics) = (frontend.clone(), metrics.clone());
         let span = tracing::info_span!("conn", frontend = %frontend.name, client = %peer);
-        tokio::spawn(
-            async move {
-                handle(client, &frontend, &metrics).await;
-                drop(admitted);
-            }
-            .instrument(span),
-        );
-    }
+        async move {
+            handle(client, &frontend, &metrics).await;
+            drop(admitted);
+        }
+        .instrument(span)
+    };
+    frontend
+        .gate
+        .serve(&listener, shutdown, &counters, serve)
+        .await;
 }
 
 async fn handle(client: TcpStream, frontend: &OriginateFrontend, metrics: &L4Metrics) {
@@ -86,23 +85,7 @@ async fn handle(client: TcpStream, frontend: &OriginateFrontend, metrics: &L4Met
             return;
         }
     };
-    let relayed = relay::join(client, tls, frontend.idle_timeout).await;
-    let end = if relayed.idle_timeout {
-        End::IdleTimeout
-    } else if relayed.error {
-        // The relay does not say which side failed.
-        End::Reset { side: None }
-    } else {
-        End::Closed
-    };
     // This path is userspace by nature: every byte is payload the agent handled.
-    let outcome = Outcome {
-        carrier: Carrier::Userspace,
-        bytes_up: relayed.bytes_a_to_b,
-        bytes_down: relayed.bytes_b_to_a,
-        userspace_bytes: relayed.bytes_a_to_b + relayed.bytes_b_to_a,
-        diverted: false,
-        end,
-    };
-    finish(&outcome, metrics);
+    let copied = relay::join(client, relay::Polled(tls), frontend.idle_timeout, |_| {}).await;
+    finish(&Outcome::copied(copied), metrics);
 }
