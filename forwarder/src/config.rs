@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
@@ -270,6 +271,39 @@ impl Frontend {
         })
     }
 
+    /// `idle_timeout_secs`, typed.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+
+    /// `client_hello_timeout_ms`, typed.
+    pub fn client_hello_timeout(&self) -> Duration {
+        Duration::from_millis(self.client_hello_timeout_ms)
+    }
+
+    /// `header_read_timeout_ms`, typed.
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms)
+    }
+
+    /// `http_idle_timeout_ms`, typed.
+    pub fn http_idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.http_idle_timeout_ms)
+    }
+
+    /// `tcp_keepalive_secs` as the keepalive its sockets get (`None`: off).
+    pub fn keepalive(&self) -> Option<crate::keepalive::Keepalive> {
+        crate::keepalive::Keepalive::after_idle(self.tcp_keepalive_secs)
+    }
+
+    /// The L4 limits of each connection.
+    pub fn session(&self) -> crate::l4::SessionOptions {
+        crate::l4::SessionOptions {
+            idle_timeout: self.idle_timeout(),
+            max_lag: self.max_lag_bytes,
+        }
+    }
+
     /// The per-source cap, when one is set.
     pub fn source_limit(&self) -> Option<crate::admission::SourceLimit> {
         self.max_connections_per_source
@@ -359,13 +393,23 @@ impl Backend {
         }
     }
 
+    /// `connect_timeout_ms`, typed.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    /// `response_timeout_ms`, typed.
+    pub fn response_timeout(&self) -> Duration {
+        Duration::from_millis(self.response_timeout_ms)
+    }
+
     /// The pacing of new connections this backend asks for (`None`: off).
     pub fn pacing(&self) -> Option<PacingLimits> {
         self.max_new_connections_per_sec
             .map(|rate_per_sec| PacingLimits {
                 rate_per_sec,
                 queue: self.connect_queue,
-                queue_timeout: std::time::Duration::from_millis(self.queue_timeout_ms),
+                queue_timeout: Duration::from_millis(self.queue_timeout_ms),
             })
     }
 
@@ -430,17 +474,30 @@ fn default_instance() -> String {
 fn default_idle_timeout() -> u64 {
     DEFAULT_IDLE_TIMEOUT_SECS
 }
+/// `max_lag_bytes` when absent (also `SessionOptions::default`'s).
+pub const DEFAULT_MAX_LAG_BYTES: u64 = 32 << 20;
+/// `client_hello_timeout_ms` when absent.
+pub const DEFAULT_CLIENT_HELLO_TIMEOUT_MS: u64 = 10_000;
+/// `tcp_keepalive_secs` when absent: well inside the idle time of NATs and firewalls.
+pub const DEFAULT_TCP_KEEPALIVE_SECS: u32 = 120;
+/// `connect_timeout_ms` when absent.
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
+/// `--drain-secs` when absent: how long open connections get to finish after SIGTERM.
+pub const DEFAULT_DRAIN_SECS: u64 = 30;
+/// The same, for a stop that was given no deadline.
+pub const DEFAULT_DRAIN: Duration = Duration::from_secs(DEFAULT_DRAIN_SECS);
+
 fn default_max_lag() -> u64 {
-    32 << 20
+    DEFAULT_MAX_LAG_BYTES
 }
 fn default_client_hello_timeout() -> u64 {
-    10_000
+    DEFAULT_CLIENT_HELLO_TIMEOUT_MS
 }
 fn default_keepalive() -> u32 {
-    120
+    DEFAULT_TCP_KEEPALIVE_SECS
 }
 fn default_connect_timeout() -> u64 {
-    5_000
+    DEFAULT_CONNECT_TIMEOUT_MS
 }
 fn default_weight() -> u32 {
     1
@@ -458,14 +515,21 @@ fn default_source_prefix_ipv4() -> u8 {
 fn default_source_prefix_ipv6() -> u8 {
     64
 }
+/// `header_read_timeout_ms` when absent.
+pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+/// `max_header_bytes` when absent.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 << 10;
+/// `response_timeout_ms` when absent.
+pub const DEFAULT_RESPONSE_TIMEOUT_MS: u64 = 60_000;
+
 fn default_header_read_timeout() -> u64 {
-    10_000
+    DEFAULT_HEADER_READ_TIMEOUT_MS
 }
 fn default_max_header_bytes() -> usize {
-    64 << 10
+    DEFAULT_MAX_HEADER_BYTES
 }
 fn default_response_timeout() -> u64 {
-    60_000
+    DEFAULT_RESPONSE_TIMEOUT_MS
 }
 
 /// `connect_queue` when absent: enough devices for a large reconnect storm, each holding

@@ -43,6 +43,7 @@ pub mod ebpf;
 pub mod http;
 pub mod inspect;
 pub mod instance_lock;
+pub mod keepalive;
 pub mod kernel;
 pub mod l4;
 pub mod listener;

@@ -13,9 +13,9 @@ use crate::config::{Config, Frontend};
 use crate::http::connector::UpstreamConnector;
 use crate::http::proxy::Proxy;
 use crate::http::{self, HttpFrontend, Limits};
+use crate::l4::L4Frontend;
 use crate::l4::originate::OriginateFrontend;
 use crate::l4::upstream::{Pool, Server};
-use crate::l4::{Keepalive, L4Frontend, SessionOptions};
 use crate::metrics::HttpMetrics;
 
 /// One pool per backend, by name. A pool in `keep` whose backend settings are the same
@@ -39,12 +39,8 @@ pub fn pools(
                     weight: s.weight,
                 })
                 .collect();
-            let pool = Pool::new(
-                b.name.clone(),
-                servers,
-                Duration::from_millis(b.connect_timeout_ms),
-            )
-            .with_pacing(b.pacing());
+            let pool =
+                Pool::new(b.name.clone(), servers, b.connect_timeout()).with_pacing(b.pacing());
             (b.name.clone(), Arc::new(pool))
         })
         .collect()
@@ -75,24 +71,12 @@ pub fn l4_frontend(
             .filter_map(|(host, b)| Some((host.to_ascii_lowercase(), pool(b)?)))
             .collect(),
         default_backend: f.backend.as_ref().and_then(pool),
-        session: SessionOptions {
-            idle_timeout: Duration::from_secs(f.idle_timeout_secs),
-            max_lag: f.max_lag_bytes,
-        },
+        session: f.session(),
         kernel,
-        client_hello_timeout: Duration::from_millis(f.client_hello_timeout_ms),
-        keepalive: keepalive(f),
+        client_hello_timeout: f.client_hello_timeout(),
+        keepalive: f.keepalive(),
         gate,
     }
-}
-
-/// TCP keepalive of a frontend's sockets (`tcp_keepalive_secs`, 0: off).
-fn keepalive(f: &Frontend) -> Option<Keepalive> {
-    (f.tcp_keepalive_secs > 0).then_some(Keepalive {
-        idle: f.tcp_keepalive_secs,
-        interval: 30,
-        probes: 4,
-    })
 }
 
 pub fn http_frontend(
@@ -118,8 +102,8 @@ pub fn http_frontend(
         .with_context(|| format!("backend {backend_name}: trusted roots"))?;
     let server_name = rustls_pki_types::ServerName::try_from(server_name.clone())
         .with_context(|| format!("backend {backend_name}: bad TLS server name {server_name:?}"))?;
-    let connect_timeout = Duration::from_millis(backend.connect_timeout_ms);
-    let response_timeout = Duration::from_millis(backend.response_timeout_ms);
+    let connect_timeout = backend.connect_timeout();
+    let response_timeout = backend.response_timeout();
     let cap = backend
         .max_upstream_connections
         .and_then(|max| usize::try_from(max).ok());
@@ -144,15 +128,15 @@ pub fn http_frontend(
                 .with_context(|| format!("backend {backend_name}: bad host {host:?}"))?,
             client,
             response_timeout,
-            upgraded_idle_timeout: Duration::from_secs(f.idle_timeout_secs),
+            upgraded_idle_timeout: f.idle_timeout(),
             metrics,
         }),
         gate,
         limits: Limits {
-            header_read_timeout: Duration::from_millis(f.header_read_timeout_ms),
+            header_read_timeout: f.header_read_timeout(),
             max_header_bytes: f.max_header_bytes,
-            idle_timeout: Duration::from_millis(f.http_idle_timeout_ms),
-            keepalive: keepalive(f),
+            idle_timeout: f.http_idle_timeout(),
+            keepalive: f.keepalive(),
         },
         datapath,
     })
@@ -208,9 +192,9 @@ pub fn originate_frontend(
         server_name: rustls_pki_types::ServerName::try_from(server_name.clone()).with_context(
             || format!("backend {backend_name}: bad TLS server name {server_name:?}"),
         )?,
-        handshake_timeout: Duration::from_millis(backend.connect_timeout_ms),
-        idle_timeout: Duration::from_secs(f.idle_timeout_secs),
-        keepalive: keepalive(f),
+        handshake_timeout: backend.connect_timeout(),
+        idle_timeout: f.idle_timeout(),
+        keepalive: f.keepalive(),
         gate,
     })
 }

@@ -558,7 +558,9 @@ pub async fn serve(
             _ = report.tick() => log_stats(&running),
         }
     }
-    let deadline = options.drain_deadline.unwrap_or(Duration::from_secs(30));
+    let deadline = options
+        .drain_deadline
+        .unwrap_or(crate::config::DEFAULT_DRAIN);
     tracing::info!(?deadline, "stopped accepting; draining open connections");
     let started = tokio::time::Instant::now();
     let retired_open: u64 = retired.iter().map(FrontendMetrics::open).sum();

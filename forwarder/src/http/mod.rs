@@ -26,7 +26,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::admission::{Admitted, Gate};
 use crate::ebpf::Datapath;
-use crate::l4::Keepalive;
+use crate::keepalive::{Keepalive, set_keepalive_or_warn};
 use crate::log_limit::info_limited;
 use crate::metrics::{self, ActiveGuard, HttpMetrics};
 use counted::{CountedStream, Listing};
@@ -152,12 +152,8 @@ async fn serve_connection(
     let _active = ActiveGuard::new(&metrics.active);
     let _ = stream.set_nodelay(true);
     let limits = &frontend.limits;
-    if let Some(k) = limits.keepalive {
-        // On each socket rather than the listener: the accept loop stays as it is.
-        if let Err(err) = crate::sys::set_keepalive(stream.as_fd(), k.idle, k.interval, k.probes) {
-            tracing::debug!(frontend = %frontend.name, %peer, %err, "could not set TCP keepalive");
-        }
-    }
+    // On each socket rather than the listener: the accept loop stays as it is.
+    set_keepalive_or_warn(stream.as_fd(), limits.keepalive);
     let stream = CountedStream::new(stream, shared.listing.as_ref());
     let counts = stream.counts();
     let handshake = frontend.tls.accept(stream);

@@ -24,6 +24,8 @@ use tracing::Instrument as _;
 
 use crate::admission::Gate;
 use crate::ebpf::{Datapath, SpliceError, SplicedPair};
+pub use crate::keepalive::Keepalive;
+use crate::keepalive::set_keepalive_or_warn;
 use crate::log_limit::info_limited;
 use crate::metrics::{self, ActiveGuard, L4Metrics};
 use crate::registry::Registration;
@@ -55,7 +57,7 @@ impl Default for SessionOptions {
     fn default() -> Self {
         Self {
             idle_timeout: Duration::from_secs(crate::config::DEFAULT_IDLE_TIMEOUT_SECS),
-            max_lag: 32 << 20,
+            max_lag: crate::config::DEFAULT_MAX_LAG_BYTES,
         }
     }
 }
@@ -185,14 +187,6 @@ pub fn finish(outcome: &Outcome, metrics: &L4Metrics) {
     );
 }
 
-/// TCP keepalive towards both peers (seconds).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Keepalive {
-    pub idle: u32,
-    pub interval: u32,
-    pub probes: u32,
-}
-
 /// A configured L4 frontend, ready to serve.
 #[derive(Debug)]
 pub struct L4Frontend {
@@ -218,12 +212,8 @@ pub async fn serve(
     metrics: Arc<L4Metrics>,
     shutdown: watch::Receiver<bool>,
 ) {
-    if let Some(k) = frontend.keepalive {
-        // Accepted sockets inherit the listener's keepalive: no per-connection syscalls.
-        if let Err(err) = sys::set_keepalive(listener.as_fd(), k.idle, k.interval, k.probes) {
-            tracing::warn!(frontend = %frontend.name, %err, "could not set TCP keepalive");
-        }
-    }
+    // Accepted sockets inherit the listener's keepalive: no per-connection syscalls.
+    set_keepalive_or_warn(listener.as_fd(), frontend.keepalive);
     let counters = metrics.gate();
     let serve = |client, peer, admitted| {
         let (frontend, datapath, metrics) = (frontend.clone(), datapath.clone(), metrics.clone());
@@ -284,12 +274,8 @@ async fn open_upstream(
             return None;
         }
     };
-    if let Some(k) = frontend.keepalive {
-        // The client's came with it from the listener (see `serve`).
-        if let Err(err) = sys::set_keepalive(upstream.as_fd(), k.idle, k.interval, k.probes) {
-            tracing::debug!(%err, "could not set TCP keepalive");
-        }
-    }
+    // The client's came with it from the listener (see `serve`).
+    set_keepalive_or_warn(upstream.as_fd(), frontend.keepalive);
     Some((upstream, upstream_addr))
 }
 

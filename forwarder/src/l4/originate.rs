@@ -14,10 +14,11 @@ use tokio_rustls::TlsConnector;
 use tracing::Instrument as _;
 
 use crate::admission::Gate;
+use crate::keepalive::{Keepalive, set_keepalive_or_warn};
 use crate::l4::upstream::Pool;
-use crate::l4::{Keepalive, Outcome, finish};
+use crate::l4::{Outcome, finish};
 use crate::metrics::{self, ActiveGuard, L4Metrics};
-use crate::{relay, sys};
+use crate::relay;
 
 pub struct OriginateFrontend {
     pub name: String,
@@ -66,10 +67,8 @@ async fn handle(client: TcpStream, frontend: &OriginateFrontend, metrics: &L4Met
             return;
         }
     };
-    if let Some(k) = frontend.keepalive {
-        for s in [&client, &upstream] {
-            let _ = sys::set_keepalive(s.as_fd(), k.idle, k.interval, k.probes);
-        }
+    for s in [&client, &upstream] {
+        set_keepalive_or_warn(s.as_fd(), frontend.keepalive);
     }
     let handshake = frontend.tls.connect(frontend.server_name.clone(), upstream);
     let tls = match tokio::time::timeout(frontend.handshake_timeout, handshake).await {
