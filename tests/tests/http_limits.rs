@@ -279,6 +279,7 @@ async fn idle_http2_and_keep_alive_connections_are_closed_after_the_idle_timeout
 
 /// The agent's socket of a client, from /proc/net/tcp: (timer kind, seconds to expiry).
 /// Timer kind 2 is the keepalive timer (0: none).
+#[allow(unsafe_code)] // raw libc calls, each with its `// SAFETY:` line
 fn server_socket_timer(server_port: u16, client_port: u16) -> Option<(u32, f64)> {
     let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
     // SAFETY: sysconf has no preconditions.
