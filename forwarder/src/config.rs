@@ -833,17 +833,7 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
-        if self.instance.is_empty()
-            || !self
-                .instance
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
-            return invalid(format!(
-                "instance {:?}: use letters, digits, '-' or '_'",
-                self.instance
-            ));
-        }
+        self.validate_instance()?;
         let backends = self.validate_backends()?;
         let mut names = HashSet::new();
         let mut binds = HashSet::new();
@@ -892,10 +882,27 @@ impl Config {
         if self.frontends.is_empty() {
             return invalid("no frontends configured".into());
         }
+        self.validate_agent_wide()
+    }
+
+    /// The instance names a pin directory and a lock file: a plain name.
+    fn validate_instance(&self) -> Result<(), ConfigError> {
+        let plain = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+        if self.instance.is_empty() || !self.instance.chars().all(plain) {
+            return Err(ConfigError::Invalid(format!(
+                "instance {:?}: use letters, digits, '-' or '_'",
+                self.instance
+            )));
+        }
+        Ok(())
+    }
+
+    /// The settings of the whole agent: its connection cap, admin server and XDP guard.
+    fn validate_agent_wide(&self) -> Result<(), ConfigError> {
         if let Some(problem) =
             first_out_of_bounds(&[(MAX_CONNECTIONS, self.max_connections.map(|n| n as u64))])
         {
-            return invalid(format!("agent: {problem}"));
+            return Err(ConfigError::Invalid(format!("agent: {problem}")));
         }
         self.validate_admin()?;
         if let Some(xdp) = &self.xdp {

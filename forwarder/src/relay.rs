@@ -241,23 +241,12 @@ pub async fn join<C: Duplex, U: Duplex>(
             ),
         )
     };
-    let idle_ns = u64::try_from(idle_timeout.as_nanos()).unwrap_or(u64::MAX);
-    let watchdog = async {
-        loop {
-            tokio::time::sleep(tick).await;
-            let progress = counts.progress();
-            on_tick(progress);
-            if sys::monotonic_ns().saturating_sub(progress.last_io_ns) > idle_ns {
-                return;
-            }
-        }
-    };
     let end = tokio::select! {
         result = pumps => match result {
             Ok(_) => End::Closed,
             Err(failed) => End::Reset { side: Some(failed) },
         },
-        () = watchdog => End::IdleTimeout,
+        () = watchdog(&counts, tick, idle_timeout, &mut on_tick) => End::IdleTimeout,
     };
     if matches!(end, End::Reset { .. }) {
         // Both peers learn that the connection broke: the halves close on return.
@@ -273,6 +262,24 @@ pub async fn join<C: Duplex, U: Duplex>(
         bytes_up: progress.bytes_up,
         bytes_down: progress.bytes_down,
         end,
+    }
+}
+
+/// Reports progress every `tick` and returns once nothing was read for `idle_timeout`.
+async fn watchdog(
+    counts: &Counts,
+    tick: Duration,
+    idle_timeout: Duration,
+    on_tick: &mut impl FnMut(Progress),
+) {
+    let idle_ns = u64::try_from(idle_timeout.as_nanos()).unwrap_or(u64::MAX);
+    loop {
+        tokio::time::sleep(tick).await;
+        let progress = counts.progress();
+        on_tick(progress);
+        if sys::monotonic_ns().saturating_sub(progress.last_io_ns) > idle_ns {
+            return;
+        }
     }
 }
 

@@ -22,7 +22,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{TlsAcceptor, server};
 
 use crate::admission::{Admitted, Gate};
 use crate::ebpf::Datapath;
@@ -31,7 +31,7 @@ use crate::log_limit::info_limited;
 use crate::metrics::{self, ActiveGuard, HttpMetrics};
 use counted::{CountedStream, Listing};
 use idle::{Activity, Tracked};
-use preface::{Opening, Protocol};
+use preface::{Opening, Protocol, Replay};
 use proxy::Proxy;
 
 /// A header value from a configured host name.
@@ -156,34 +156,11 @@ async fn serve_connection(
     set_keepalive_or_warn(stream.as_fd(), limits.keepalive);
     let stream = CountedStream::new(stream, shared.listing.as_ref());
     let counts = stream.counts();
-    let handshake = frontend.tls.accept(stream);
-    let tls = match tokio::time::timeout(frontend.limits.header_read_timeout, handshake).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(err)) => {
-            metrics::add(&metrics.tls_handshake_failed, 1);
-            info_limited!(frontend = %frontend.name, %peer, %err, "client TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            metrics::add(&metrics.tls_handshake_failed, 1);
-            info_limited!(frontend = %frontend.name, %peer, "client TLS handshake timed out");
-            return;
-        }
+    let Some(tls) = accept_tls(stream, peer, &frontend, &metrics).await else {
+        return;
     };
-    let alpn_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let (protocol, tls) = match preface::read(tls, alpn_h2, limits.header_read_timeout).await {
-        Opening::Ready(protocol, tls) => (protocol, tls),
-        Opening::Closed => return,
-        Opening::TimedOut { h2: true } => {
-            metrics::add(&metrics.preface_timeout, 1);
-            tracing::debug!(frontend = %frontend.name, %peer, "HTTP/2 preface not received in time: closed");
-            return;
-        }
-        Opening::TimedOut { h2: false } => {
-            metrics::add(&metrics.header_timeout, 1);
-            info_limited!(frontend = %frontend.name, %peer, "request headers not received in time: closed");
-            return;
-        }
+    let Some((protocol, tls)) = read_opening(tls, peer, &frontend, &metrics).await else {
+        return;
     };
     let builder = match protocol {
         Protocol::Http2 => &shared.http2,
@@ -223,6 +200,55 @@ async fn serve_connection(
     };
     if let Err(err) = result {
         classify_connection_error(&frontend.name, peer, protocol, &activity, &*err, &metrics);
+    }
+}
+
+/// The client's TLS handshake, within the header timeout; `None` (counted) when it
+/// fails or takes too long.
+async fn accept_tls(
+    stream: CountedStream,
+    peer: SocketAddr,
+    frontend: &HttpFrontend,
+    metrics: &HttpMetrics,
+) -> Option<server::TlsStream<CountedStream>> {
+    let handshake = frontend.tls.accept(stream);
+    match tokio::time::timeout(frontend.limits.header_read_timeout, handshake).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(err)) => {
+            metrics::add(&metrics.tls_handshake_failed, 1);
+            info_limited!(frontend = %frontend.name, %peer, %err, "client TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            metrics::add(&metrics.tls_handshake_failed, 1);
+            info_limited!(frontend = %frontend.name, %peer, "client TLS handshake timed out");
+            None
+        }
+    }
+}
+
+/// The protocol the client speaks, read under the header timeout (see `preface`);
+/// `None` (counted) when the client closed or was too slow.
+async fn read_opening(
+    tls: server::TlsStream<CountedStream>,
+    peer: SocketAddr,
+    frontend: &HttpFrontend,
+    metrics: &HttpMetrics,
+) -> Option<(Protocol, Replay<server::TlsStream<CountedStream>>)> {
+    let alpn_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    match preface::read(tls, alpn_h2, frontend.limits.header_read_timeout).await {
+        Opening::Ready(protocol, tls) => Some((protocol, tls)),
+        Opening::Closed => None,
+        Opening::TimedOut { h2: true } => {
+            metrics::add(&metrics.preface_timeout, 1);
+            tracing::debug!(frontend = %frontend.name, %peer, "HTTP/2 preface not received in time: closed");
+            None
+        }
+        Opening::TimedOut { h2: false } => {
+            metrics::add(&metrics.header_timeout, 1);
+            info_limited!(frontend = %frontend.name, %peer, "request headers not received in time: closed");
+            None
+        }
     }
 }
 
