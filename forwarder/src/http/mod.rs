@@ -2,14 +2,14 @@
 //! for the hub and re-originated over verified TLS (hyper), WebSocket upgrades are
 //! joined after the hub's `101`. This is what fixes `401 IoTHubNotFound` behind a proxy.
 
-pub mod connector;
-pub mod counted;
+pub(crate) mod connector;
+pub(crate) mod counted;
 pub mod headers;
-pub mod idle;
-pub mod preface;
-pub mod proxy;
-pub mod tls;
-pub mod tunnel;
+pub(crate) mod idle;
+pub(crate) mod preface;
+pub(crate) mod proxy;
+pub(crate) mod tls;
+pub(crate) mod tunnel;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

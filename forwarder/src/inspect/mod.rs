@@ -14,8 +14,8 @@ use forwarder_common::{
 };
 use serde::Serialize;
 
+use crate::conn_list::socket_addr;
 use crate::ebpf::{name_from_bytes, pin_dir_for};
-use crate::registry::socket_addr;
 use crate::sys;
 use table::Table;
 

@@ -4,9 +4,9 @@
 
 use tokio::net::TcpStream;
 
+use crate::conn_list::Registration;
 use crate::ebpf::Datapath;
 use crate::l4::{Outcome, SessionOptions};
-use crate::registry::Registration;
 use crate::relay;
 
 pub async fn run(

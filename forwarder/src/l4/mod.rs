@@ -3,11 +3,11 @@
 //! when that is impossible, copy in userspace. TLS bytes are never looked into beyond
 //! the ClientHello's server name.
 
-pub mod copy;
-pub mod originate;
-pub mod session;
+pub(crate) mod copy;
+pub(crate) mod originate;
+pub(crate) mod session;
 pub mod sni;
-pub mod supervisor;
+pub(crate) mod supervisor;
 pub mod upstream;
 
 use std::collections::HashMap;
@@ -23,12 +23,12 @@ use tokio::sync::watch;
 use tracing::Instrument as _;
 
 use crate::admission::Gate;
+use crate::conn_list::Registration;
 use crate::ebpf::{Datapath, SpliceError, SplicedPair};
 pub use crate::keepalive::Keepalive;
 use crate::keepalive::set_keepalive_or_warn;
 use crate::log_limit::info_limited;
 use crate::metrics::{self, ActiveGuard, L4Metrics};
-use crate::registry::Registration;
 use crate::sys;
 use sni::ClientHello;
 use upstream::Pool;
