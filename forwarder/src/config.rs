@@ -85,17 +85,24 @@ pub struct Frontend {
     /// Lower-case TLS server name -> backend name (passthrough ports serving several hubs).
     #[serde(default)]
     pub sni_routes: BTreeMap<String, String>,
-    /// Seconds without a byte either way before the connection is closed.
-    #[serde(default = "default_idle_timeout", deserialize_with = "idle_timeout")]
-    pub idle_timeout_secs: u64,
+    /// No byte either way for this long closes the connection (`idle_timeout_secs`).
+    #[serde(
+        rename = "idle_timeout_secs",
+        default = "default_idle_timeout",
+        deserialize_with = "idle_timeout"
+    )]
+    pub idle_timeout: Duration,
     /// Bytes the kernel may queue for a peer that stopped reading.
     #[serde(default = "default_max_lag", deserialize_with = "max_lag")]
     pub max_lag_bytes: u64,
+    /// Time a client gets to send its ClientHello, when routing by name
+    /// (`client_hello_timeout_ms`).
     #[serde(
+        rename = "client_hello_timeout_ms",
         default = "default_client_hello_timeout",
         deserialize_with = "client_hello_timeout"
     )]
-    pub client_hello_timeout_ms: u64,
+    pub client_hello_timeout: Duration,
     /// TCP keepalive idle seconds towards both peers (0: off).
     #[serde(default = "default_keepalive", deserialize_with = "keepalive")]
     pub tcp_keepalive_secs: u32,
@@ -123,12 +130,14 @@ pub struct Frontend {
         deserialize_with = "ipv6_prefix"
     )]
     pub source_prefix_ipv6: u8,
-    /// mode "http": time for the TLS handshake and for each request's headers.
+    /// mode "http": time for the TLS handshake and for each request's headers
+    /// (`header_read_timeout_ms`).
     #[serde(
+        rename = "header_read_timeout_ms",
         default = "default_header_read_timeout",
         deserialize_with = "header_read_timeout"
     )]
-    pub header_read_timeout_ms: u64,
+    pub header_read_timeout: Duration,
     /// mode "http": request head size at most; larger heads get 431.
     #[serde(
         default = "default_max_header_bytes",
@@ -141,11 +150,13 @@ pub struct Frontend {
     pub given: BTreeSet<String>,
     /// mode "http": time a client connection may stay open with no request in progress
     /// (HTTP/2 without open streams, HTTP/1.1 between keep-alive requests).
+    /// (`http_idle_timeout_ms`)
     #[serde(
+        rename = "http_idle_timeout_ms",
         default = "default_http_idle_timeout",
         deserialize_with = "http_idle_timeout"
     )]
-    pub http_idle_timeout_ms: u64,
+    pub http_idle_timeout: Duration,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
@@ -167,11 +178,13 @@ pub enum Mode {
 pub struct Backend {
     pub name: String,
     pub servers: Vec<ServerConfig>,
+    /// Time to connect one server (`connect_timeout_ms`).
     #[serde(
+        rename = "connect_timeout_ms",
         default = "default_connect_timeout",
         deserialize_with = "connect_timeout"
     )]
-    pub connect_timeout_ms: u64,
+    pub connect_timeout: Duration,
     /// HTTP backends: the hub's name, sent as `Host` (default: the first server's host).
     pub host: Option<String>,
     /// HTTP backends: TLS server name (SNI and certificate check), if not `host`. IoT Hub
@@ -180,11 +193,13 @@ pub struct Backend {
     /// HTTP backends: extra trusted CA certificates (PEM) besides the system's roots.
     pub ca_file: Option<PathBuf>,
     /// HTTP backends: time the hub gets to answer a request's headers (then 504).
+    /// (`response_timeout_ms`)
     #[serde(
+        rename = "response_timeout_ms",
         default = "default_response_timeout",
         deserialize_with = "response_timeout"
     )]
-    pub response_timeout_ms: u64,
+    pub response_timeout: Duration,
     /// New upstream connections per second at most, for reconnect storms (IoT Hub
     /// throttles new connections per unit and rejects the excess). Absent: no pacing.
     #[serde(default, deserialize_with = "connect_rate")]
@@ -193,8 +208,13 @@ pub struct Backend {
     #[serde(default = "default_connect_queue", deserialize_with = "connect_queue")]
     pub connect_queue: u32,
     /// With pacing: how long a device may wait for its slot before it is refused.
-    #[serde(default = "default_queue_timeout", deserialize_with = "queue_timeout")]
-    pub queue_timeout_ms: u64,
+    /// (`queue_timeout_ms`)
+    #[serde(
+        rename = "queue_timeout_ms",
+        default = "default_queue_timeout",
+        deserialize_with = "queue_timeout"
+    )]
+    pub queue_timeout: Duration,
     /// HTTP backends: upstream connections (pooled, busy or joined to a WebSocket) an
     /// http frontend holds to this backend at most; absent: no cap.
     #[serde(default, deserialize_with = "upstream_cap")]
@@ -246,9 +266,9 @@ impl Frontend {
             mode,
             backend: Some(backend.into()),
             sni_routes: BTreeMap::new(),
-            idle_timeout_secs: default_idle_timeout(),
+            idle_timeout: default_idle_timeout(),
             max_lag_bytes: default_max_lag(),
-            client_hello_timeout_ms: default_client_hello_timeout(),
+            client_hello_timeout: default_client_hello_timeout(),
             tcp_keepalive_secs: default_keepalive(),
             tls_cert: None,
             tls_key: None,
@@ -256,10 +276,10 @@ impl Frontend {
             max_connections_per_source: None,
             source_prefix_ipv4: default_source_prefix_ipv4(),
             source_prefix_ipv6: default_source_prefix_ipv6(),
-            header_read_timeout_ms: default_header_read_timeout(),
+            header_read_timeout: default_header_read_timeout(),
             max_header_bytes: default_max_header_bytes(),
             given: BTreeSet::new(),
-            http_idle_timeout_ms: default_http_idle_timeout(),
+            http_idle_timeout: default_http_idle_timeout(),
         }
     }
 
@@ -271,26 +291,6 @@ impl Frontend {
         })
     }
 
-    /// `idle_timeout_secs`, typed.
-    pub fn idle_timeout(&self) -> Duration {
-        Duration::from_secs(self.idle_timeout_secs)
-    }
-
-    /// `client_hello_timeout_ms`, typed.
-    pub fn client_hello_timeout(&self) -> Duration {
-        Duration::from_millis(self.client_hello_timeout_ms)
-    }
-
-    /// `header_read_timeout_ms`, typed.
-    pub fn header_read_timeout(&self) -> Duration {
-        Duration::from_millis(self.header_read_timeout_ms)
-    }
-
-    /// `http_idle_timeout_ms`, typed.
-    pub fn http_idle_timeout(&self) -> Duration {
-        Duration::from_millis(self.http_idle_timeout_ms)
-    }
-
     /// `tcp_keepalive_secs` as the keepalive its sockets get (`None`: off).
     pub fn keepalive(&self) -> Option<crate::keepalive::Keepalive> {
         crate::keepalive::Keepalive::after_idle(self.tcp_keepalive_secs)
@@ -299,7 +299,7 @@ impl Frontend {
     /// The L4 limits of each connection.
     pub fn session(&self) -> crate::l4::SessionOptions {
         crate::l4::SessionOptions {
-            idle_timeout: self.idle_timeout(),
+            idle_timeout: self.idle_timeout,
             max_lag: self.max_lag_bytes,
         }
     }
@@ -318,15 +318,18 @@ impl Frontend {
     /// frontends built in code).
     fn bounds_problem(&self) -> Option<String> {
         let checks = [
-            (IDLE_TIMEOUT, Some(self.idle_timeout_secs)),
+            (IDLE_TIMEOUT, Some(self.idle_timeout.as_secs())),
             (MAX_LAG, Some(self.max_lag_bytes)),
-            (CLIENT_HELLO_TIMEOUT, Some(self.client_hello_timeout_ms)),
+            (
+                CLIENT_HELLO_TIMEOUT,
+                Some(millis(self.client_hello_timeout)),
+            ),
             (KEEPALIVE, Some(u64::from(self.tcp_keepalive_secs))),
             (MAX_CONNECTIONS, self.max_connections.map(|n| n as u64)),
             (PER_SOURCE, self.max_connections_per_source.map(u64::from)),
             (IPV4_PREFIX, Some(u64::from(self.source_prefix_ipv4))),
             (IPV6_PREFIX, Some(u64::from(self.source_prefix_ipv6))),
-            (HEADER_READ_TIMEOUT, Some(self.header_read_timeout_ms)),
+            (HEADER_READ_TIMEOUT, Some(millis(self.header_read_timeout))),
             (MAX_HEADER_BYTES, Some(self.max_header_bytes as u64)),
         ];
         first_out_of_bounds(&checks).map(|m| format!("frontend {:?}: {m}", self.name))
@@ -365,6 +368,11 @@ impl Frontend {
     }
 }
 
+/// A duration in the milliseconds its key is written in (saturating).
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// The first `(bounds, value)` whose value is out of its range, as a message.
 fn first_out_of_bounds(checks: &[(Bounds, Option<u64>)]) -> Option<String> {
     checks
@@ -381,26 +389,16 @@ impl Backend {
                 address: address.into(),
                 weight: default_weight(),
             }],
-            connect_timeout_ms: default_connect_timeout(),
+            connect_timeout: default_connect_timeout(),
             host: None,
             tls_server_name: None,
             ca_file: None,
-            response_timeout_ms: default_response_timeout(),
+            response_timeout: default_response_timeout(),
             max_new_connections_per_sec: None,
             connect_queue: default_connect_queue(),
-            queue_timeout_ms: default_queue_timeout(),
+            queue_timeout: default_queue_timeout(),
             max_upstream_connections: None,
         }
-    }
-
-    /// `connect_timeout_ms`, typed.
-    pub fn connect_timeout(&self) -> Duration {
-        Duration::from_millis(self.connect_timeout_ms)
-    }
-
-    /// `response_timeout_ms`, typed.
-    pub fn response_timeout(&self) -> Duration {
-        Duration::from_millis(self.response_timeout_ms)
     }
 
     /// The pacing of new connections this backend asks for (`None`: off).
@@ -409,7 +407,7 @@ impl Backend {
             .map(|rate_per_sec| PacingLimits {
                 rate_per_sec,
                 queue: self.connect_queue,
-                queue_timeout: Duration::from_millis(self.queue_timeout_ms),
+                queue_timeout: self.queue_timeout,
             })
     }
 
@@ -422,7 +420,7 @@ impl Backend {
                 p.rate_per_sec,
                 p.burst(),
                 self.connect_queue,
-                self.queue_timeout_ms
+                millis(self.queue_timeout)
             ),
             None => format!(
                 "backend {:?}: max_new_connections_per_sec off (connects are not paced)",
@@ -440,9 +438,9 @@ impl Backend {
                 self.max_new_connections_per_sec.map(u64::from),
             ),
             (CONNECT_QUEUE, Some(u64::from(self.connect_queue))),
-            (QUEUE_TIMEOUT, Some(self.queue_timeout_ms)),
-            (CONNECT_TIMEOUT, Some(self.connect_timeout_ms)),
-            (RESPONSE_TIMEOUT, Some(self.response_timeout_ms)),
+            (QUEUE_TIMEOUT, Some(millis(self.queue_timeout))),
+            (CONNECT_TIMEOUT, Some(millis(self.connect_timeout))),
+            (RESPONSE_TIMEOUT, Some(millis(self.response_timeout))),
             (UPSTREAM_CAP, self.max_upstream_connections.map(u64::from)),
         ];
         first_out_of_bounds(&checks).map(|m| format!("backend {:?}: {m}", self.name))
@@ -471,8 +469,8 @@ pub struct ServerConfig {
 fn default_instance() -> String {
     "default".into()
 }
-fn default_idle_timeout() -> u64 {
-    DEFAULT_IDLE_TIMEOUT_SECS
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(DEFAULT_IDLE_TIMEOUT_SECS)
 }
 /// `max_lag_bytes` when absent (also `SessionOptions::default`'s).
 pub const DEFAULT_MAX_LAG_BYTES: u64 = 32 << 20;
@@ -490,14 +488,14 @@ pub const DEFAULT_DRAIN: Duration = Duration::from_secs(DEFAULT_DRAIN_SECS);
 fn default_max_lag() -> u64 {
     DEFAULT_MAX_LAG_BYTES
 }
-fn default_client_hello_timeout() -> u64 {
-    DEFAULT_CLIENT_HELLO_TIMEOUT_MS
+fn default_client_hello_timeout() -> Duration {
+    Duration::from_millis(DEFAULT_CLIENT_HELLO_TIMEOUT_MS)
 }
 fn default_keepalive() -> u32 {
     DEFAULT_TCP_KEEPALIVE_SECS
 }
-fn default_connect_timeout() -> u64 {
-    DEFAULT_CONNECT_TIMEOUT_MS
+fn default_connect_timeout() -> Duration {
+    Duration::from_millis(DEFAULT_CONNECT_TIMEOUT_MS)
 }
 fn default_weight() -> u32 {
     1
@@ -522,14 +520,14 @@ pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 << 10;
 /// `response_timeout_ms` when absent.
 pub const DEFAULT_RESPONSE_TIMEOUT_MS: u64 = 60_000;
 
-fn default_header_read_timeout() -> u64 {
-    DEFAULT_HEADER_READ_TIMEOUT_MS
+fn default_header_read_timeout() -> Duration {
+    Duration::from_millis(DEFAULT_HEADER_READ_TIMEOUT_MS)
 }
 fn default_max_header_bytes() -> usize {
     DEFAULT_MAX_HEADER_BYTES
 }
-fn default_response_timeout() -> u64 {
-    DEFAULT_RESPONSE_TIMEOUT_MS
+fn default_response_timeout() -> Duration {
+    Duration::from_millis(DEFAULT_RESPONSE_TIMEOUT_MS)
 }
 
 /// `connect_queue` when absent: enough devices for a large reconnect storm, each holding
@@ -542,8 +540,8 @@ pub const DEFAULT_QUEUE_TIMEOUT_MS: u64 = 30_000;
 fn default_connect_queue() -> u32 {
     DEFAULT_CONNECT_QUEUE
 }
-fn default_queue_timeout() -> u64 {
-    DEFAULT_QUEUE_TIMEOUT_MS
+fn default_queue_timeout() -> Duration {
+    Duration::from_millis(DEFAULT_QUEUE_TIMEOUT_MS)
 }
 
 /// The accepted range of a numeric setting, and why.
@@ -596,9 +594,20 @@ const QUEUE_TIMEOUT: Bounds = Bounds {
     why: "how long a device may wait for a connect slot",
 };
 
-/// A deserializer that reads a number of type `$ty` (wrapped in `Some` with `some`)
-/// within `$bounds`, so an out-of-range value is refused with its line.
+/// A deserializer that reads a number of type `$ty` (wrapped in `Some` with `some`; a
+/// `Duration` of that many seconds or milliseconds with `secs` or `millis`) within
+/// `$bounds`, so an out-of-range value is refused with its line.
 macro_rules! bounded {
+    ($name:ident: secs = $bounds:expr) => {
+        fn $name<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+            $bounds.read(d).map(Duration::from_secs)
+        }
+    };
+    ($name:ident: millis = $bounds:expr) => {
+        fn $name<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+            $bounds.read(d).map(Duration::from_millis)
+        }
+    };
     ($name:ident: $ty:ty = $bounds:expr) => {
         fn $name<'de, D: Deserializer<'de>>(d: D) -> Result<$ty, D::Error> {
             let value = $bounds.read(d)?;
@@ -691,18 +700,18 @@ const RESPONSE_TIMEOUT: Bounds = Bounds {
     why: "time the upstream gets to answer a request's headers",
 };
 
-bounded!(idle_timeout: u64 = IDLE_TIMEOUT);
+bounded!(idle_timeout: secs = IDLE_TIMEOUT);
 bounded!(max_lag: u64 = MAX_LAG);
-bounded!(client_hello_timeout: u64 = CLIENT_HELLO_TIMEOUT);
+bounded!(client_hello_timeout: millis = CLIENT_HELLO_TIMEOUT);
 bounded!(keepalive: u32 = KEEPALIVE);
 bounded!(some_max_connections: some usize = MAX_CONNECTIONS);
 bounded!(some_per_source: some u32 = PER_SOURCE);
 bounded!(ipv4_prefix: u8 = IPV4_PREFIX);
 bounded!(ipv6_prefix: u8 = IPV6_PREFIX);
-bounded!(header_read_timeout: u64 = HEADER_READ_TIMEOUT);
+bounded!(header_read_timeout: millis = HEADER_READ_TIMEOUT);
 bounded!(max_header_bytes: usize = MAX_HEADER_BYTES);
-bounded!(connect_timeout: u64 = CONNECT_TIMEOUT);
-bounded!(response_timeout: u64 = RESPONSE_TIMEOUT);
+bounded!(connect_timeout: millis = CONNECT_TIMEOUT);
+bounded!(response_timeout: millis = RESPONSE_TIMEOUT);
 
 /// `http_idle_timeout_ms` when absent: a device's next REST call within a minute reuses
 /// its connection; a connection left open by a client that went away is gone after one.
@@ -721,12 +730,10 @@ const UPSTREAM_CAP: Bounds = Bounds {
     why: "leave it out for no cap",
 };
 
-fn default_http_idle_timeout() -> u64 {
-    DEFAULT_HTTP_IDLE_TIMEOUT_MS
+fn default_http_idle_timeout() -> Duration {
+    Duration::from_millis(DEFAULT_HTTP_IDLE_TIMEOUT_MS)
 }
-fn http_idle_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    HTTP_IDLE_TIMEOUT.read(d)
-}
+bounded!(http_idle_timeout: millis = HTTP_IDLE_TIMEOUT);
 fn upstream_cap<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
     let value = UPSTREAM_CAP.read(d)?;
     u32::try_from(value)
@@ -743,9 +750,7 @@ fn connect_queue<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     let value = CONNECT_QUEUE.read(d)?;
     u32::try_from(value).map_err(serde::de::Error::custom)
 }
-fn queue_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    QUEUE_TIMEOUT.read(d)
-}
+bounded!(queue_timeout: millis = QUEUE_TIMEOUT);
 
 /// SNI route keys as devices send them: lower case (names compare without case, and
 /// two keys differing only in case would silently be one) and without a trailing dot
@@ -1012,7 +1017,7 @@ impl Config {
         if !f.sni_routes.is_empty() {
             return invalid("sni_routes apply to splice frontends only".into());
         }
-        if let Err(problem) = HTTP_IDLE_TIMEOUT.check(f.http_idle_timeout_ms) {
+        if let Err(problem) = HTTP_IDLE_TIMEOUT.check(millis(f.http_idle_timeout)) {
             return invalid(problem);
         }
         self.hub_name_of(f).map(|_| ())
@@ -1023,11 +1028,13 @@ impl Config {
         let short_idle = self
             .frontends
             .iter()
-            .filter(|f| f.idle_timeout_secs < MIN_SAFE_IDLE_SECS)
+            .filter(|f| f.idle_timeout.as_secs() < MIN_SAFE_IDLE_SECS)
             .map(|f| {
                 format!(
                     "frontend {:?}: idle timeout {} s is shorter than {} s; IoT Hub allows MQTT keep-alives up to 1,177 s (and waits 1.5x), so quiet devices will be dropped",
-                    f.name, f.idle_timeout_secs, MIN_SAFE_IDLE_SECS
+                    f.name,
+                    f.idle_timeout.as_secs(),
+                    MIN_SAFE_IDLE_SECS
                 )
             });
         let ignored = self.frontends.iter().filter_map(|f| {
@@ -1144,7 +1151,7 @@ servers = [{ address = "a.azure-devices.net:8883", weight = 2 }]
     #[test]
     fn a_good_config_parses_with_safe_defaults() {
         let c = Config::parse(GOOD, "good.toml").unwrap();
-        assert_eq!(c.frontends[0].idle_timeout_secs, DEFAULT_IDLE_TIMEOUT_SECS);
+        assert_eq!(c.frontends[0].idle_timeout, default_idle_timeout());
         assert_eq!(c.frontends[0].mode, Mode::Splice);
         assert!(c.warnings().is_empty());
     }
@@ -1413,8 +1420,8 @@ servers = [{ address = "a.azure-devices.net:8883", weight = 2 }]
     fn http_idle_timeout_and_upstream_cap_have_defaults_and_bounds() {
         let c = Config::parse(GOOD, "x").unwrap();
         assert_eq!(
-            c.frontends[0].http_idle_timeout_ms,
-            DEFAULT_HTTP_IDLE_TIMEOUT_MS
+            c.frontends[0].http_idle_timeout,
+            Duration::from_millis(DEFAULT_HTTP_IDLE_TIMEOUT_MS)
         );
         assert_eq!(c.backends[0].max_upstream_connections, None);
         let tuned = GOOD
@@ -1427,7 +1434,10 @@ servers = [{ address = "a.azure-devices.net:8883", weight = 2 }]
                 "weight = 2 }]\nmax_upstream_connections = 64\n",
             );
         let c = Config::parse(&tuned, "x").unwrap();
-        assert_eq!(c.frontends[0].http_idle_timeout_ms, 5000);
+        assert_eq!(
+            c.frontends[0].http_idle_timeout,
+            Duration::from_millis(5000)
+        );
         assert_eq!(c.backends[0].max_upstream_connections, Some(64));
         for (from, to, why) in [
             (

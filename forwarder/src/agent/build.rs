@@ -40,7 +40,7 @@ pub fn pools(
                 })
                 .collect();
             let pool =
-                Pool::new(b.name.clone(), servers, b.connect_timeout()).with_pacing(b.pacing());
+                Pool::new(b.name.clone(), servers, b.connect_timeout).with_pacing(b.pacing());
             (b.name.clone(), Arc::new(pool))
         })
         .collect()
@@ -73,7 +73,7 @@ pub fn l4_frontend(
         default_backend: f.backend.as_ref().and_then(pool),
         session: f.session(),
         kernel,
-        client_hello_timeout: f.client_hello_timeout(),
+        client_hello_timeout: f.client_hello_timeout,
         keepalive: f.keepalive(),
         gate,
     }
@@ -102,8 +102,8 @@ pub fn http_frontend(
         .with_context(|| format!("backend {backend_name}: trusted roots"))?;
     let server_name = rustls_pki_types::ServerName::try_from(server_name.clone())
         .with_context(|| format!("backend {backend_name}: bad TLS server name {server_name:?}"))?;
-    let connect_timeout = backend.connect_timeout();
-    let response_timeout = backend.response_timeout();
+    let connect_timeout = backend.connect_timeout;
+    let response_timeout = backend.response_timeout;
     let cap = backend
         .max_upstream_connections
         .and_then(|max| usize::try_from(max).ok());
@@ -128,14 +128,14 @@ pub fn http_frontend(
                 .with_context(|| format!("backend {backend_name}: bad host {host:?}"))?,
             client,
             response_timeout,
-            upgraded_idle_timeout: f.idle_timeout(),
+            upgraded_idle_timeout: f.idle_timeout,
             metrics,
         }),
         gate,
         limits: Limits {
-            header_read_timeout: f.header_read_timeout(),
+            header_read_timeout: f.header_read_timeout,
             max_header_bytes: f.max_header_bytes,
-            idle_timeout: f.http_idle_timeout(),
+            idle_timeout: f.http_idle_timeout,
             keepalive: f.keepalive(),
         },
         datapath,
@@ -192,8 +192,8 @@ pub fn originate_frontend(
         server_name: rustls_pki_types::ServerName::try_from(server_name.clone()).with_context(
             || format!("backend {backend_name}: bad TLS server name {server_name:?}"),
         )?,
-        handshake_timeout: backend.connect_timeout(),
-        idle_timeout: f.idle_timeout(),
+        handshake_timeout: backend.connect_timeout,
+        idle_timeout: f.idle_timeout,
         keepalive: f.keepalive(),
         gate,
     })
