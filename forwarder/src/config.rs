@@ -304,6 +304,17 @@ impl Frontend {
         }
     }
 
+    /// mode "http": the certificate chain and key devices are shown.
+    fn tls_files(&self) -> Result<(&Path, &Path), ConfigError> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Ok((cert, key)),
+            _ => Err(ConfigError::Invalid(format!(
+                "frontend {:?}: mode \"http\" terminates TLS and needs tls_cert and tls_key",
+                self.name
+            ))),
+        }
+    }
+
     /// The per-source cap, when one is set.
     pub fn source_limit(&self) -> Option<crate::admission::SourceLimit> {
         self.max_connections_per_source
@@ -455,6 +466,24 @@ impl Backend {
         let host = host.trim_start_matches('[').trim_end_matches(']');
         (!host.is_empty()).then(|| host.to_owned())
     }
+}
+
+/// The hub an http or originate frontend talks to (`Config::hub`).
+#[derive(Debug, Clone)]
+pub struct Hub<'c> {
+    pub backend: &'c Backend,
+    /// `Host` of every request: the backend's `host`, else its first server's host.
+    pub host: http::HeaderValue,
+    /// SNI and the name the hub's certificate must carry: `tls_server_name`, else `host`.
+    pub server_name: rustls_pki_types::ServerName<'static>,
+}
+
+/// An http frontend's certificate files and hub (`Config::terminating`).
+#[derive(Debug, Clone)]
+pub struct Terminating<'c> {
+    pub hub: Hub<'c>,
+    pub tls_cert: &'c Path,
+    pub tls_key: &'c Path,
 }
 
 #[derive(Debug, Deserialize, Clone, PartialEq)]
@@ -980,11 +1009,12 @@ impl Config {
                     .into(),
             );
         }
-        self.hub_name_of(f).map(|_| ())
+        self.hub(f).map(|_| ())
     }
 
-    /// The backend's host name (what TLS towards it verifies), for http/originate modes.
-    fn hub_name_of(&self, f: &Frontend) -> Result<String, ConfigError> {
+    /// The hub an http or originate frontend talks to, resolved and checked: `validate`
+    /// refuses a configuration where this fails, so the agent's build step only reads it.
+    pub fn hub(&self, f: &Frontend) -> Result<Hub<'_>, ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(format!("frontend {:?}: {m}", f.name)));
         let Some(backend) = self
             .backends
@@ -996,31 +1026,49 @@ impl Config {
         let Some(host) = backend.http_host() else {
             return invalid(format!("backend {:?} needs a host name", backend.name));
         };
-        for name in std::iter::once(&host).chain(backend.tls_server_name.as_ref()) {
-            if http::HeaderValue::from_str(name).is_err()
-                || rustls_pki_types::ServerName::try_from(name.as_str()).is_err()
-            {
-                return invalid(format!(
-                    "backend {:?}: {name:?} is not a valid host name",
-                    backend.name
-                ));
-            }
-        }
-        Ok(host)
+        // Each name must do as a `Host` header and as a TLS server name.
+        let checked = |name: &String| {
+            let header = http::HeaderValue::from_str(name).ok();
+            let server = rustls_pki_types::ServerName::try_from(name.clone()).ok();
+            header.zip(server).ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "frontend {:?}: backend {:?}: {name:?} is not a valid host name",
+                    f.name, backend.name
+                ))
+            })
+        };
+        let (host, host_as_server) = checked(&host)?;
+        let server_name = match &backend.tls_server_name {
+            Some(name) => checked(name)?.1,
+            None => host_as_server,
+        };
+        Ok(Hub {
+            backend,
+            host,
+            server_name,
+        })
+    }
+
+    /// An http frontend's certificate files and hub, resolved and checked (see `hub`).
+    pub fn terminating<'c>(&'c self, f: &'c Frontend) -> Result<Terminating<'c>, ConfigError> {
+        let (tls_cert, tls_key) = f.tls_files()?;
+        Ok(Terminating {
+            hub: self.hub(f)?,
+            tls_cert,
+            tls_key,
+        })
     }
 
     fn validate_http_frontend(&self, f: &Frontend) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(format!("frontend {:?}: {m}", f.name)));
-        if f.tls_cert.is_none() || f.tls_key.is_none() {
-            return invalid("mode \"http\" terminates TLS and needs tls_cert and tls_key".into());
-        }
+        f.tls_files()?;
         if !f.sni_routes.is_empty() {
             return invalid("sni_routes apply to splice frontends only".into());
         }
         if let Err(problem) = HTTP_IDLE_TIMEOUT.check(millis(f.http_idle_timeout)) {
             return invalid(problem);
         }
-        self.hub_name_of(f).map(|_| ())
+        self.terminating(f).map(|_| ())
     }
 
     /// Settings that work but are known to hurt IoT devices, or that do nothing.

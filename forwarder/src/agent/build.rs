@@ -9,7 +9,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio_rustls::TlsAcceptor;
 
 use crate::admission::{AgentCap, Gate};
-use crate::config::{Config, Frontend};
+use crate::config::{Config, Frontend, Hub};
 use crate::http::connector::UpstreamConnector;
 use crate::http::proxy::Proxy;
 use crate::http::{self, HttpFrontend, Limits};
@@ -88,20 +88,14 @@ pub fn http_frontend(
     gate: Gate,
 ) -> anyhow::Result<HttpFrontend> {
     let name = &f.name;
-    let (Some(cert), Some(key), Some(backend_name)) = (&f.tls_cert, &f.tls_key, &f.backend) else {
-        anyhow::bail!("frontend {name}: mode http needs tls_cert, tls_key and backend");
-    };
-    let (backend, pool, host) = hub_backend(config, f, backend_name, pools)?;
-    let server_name = backend
-        .tls_server_name
-        .clone()
-        .unwrap_or_else(|| host.clone());
-    let server_tls = http::tls::server_config(cert, key)
+    let terminating = config.terminating(f)?;
+    let (backend, pool) = hub_pool(&terminating.hub, pools)?;
+    let backend_name = &backend.name;
+    let server_tls = http::tls::server_config(terminating.tls_cert, terminating.tls_key)
         .with_context(|| format!("frontend {name}: TLS certificate"))?;
     let client_tls = http::tls::client_config(backend.ca_file.as_deref())
         .with_context(|| format!("backend {backend_name}: trusted roots"))?;
-    let server_name = rustls_pki_types::ServerName::try_from(server_name.clone())
-        .with_context(|| format!("backend {backend_name}: bad TLS server name {server_name:?}"))?;
+    let server_name = terminating.hub.server_name.clone();
     let connect_timeout = backend.connect_timeout;
     let response_timeout = backend.response_timeout;
     let cap = backend
@@ -124,8 +118,7 @@ pub fn http_frontend(
         tls: TlsAcceptor::from(server_tls),
         proxy: Arc::new(Proxy {
             frontend: name.clone(),
-            hub_host: http::header_value(&host)
-                .with_context(|| format!("backend {backend_name}: bad host {host:?}"))?,
+            hub_host: terminating.hub.host,
             client,
             response_timeout,
             upgraded_idle_timeout: f.idle_timeout,
@@ -142,28 +135,17 @@ pub fn http_frontend(
     })
 }
 
-/// The backend a TLS-speaking frontend (http, originate) talks to: its settings, its
-/// pool, and the hub's host name.
-fn hub_backend<'a>(
-    config: &'a Config,
-    f: &Frontend,
-    backend_name: &str,
+/// The hub's backend settings and its running pool.
+fn hub_pool<'c>(
+    hub: &Hub<'c>,
     pools: &HashMap<String, Arc<Pool>>,
-) -> anyhow::Result<(&'a crate::config::Backend, Arc<Pool>, String)> {
-    let name = &f.name;
-    let backend = config
-        .backends
-        .iter()
-        .find(|b| b.name == backend_name)
-        .with_context(|| format!("frontend {name}: unknown backend {backend_name}"))?;
+) -> anyhow::Result<(&'c crate::config::Backend, Arc<Pool>)> {
+    let backend = hub.backend;
     let pool = pools
-        .get(backend_name)
+        .get(&backend.name)
         .cloned()
-        .with_context(|| format!("frontend {name}: unknown backend {backend_name}"))?;
-    let host = backend
-        .http_host()
-        .with_context(|| format!("backend {backend_name}: no host name"))?;
-    Ok((backend, pool, host))
+        .with_context(|| format!("backend {}: no pool", backend.name))?;
+    Ok((backend, pool))
 }
 
 /// Plain TCP in, verified TLS to the backend's host out (legacy MQTT on 1883).
@@ -174,12 +156,9 @@ pub fn originate_frontend(
     gate: Gate,
 ) -> anyhow::Result<OriginateFrontend> {
     let name = &f.name;
-    let backend_name = f
-        .backend
-        .as_ref()
-        .with_context(|| format!("frontend {name}: mode originate needs a backend"))?;
-    let (backend, pool, host) = hub_backend(config, f, backend_name, pools)?;
-    let server_name = backend.tls_server_name.clone().unwrap_or(host);
+    let hub = config.hub(f)?;
+    let (backend, pool) = hub_pool(&hub, pools)?;
+    let backend_name = &backend.name;
     let mut tls = (*http::tls::client_config(backend.ca_file.as_deref())
         .with_context(|| format!("backend {backend_name}: trusted roots"))?)
     .clone();
@@ -189,9 +168,7 @@ pub fn originate_frontend(
         name: name.clone(),
         pool,
         tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
-        server_name: rustls_pki_types::ServerName::try_from(server_name.clone()).with_context(
-            || format!("backend {backend_name}: bad TLS server name {server_name:?}"),
-        )?,
+        server_name: hub.server_name,
         handshake_timeout: backend.connect_timeout,
         idle_timeout: f.idle_timeout,
         keepalive: f.keepalive(),

@@ -34,11 +34,6 @@ use idle::{Activity, Tracked};
 use preface::{Opening, Protocol, Replay};
 use proxy::Proxy;
 
-/// A header value from a configured host name.
-pub fn header_value(host: &str) -> anyhow::Result<http::HeaderValue> {
-    Ok(http::HeaderValue::from_str(host)?)
-}
-
 /// Limits that protect the frontend from slow or hostile clients (the connection caps
 /// are the frontend's `gate`).
 #[derive(Clone, Debug)]
