@@ -305,6 +305,7 @@ pub struct SynBucket {
 const _: () = assert!(core::mem::size_of::<SynBucket>() == 16);
 
 #[cfg(feature = "user")]
+#[allow(unsafe_code)] // `Pod` is an unsafe trait: each impl states why the type qualifies
 mod pod {
     // SAFETY: repr(C), made only of integers and byte arrays, padding explicit.
     unsafe impl aya::Pod for super::ConnInfo {}

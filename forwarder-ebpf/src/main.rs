@@ -1,4 +1,8 @@
 //! The forwarder's eBPF object: one file per program family.
+// eBPF programs are `unsafe` by nature: each is an exported symbol in a named section
+// (`#[unsafe(no_mangle)]`, `#[unsafe(link_section)]`) and reads its context and maps
+// through aya-ebpf's raw helpers. Every block still needs its `// SAFETY:` line.
+#![allow(unsafe_code)]
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 

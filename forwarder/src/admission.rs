@@ -181,6 +181,26 @@ impl Gate {
         }
     }
 
+    /// The accept loop every frontend runs: accepts until `shutdown` turns true, and
+    /// serves each admitted client in a task of its own (the task holds the `Admitted`
+    /// slot until it ends).
+    pub async fn serve<F, Fut>(
+        &self,
+        listener: &TcpListener,
+        mut shutdown: watch::Receiver<bool>,
+        counters: &GateCounters<'_>,
+        mut serve: F,
+    ) where
+        F: FnMut(TcpStream, SocketAddr, Admitted) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        while let Some((client, peer, admitted)) =
+            self.accept(listener, &mut shutdown, counters).await
+        {
+            tokio::spawn(serve(client, peer, admitted));
+        }
+    }
+
     /// The next admitted client, or `None` once `shutdown` says stop.
     pub async fn accept(
         &self,

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
@@ -84,17 +85,24 @@ pub struct Frontend {
     /// Lower-case TLS server name -> backend name (passthrough ports serving several hubs).
     #[serde(default)]
     pub sni_routes: BTreeMap<String, String>,
-    /// Seconds without a byte either way before the connection is closed.
-    #[serde(default = "default_idle_timeout", deserialize_with = "idle_timeout")]
-    pub idle_timeout_secs: u64,
+    /// No byte either way for this long closes the connection (`idle_timeout_secs`).
+    #[serde(
+        rename = "idle_timeout_secs",
+        default = "default_idle_timeout",
+        deserialize_with = "idle_timeout"
+    )]
+    pub idle_timeout: Duration,
     /// Bytes the kernel may queue for a peer that stopped reading.
     #[serde(default = "default_max_lag", deserialize_with = "max_lag")]
     pub max_lag_bytes: u64,
+    /// Time a client gets to send its ClientHello, when routing by name
+    /// (`client_hello_timeout_ms`).
     #[serde(
+        rename = "client_hello_timeout_ms",
         default = "default_client_hello_timeout",
         deserialize_with = "client_hello_timeout"
     )]
-    pub client_hello_timeout_ms: u64,
+    pub client_hello_timeout: Duration,
     /// TCP keepalive idle seconds towards both peers (0: off).
     #[serde(default = "default_keepalive", deserialize_with = "keepalive")]
     pub tcp_keepalive_secs: u32,
@@ -122,12 +130,14 @@ pub struct Frontend {
         deserialize_with = "ipv6_prefix"
     )]
     pub source_prefix_ipv6: u8,
-    /// mode "http": time for the TLS handshake and for each request's headers.
+    /// mode "http": time for the TLS handshake and for each request's headers
+    /// (`header_read_timeout_ms`).
     #[serde(
+        rename = "header_read_timeout_ms",
         default = "default_header_read_timeout",
         deserialize_with = "header_read_timeout"
     )]
-    pub header_read_timeout_ms: u64,
+    pub header_read_timeout: Duration,
     /// mode "http": request head size at most; larger heads get 431.
     #[serde(
         default = "default_max_header_bytes",
@@ -140,11 +150,13 @@ pub struct Frontend {
     pub given: BTreeSet<String>,
     /// mode "http": time a client connection may stay open with no request in progress
     /// (HTTP/2 without open streams, HTTP/1.1 between keep-alive requests).
+    /// (`http_idle_timeout_ms`)
     #[serde(
+        rename = "http_idle_timeout_ms",
         default = "default_http_idle_timeout",
         deserialize_with = "http_idle_timeout"
     )]
-    pub http_idle_timeout_ms: u64,
+    pub http_idle_timeout: Duration,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
@@ -166,11 +178,13 @@ pub enum Mode {
 pub struct Backend {
     pub name: String,
     pub servers: Vec<ServerConfig>,
+    /// Time to connect one server (`connect_timeout_ms`).
     #[serde(
+        rename = "connect_timeout_ms",
         default = "default_connect_timeout",
         deserialize_with = "connect_timeout"
     )]
-    pub connect_timeout_ms: u64,
+    pub connect_timeout: Duration,
     /// HTTP backends: the hub's name, sent as `Host` (default: the first server's host).
     pub host: Option<String>,
     /// HTTP backends: TLS server name (SNI and certificate check), if not `host`. IoT Hub
@@ -179,11 +193,13 @@ pub struct Backend {
     /// HTTP backends: extra trusted CA certificates (PEM) besides the system's roots.
     pub ca_file: Option<PathBuf>,
     /// HTTP backends: time the hub gets to answer a request's headers (then 504).
+    /// (`response_timeout_ms`)
     #[serde(
+        rename = "response_timeout_ms",
         default = "default_response_timeout",
         deserialize_with = "response_timeout"
     )]
-    pub response_timeout_ms: u64,
+    pub response_timeout: Duration,
     /// New upstream connections per second at most, for reconnect storms (IoT Hub
     /// throttles new connections per unit and rejects the excess). Absent: no pacing.
     #[serde(default, deserialize_with = "connect_rate")]
@@ -192,8 +208,13 @@ pub struct Backend {
     #[serde(default = "default_connect_queue", deserialize_with = "connect_queue")]
     pub connect_queue: u32,
     /// With pacing: how long a device may wait for its slot before it is refused.
-    #[serde(default = "default_queue_timeout", deserialize_with = "queue_timeout")]
-    pub queue_timeout_ms: u64,
+    /// (`queue_timeout_ms`)
+    #[serde(
+        rename = "queue_timeout_ms",
+        default = "default_queue_timeout",
+        deserialize_with = "queue_timeout"
+    )]
+    pub queue_timeout: Duration,
     /// HTTP backends: upstream connections (pooled, busy or joined to a WebSocket) an
     /// http frontend holds to this backend at most; absent: no cap.
     #[serde(default, deserialize_with = "upstream_cap")]
@@ -245,9 +266,9 @@ impl Frontend {
             mode,
             backend: Some(backend.into()),
             sni_routes: BTreeMap::new(),
-            idle_timeout_secs: default_idle_timeout(),
+            idle_timeout: default_idle_timeout(),
             max_lag_bytes: default_max_lag(),
-            client_hello_timeout_ms: default_client_hello_timeout(),
+            client_hello_timeout: default_client_hello_timeout(),
             tcp_keepalive_secs: default_keepalive(),
             tls_cert: None,
             tls_key: None,
@@ -255,10 +276,10 @@ impl Frontend {
             max_connections_per_source: None,
             source_prefix_ipv4: default_source_prefix_ipv4(),
             source_prefix_ipv6: default_source_prefix_ipv6(),
-            header_read_timeout_ms: default_header_read_timeout(),
+            header_read_timeout: default_header_read_timeout(),
             max_header_bytes: default_max_header_bytes(),
             given: BTreeSet::new(),
-            http_idle_timeout_ms: default_http_idle_timeout(),
+            http_idle_timeout: default_http_idle_timeout(),
         }
     }
 
@@ -268,6 +289,30 @@ impl Frontend {
             Mode::Http => DEFAULT_MAX_CONNECTIONS_HTTP,
             Mode::Splice | Mode::Originate => DEFAULT_MAX_CONNECTIONS_L4,
         })
+    }
+
+    /// `tcp_keepalive_secs` as the keepalive its sockets get (`None`: off).
+    pub fn keepalive(&self) -> Option<crate::keepalive::Keepalive> {
+        crate::keepalive::Keepalive::after_idle(self.tcp_keepalive_secs)
+    }
+
+    /// The L4 limits of each connection.
+    pub fn session(&self) -> crate::l4::SessionOptions {
+        crate::l4::SessionOptions {
+            idle_timeout: self.idle_timeout,
+            max_lag: self.max_lag_bytes,
+        }
+    }
+
+    /// mode "http": the certificate chain and key devices are shown.
+    fn tls_files(&self) -> Result<(&Path, &Path), ConfigError> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Ok((cert, key)),
+            _ => Err(ConfigError::Invalid(format!(
+                "frontend {:?}: mode \"http\" terminates TLS and needs tls_cert and tls_key",
+                self.name
+            ))),
+        }
     }
 
     /// The per-source cap, when one is set.
@@ -284,15 +329,18 @@ impl Frontend {
     /// frontends built in code).
     fn bounds_problem(&self) -> Option<String> {
         let checks = [
-            (IDLE_TIMEOUT, Some(self.idle_timeout_secs)),
+            (IDLE_TIMEOUT, Some(self.idle_timeout.as_secs())),
             (MAX_LAG, Some(self.max_lag_bytes)),
-            (CLIENT_HELLO_TIMEOUT, Some(self.client_hello_timeout_ms)),
+            (
+                CLIENT_HELLO_TIMEOUT,
+                Some(millis(self.client_hello_timeout)),
+            ),
             (KEEPALIVE, Some(u64::from(self.tcp_keepalive_secs))),
             (MAX_CONNECTIONS, self.max_connections.map(|n| n as u64)),
             (PER_SOURCE, self.max_connections_per_source.map(u64::from)),
             (IPV4_PREFIX, Some(u64::from(self.source_prefix_ipv4))),
             (IPV6_PREFIX, Some(u64::from(self.source_prefix_ipv6))),
-            (HEADER_READ_TIMEOUT, Some(self.header_read_timeout_ms)),
+            (HEADER_READ_TIMEOUT, Some(millis(self.header_read_timeout))),
             (MAX_HEADER_BYTES, Some(self.max_header_bytes as u64)),
         ];
         first_out_of_bounds(&checks).map(|m| format!("frontend {:?}: {m}", self.name))
@@ -331,6 +379,11 @@ impl Frontend {
     }
 }
 
+/// A duration in the milliseconds its key is written in (saturating).
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// The first `(bounds, value)` whose value is out of its range, as a message.
 fn first_out_of_bounds(checks: &[(Bounds, Option<u64>)]) -> Option<String> {
     checks
@@ -347,14 +400,14 @@ impl Backend {
                 address: address.into(),
                 weight: default_weight(),
             }],
-            connect_timeout_ms: default_connect_timeout(),
+            connect_timeout: default_connect_timeout(),
             host: None,
             tls_server_name: None,
             ca_file: None,
-            response_timeout_ms: default_response_timeout(),
+            response_timeout: default_response_timeout(),
             max_new_connections_per_sec: None,
             connect_queue: default_connect_queue(),
-            queue_timeout_ms: default_queue_timeout(),
+            queue_timeout: default_queue_timeout(),
             max_upstream_connections: None,
         }
     }
@@ -365,7 +418,7 @@ impl Backend {
             .map(|rate_per_sec| PacingLimits {
                 rate_per_sec,
                 queue: self.connect_queue,
-                queue_timeout: std::time::Duration::from_millis(self.queue_timeout_ms),
+                queue_timeout: self.queue_timeout,
             })
     }
 
@@ -378,7 +431,7 @@ impl Backend {
                 p.rate_per_sec,
                 p.burst(),
                 self.connect_queue,
-                self.queue_timeout_ms
+                millis(self.queue_timeout)
             ),
             None => format!(
                 "backend {:?}: max_new_connections_per_sec off (connects are not paced)",
@@ -396,9 +449,9 @@ impl Backend {
                 self.max_new_connections_per_sec.map(u64::from),
             ),
             (CONNECT_QUEUE, Some(u64::from(self.connect_queue))),
-            (QUEUE_TIMEOUT, Some(self.queue_timeout_ms)),
-            (CONNECT_TIMEOUT, Some(self.connect_timeout_ms)),
-            (RESPONSE_TIMEOUT, Some(self.response_timeout_ms)),
+            (QUEUE_TIMEOUT, Some(millis(self.queue_timeout))),
+            (CONNECT_TIMEOUT, Some(millis(self.connect_timeout))),
+            (RESPONSE_TIMEOUT, Some(millis(self.response_timeout))),
             (UPSTREAM_CAP, self.max_upstream_connections.map(u64::from)),
         ];
         first_out_of_bounds(&checks).map(|m| format!("backend {:?}: {m}", self.name))
@@ -415,6 +468,24 @@ impl Backend {
     }
 }
 
+/// The hub an http or originate frontend talks to (`Config::hub`).
+#[derive(Debug, Clone)]
+pub struct Hub<'c> {
+    pub backend: &'c Backend,
+    /// `Host` of every request: the backend's `host`, else its first server's host.
+    pub host: http::HeaderValue,
+    /// SNI and the name the hub's certificate must carry: `tls_server_name`, else `host`.
+    pub server_name: rustls_pki_types::ServerName<'static>,
+}
+
+/// An http frontend's certificate files and hub (`Config::terminating`).
+#[derive(Debug, Clone)]
+pub struct Terminating<'c> {
+    pub hub: Hub<'c>,
+    pub tls_cert: &'c Path,
+    pub tls_key: &'c Path,
+}
+
 #[derive(Debug, Deserialize, Clone, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
@@ -427,20 +498,33 @@ pub struct ServerConfig {
 fn default_instance() -> String {
     "default".into()
 }
-fn default_idle_timeout() -> u64 {
-    DEFAULT_IDLE_TIMEOUT_SECS
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(DEFAULT_IDLE_TIMEOUT_SECS)
 }
+/// `max_lag_bytes` when absent (also `SessionOptions::default`'s).
+pub const DEFAULT_MAX_LAG_BYTES: u64 = 32 << 20;
+/// `client_hello_timeout_ms` when absent.
+pub const DEFAULT_CLIENT_HELLO_TIMEOUT_MS: u64 = 10_000;
+/// `tcp_keepalive_secs` when absent: well inside the idle time of NATs and firewalls.
+pub const DEFAULT_TCP_KEEPALIVE_SECS: u32 = 120;
+/// `connect_timeout_ms` when absent.
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
+/// `--drain-secs` when absent: how long open connections get to finish after SIGTERM.
+pub const DEFAULT_DRAIN_SECS: u64 = 30;
+/// The same, for a stop that was given no deadline.
+pub const DEFAULT_DRAIN: Duration = Duration::from_secs(DEFAULT_DRAIN_SECS);
+
 fn default_max_lag() -> u64 {
-    32 << 20
+    DEFAULT_MAX_LAG_BYTES
 }
-fn default_client_hello_timeout() -> u64 {
-    10_000
+fn default_client_hello_timeout() -> Duration {
+    Duration::from_millis(DEFAULT_CLIENT_HELLO_TIMEOUT_MS)
 }
 fn default_keepalive() -> u32 {
-    120
+    DEFAULT_TCP_KEEPALIVE_SECS
 }
-fn default_connect_timeout() -> u64 {
-    5_000
+fn default_connect_timeout() -> Duration {
+    Duration::from_millis(DEFAULT_CONNECT_TIMEOUT_MS)
 }
 fn default_weight() -> u32 {
     1
@@ -458,14 +542,21 @@ fn default_source_prefix_ipv4() -> u8 {
 fn default_source_prefix_ipv6() -> u8 {
     64
 }
-fn default_header_read_timeout() -> u64 {
-    10_000
+/// `header_read_timeout_ms` when absent.
+pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+/// `max_header_bytes` when absent.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 << 10;
+/// `response_timeout_ms` when absent.
+pub const DEFAULT_RESPONSE_TIMEOUT_MS: u64 = 60_000;
+
+fn default_header_read_timeout() -> Duration {
+    Duration::from_millis(DEFAULT_HEADER_READ_TIMEOUT_MS)
 }
 fn default_max_header_bytes() -> usize {
-    64 << 10
+    DEFAULT_MAX_HEADER_BYTES
 }
-fn default_response_timeout() -> u64 {
-    60_000
+fn default_response_timeout() -> Duration {
+    Duration::from_millis(DEFAULT_RESPONSE_TIMEOUT_MS)
 }
 
 /// `connect_queue` when absent: enough devices for a large reconnect storm, each holding
@@ -478,8 +569,8 @@ pub const DEFAULT_QUEUE_TIMEOUT_MS: u64 = 30_000;
 fn default_connect_queue() -> u32 {
     DEFAULT_CONNECT_QUEUE
 }
-fn default_queue_timeout() -> u64 {
-    DEFAULT_QUEUE_TIMEOUT_MS
+fn default_queue_timeout() -> Duration {
+    Duration::from_millis(DEFAULT_QUEUE_TIMEOUT_MS)
 }
 
 /// The accepted range of a numeric setting, and why.
@@ -532,9 +623,20 @@ const QUEUE_TIMEOUT: Bounds = Bounds {
     why: "how long a device may wait for a connect slot",
 };
 
-/// A deserializer that reads a number of type `$ty` (wrapped in `Some` with `some`)
-/// within `$bounds`, so an out-of-range value is refused with its line.
+/// A deserializer that reads a number of type `$ty` (wrapped in `Some` with `some`; a
+/// `Duration` of that many seconds or milliseconds with `secs` or `millis`) within
+/// `$bounds`, so an out-of-range value is refused with its line.
 macro_rules! bounded {
+    ($name:ident: secs = $bounds:expr) => {
+        fn $name<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+            $bounds.read(d).map(Duration::from_secs)
+        }
+    };
+    ($name:ident: millis = $bounds:expr) => {
+        fn $name<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+            $bounds.read(d).map(Duration::from_millis)
+        }
+    };
     ($name:ident: $ty:ty = $bounds:expr) => {
         fn $name<'de, D: Deserializer<'de>>(d: D) -> Result<$ty, D::Error> {
             let value = $bounds.read(d)?;
@@ -627,18 +729,18 @@ const RESPONSE_TIMEOUT: Bounds = Bounds {
     why: "time the upstream gets to answer a request's headers",
 };
 
-bounded!(idle_timeout: u64 = IDLE_TIMEOUT);
+bounded!(idle_timeout: secs = IDLE_TIMEOUT);
 bounded!(max_lag: u64 = MAX_LAG);
-bounded!(client_hello_timeout: u64 = CLIENT_HELLO_TIMEOUT);
+bounded!(client_hello_timeout: millis = CLIENT_HELLO_TIMEOUT);
 bounded!(keepalive: u32 = KEEPALIVE);
 bounded!(some_max_connections: some usize = MAX_CONNECTIONS);
 bounded!(some_per_source: some u32 = PER_SOURCE);
 bounded!(ipv4_prefix: u8 = IPV4_PREFIX);
 bounded!(ipv6_prefix: u8 = IPV6_PREFIX);
-bounded!(header_read_timeout: u64 = HEADER_READ_TIMEOUT);
+bounded!(header_read_timeout: millis = HEADER_READ_TIMEOUT);
 bounded!(max_header_bytes: usize = MAX_HEADER_BYTES);
-bounded!(connect_timeout: u64 = CONNECT_TIMEOUT);
-bounded!(response_timeout: u64 = RESPONSE_TIMEOUT);
+bounded!(connect_timeout: millis = CONNECT_TIMEOUT);
+bounded!(response_timeout: millis = RESPONSE_TIMEOUT);
 
 /// `http_idle_timeout_ms` when absent: a device's next REST call within a minute reuses
 /// its connection; a connection left open by a client that went away is gone after one.
@@ -657,12 +759,10 @@ const UPSTREAM_CAP: Bounds = Bounds {
     why: "leave it out for no cap",
 };
 
-fn default_http_idle_timeout() -> u64 {
-    DEFAULT_HTTP_IDLE_TIMEOUT_MS
+fn default_http_idle_timeout() -> Duration {
+    Duration::from_millis(DEFAULT_HTTP_IDLE_TIMEOUT_MS)
 }
-fn http_idle_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    HTTP_IDLE_TIMEOUT.read(d)
-}
+bounded!(http_idle_timeout: millis = HTTP_IDLE_TIMEOUT);
 fn upstream_cap<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
     let value = UPSTREAM_CAP.read(d)?;
     u32::try_from(value)
@@ -679,9 +779,7 @@ fn connect_queue<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     let value = CONNECT_QUEUE.read(d)?;
     u32::try_from(value).map_err(serde::de::Error::custom)
 }
-fn queue_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    QUEUE_TIMEOUT.read(d)
-}
+bounded!(queue_timeout: millis = QUEUE_TIMEOUT);
 
 /// SNI route keys as devices send them: lower case (names compare without case, and
 /// two keys differing only in case would silently be one) and without a trailing dot
@@ -769,17 +867,7 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
-        if self.instance.is_empty()
-            || !self
-                .instance
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
-            return invalid(format!(
-                "instance {:?}: use letters, digits, '-' or '_'",
-                self.instance
-            ));
-        }
+        self.validate_instance()?;
         let backends = self.validate_backends()?;
         let mut names = HashSet::new();
         let mut binds = HashSet::new();
@@ -828,10 +916,27 @@ impl Config {
         if self.frontends.is_empty() {
             return invalid("no frontends configured".into());
         }
+        self.validate_agent_wide()
+    }
+
+    /// The instance names a pin directory and a lock file: a plain name.
+    fn validate_instance(&self) -> Result<(), ConfigError> {
+        let plain = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+        if self.instance.is_empty() || !self.instance.chars().all(plain) {
+            return Err(ConfigError::Invalid(format!(
+                "instance {:?}: use letters, digits, '-' or '_'",
+                self.instance
+            )));
+        }
+        Ok(())
+    }
+
+    /// The settings of the whole agent: its connection cap, admin server and XDP guard.
+    fn validate_agent_wide(&self) -> Result<(), ConfigError> {
         if let Some(problem) =
             first_out_of_bounds(&[(MAX_CONNECTIONS, self.max_connections.map(|n| n as u64))])
         {
-            return invalid(format!("agent: {problem}"));
+            return Err(ConfigError::Invalid(format!("agent: {problem}")));
         }
         self.validate_admin()?;
         if let Some(xdp) = &self.xdp {
@@ -904,11 +1009,12 @@ impl Config {
                     .into(),
             );
         }
-        self.hub_name_of(f).map(|_| ())
+        self.hub(f).map(|_| ())
     }
 
-    /// The backend's host name (what TLS towards it verifies), for http/originate modes.
-    fn hub_name_of(&self, f: &Frontend) -> Result<String, ConfigError> {
+    /// The hub an http or originate frontend talks to, resolved and checked: `validate`
+    /// refuses a configuration where this fails, so the agent's build step only reads it.
+    pub fn hub(&self, f: &Frontend) -> Result<Hub<'_>, ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(format!("frontend {:?}: {m}", f.name)));
         let Some(backend) = self
             .backends
@@ -920,31 +1026,49 @@ impl Config {
         let Some(host) = backend.http_host() else {
             return invalid(format!("backend {:?} needs a host name", backend.name));
         };
-        for name in std::iter::once(&host).chain(backend.tls_server_name.as_ref()) {
-            if http::HeaderValue::from_str(name).is_err()
-                || rustls_pki_types::ServerName::try_from(name.as_str()).is_err()
-            {
-                return invalid(format!(
-                    "backend {:?}: {name:?} is not a valid host name",
-                    backend.name
-                ));
-            }
-        }
-        Ok(host)
+        // Each name must do as a `Host` header and as a TLS server name.
+        let checked = |name: &String| {
+            let header = http::HeaderValue::from_str(name).ok();
+            let server = rustls_pki_types::ServerName::try_from(name.clone()).ok();
+            header.zip(server).ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "frontend {:?}: backend {:?}: {name:?} is not a valid host name",
+                    f.name, backend.name
+                ))
+            })
+        };
+        let (host, host_as_server) = checked(&host)?;
+        let server_name = match &backend.tls_server_name {
+            Some(name) => checked(name)?.1,
+            None => host_as_server,
+        };
+        Ok(Hub {
+            backend,
+            host,
+            server_name,
+        })
+    }
+
+    /// An http frontend's certificate files and hub, resolved and checked (see `hub`).
+    pub fn terminating<'c>(&'c self, f: &'c Frontend) -> Result<Terminating<'c>, ConfigError> {
+        let (tls_cert, tls_key) = f.tls_files()?;
+        Ok(Terminating {
+            hub: self.hub(f)?,
+            tls_cert,
+            tls_key,
+        })
     }
 
     fn validate_http_frontend(&self, f: &Frontend) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(format!("frontend {:?}: {m}", f.name)));
-        if f.tls_cert.is_none() || f.tls_key.is_none() {
-            return invalid("mode \"http\" terminates TLS and needs tls_cert and tls_key".into());
-        }
+        f.tls_files()?;
         if !f.sni_routes.is_empty() {
             return invalid("sni_routes apply to splice frontends only".into());
         }
-        if let Err(problem) = HTTP_IDLE_TIMEOUT.check(f.http_idle_timeout_ms) {
+        if let Err(problem) = HTTP_IDLE_TIMEOUT.check(millis(f.http_idle_timeout)) {
             return invalid(problem);
         }
-        self.hub_name_of(f).map(|_| ())
+        self.terminating(f).map(|_| ())
     }
 
     /// Settings that work but are known to hurt IoT devices, or that do nothing.
@@ -952,11 +1076,13 @@ impl Config {
         let short_idle = self
             .frontends
             .iter()
-            .filter(|f| f.idle_timeout_secs < MIN_SAFE_IDLE_SECS)
+            .filter(|f| f.idle_timeout.as_secs() < MIN_SAFE_IDLE_SECS)
             .map(|f| {
                 format!(
                     "frontend {:?}: idle timeout {} s is shorter than {} s; IoT Hub allows MQTT keep-alives up to 1,177 s (and waits 1.5x), so quiet devices will be dropped",
-                    f.name, f.idle_timeout_secs, MIN_SAFE_IDLE_SECS
+                    f.name,
+                    f.idle_timeout.as_secs(),
+                    MIN_SAFE_IDLE_SECS
                 )
             });
         let ignored = self.frontends.iter().filter_map(|f| {
@@ -1073,7 +1199,7 @@ servers = [{ address = "a.azure-devices.net:8883", weight = 2 }]
     #[test]
     fn a_good_config_parses_with_safe_defaults() {
         let c = Config::parse(GOOD, "good.toml").unwrap();
-        assert_eq!(c.frontends[0].idle_timeout_secs, DEFAULT_IDLE_TIMEOUT_SECS);
+        assert_eq!(c.frontends[0].idle_timeout, default_idle_timeout());
         assert_eq!(c.frontends[0].mode, Mode::Splice);
         assert!(c.warnings().is_empty());
     }
@@ -1342,8 +1468,8 @@ servers = [{ address = "a.azure-devices.net:8883", weight = 2 }]
     fn http_idle_timeout_and_upstream_cap_have_defaults_and_bounds() {
         let c = Config::parse(GOOD, "x").unwrap();
         assert_eq!(
-            c.frontends[0].http_idle_timeout_ms,
-            DEFAULT_HTTP_IDLE_TIMEOUT_MS
+            c.frontends[0].http_idle_timeout,
+            Duration::from_millis(DEFAULT_HTTP_IDLE_TIMEOUT_MS)
         );
         assert_eq!(c.backends[0].max_upstream_connections, None);
         let tuned = GOOD
@@ -1356,7 +1482,10 @@ servers = [{ address = "a.azure-devices.net:8883", weight = 2 }]
                 "weight = 2 }]\nmax_upstream_connections = 64\n",
             );
         let c = Config::parse(&tuned, "x").unwrap();
-        assert_eq!(c.frontends[0].http_idle_timeout_ms, 5000);
+        assert_eq!(
+            c.frontends[0].http_idle_timeout,
+            Duration::from_millis(5000)
+        );
         assert_eq!(c.backends[0].max_upstream_connections, Some(64));
         for (from, to, why) in [
             (

@@ -30,7 +30,7 @@ pub async fn start() -> anyhow::Result<Config> {
     let bind = SocketAddr::from(([127, 0, 0, 1], DEMO_PORT));
     let frontend = Frontend::new("demo", bind, Mode::Splice, "echo");
     let mut backend = Backend::new("echo", &echo_addr.to_string());
-    backend.connect_timeout_ms = 2_000;
+    backend.connect_timeout = std::time::Duration::from_secs(2);
     tracing::info!(
         "demo: a stand-in upstream (echo) is behind 127.0.0.1:{DEMO_PORT}; try `socat - TCP:127.0.0.1:{DEMO_PORT}` and type; \
          `target/release/forwarder conns --instance demo` lists it \

@@ -69,7 +69,7 @@ enum Command {
         #[arg(long)]
         allow_old_kernel: bool,
         /// Seconds open connections get to finish after SIGTERM.
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, default_value_t = forwarder::config::DEFAULT_DRAIN_SECS)]
         drain_secs: u64,
         /// After start-up, run as this user with only CAP_BPF, CAP_NET_ADMIN and
         /// CAP_NET_BIND_SERVICE (overrides `user` in the config).

@@ -1,4 +1,5 @@
 //! The few socket calls std and tokio do not offer. All `unsafe` of the agent lives here.
+#![allow(unsafe_code)] // raw libc socket calls, each with its `// SAFETY:` line
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};

@@ -30,6 +30,7 @@ pub fn init_logging() {
 }
 
 /// These tests load real eBPF programs: without root they must fail, never skip.
+#[allow(unsafe_code)] // raw libc calls, each with its `// SAFETY:` line
 pub fn require_root() {
     init_logging();
     // SAFETY: geteuid has no preconditions.
@@ -43,6 +44,7 @@ pub fn require_root() {
 /// Raises this process's soft limit of open descriptors to its hard limit: a test that
 /// holds thousands of connections (client, agent and upstream sockets all in one process)
 /// would otherwise hit a soft limit of 1,024 and fail with EMFILE. Returns the new limit.
+#[allow(unsafe_code)] // raw libc calls, each with its `// SAFETY:` line
 pub fn raise_fd_limit() -> u64 {
     let mut limit = libc::rlimit {
         rlim_cur: 0,

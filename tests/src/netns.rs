@@ -302,6 +302,7 @@ pub struct PacketSocket {
 }
 
 impl PacketSocket {
+    #[allow(unsafe_code)] // raw libc calls, each with its `// SAFETY:` line
     pub fn open(ifname: &str) -> io::Result<Self> {
         const ETH_P_IP: u16 = 0x0800;
         // SAFETY: plain socket creation; the fd is owned below.
@@ -338,6 +339,7 @@ impl PacketSocket {
         Ok(this)
     }
 
+    #[allow(unsafe_code)] // raw libc calls, each with its `// SAFETY:` line
     fn address(&self) -> libc::sockaddr_ll {
         // SAFETY: sockaddr_ll is plain data; zero is a valid start.
         let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
@@ -348,6 +350,7 @@ impl PacketSocket {
         addr
     }
 
+    #[allow(unsafe_code)] // raw libc calls, each with its `// SAFETY:` line
     pub fn send(&self, frame: &[u8]) -> io::Result<()> {
         let addr = self.address();
         // SAFETY: frame and addr outlive the call; lengths are theirs.
@@ -368,6 +371,7 @@ impl PacketSocket {
     }
 
     /// The next frame received, or `None` once `timeout` passes without one.
+    #[allow(unsafe_code)] // raw libc calls, each with its `// SAFETY:` line
     pub fn recv(&self, timeout: Duration) -> io::Result<Option<Vec<u8>>> {
         let mut poll = libc::pollfd {
             fd: self.socket.as_raw_fd(),
@@ -635,6 +639,7 @@ pub fn wait_until(limit: Duration, mut probe: impl FnMut() -> bool) -> bool {
 /// Loads a two-instruction XDP program (`return XDP_PASS`) by raw bpf(2), pins it at
 /// `pin`, and attaches it to `ifname` in `ns` in generic mode through netlink (iproute2),
 /// the way another tool would: the "other program" the guard must not silently replace.
+#[allow(unsafe_code)] // raw libc calls, each with its `// SAFETY:` line
 pub fn attach_foreign_xdp(ns: &str, ifname: &str, pin: &str) {
     // r0 = 2 (XDP_PASS); exit
     let insns: [u64; 2] = [
@@ -668,6 +673,7 @@ pub fn attach_foreign_xdp(ns: &str, ifname: &str, pin: &str) {
 }
 
 /// Like [`in_ns`] but returns at once: for long-running work (an agent) in a namespace.
+#[allow(unsafe_code)] // raw libc calls, each with its `// SAFETY:` line
 pub fn spawn_in_ns<T: Send + 'static>(
     ns: &str,
     f: impl FnOnce() -> T + Send + 'static,

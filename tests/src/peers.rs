@@ -36,6 +36,7 @@ impl KillOnDrop {
     }
 
     /// SIGTERM, then up to `grace` for the process to exit on its own (killed after).
+    #[allow(unsafe_code)] // raw libc calls, each with its `// SAFETY:` line
     pub fn stop(mut self, grace: Duration) -> Option<std::process::ExitStatus> {
         if let Ok(pid) = i32::try_from(self.0.id()) {
             // SAFETY: kill(2) on the child we started; no memory is involved.
@@ -53,6 +54,7 @@ impl KillOnDrop {
 }
 
 impl Drop for KillOnDrop {
+    #[allow(unsafe_code)] // raw libc calls, each with its `// SAFETY:` line
     fn drop(&mut self) {
         if let Ok(pid) = i32::try_from(self.0.id()) {
             // SAFETY: kill(2) with a negative pid signals the group we created; no memory

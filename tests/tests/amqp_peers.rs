@@ -50,7 +50,7 @@ async fn amqp_1_0_over_tls_through_the_kernel_splice_loses_nothing() {
     let tls_port = broker.tls_port;
 
     let mut frontend = Frontend::new("amqp", "127.0.0.1:0".parse().unwrap(), Mode::Splice, "hub");
-    frontend.idle_timeout_secs = 60;
+    frontend.idle_timeout = std::time::Duration::from_secs(60);
     let config = Config::new(
         format!("amqp-{}", std::process::id()),
         vec![frontend],

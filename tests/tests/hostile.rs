@@ -272,6 +272,7 @@ async fn publish_and_receive(port: u16, ca: &Path) -> usize {
 }
 
 /// utime + stime of a process, in seconds.
+#[allow(unsafe_code)] // raw libc calls, each with its `// SAFETY:` line
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("agent stat");
     // Fields after the command name (which may hold spaces) start at the state, field 3.

@@ -159,7 +159,7 @@ async fn silent_tls_clients_are_closed_after_the_header_timeout() {
     let setup = Setup::new("http-limits-silent");
     let hub = setup.hub().await;
     let forwarder = start_forwarder(&setup.config(hub.addr, |f, _| {
-        f.header_read_timeout_ms = 1_000;
+        f.header_read_timeout = Duration::from_millis(1_000);
     }))
     .await;
     let m = &forwarder.metrics;
@@ -207,7 +207,7 @@ async fn idle_http2_and_keep_alive_connections_are_closed_after_the_idle_timeout
     let setup = Setup::new("http-limits-idle");
     let hub = setup.hub().await;
     let forwarder = start_forwarder(&setup.config(hub.addr, |f, _| {
-        f.http_idle_timeout_ms = 1_000;
+        f.http_idle_timeout = Duration::from_millis(1_000);
     }))
     .await;
     let m = &forwarder.metrics;
@@ -279,6 +279,7 @@ async fn idle_http2_and_keep_alive_connections_are_closed_after_the_idle_timeout
 
 /// The agent's socket of a client, from /proc/net/tcp: (timer kind, seconds to expiry).
 /// Timer kind 2 is the keepalive timer (0: none).
+#[allow(unsafe_code)] // raw libc calls, each with its `// SAFETY:` line
 fn server_socket_timer(server_port: u16, client_port: u16) -> Option<(u32, f64)> {
     let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
     // SAFETY: sysconf has no preconditions.
@@ -364,7 +365,7 @@ async fn max_upstream_connections_caps_the_connections_to_the_hub() {
     let hub = setup.hub().await;
     let forwarder = start_forwarder(&setup.config(hub.addr, |_, b| {
         b.max_upstream_connections = Some(1);
-        b.response_timeout_ms = 500;
+        b.response_timeout = Duration::from_millis(500);
     }))
     .await;
     let m = &forwarder.metrics;

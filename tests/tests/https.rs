@@ -535,7 +535,10 @@ async fn upstream_failures_become_502_or_504_and_others_keep_being_served() {
             held.push(s);
         }
     });
-    let mute = start_forwarder(&setup.config(silent_addr, |_, b| b.connect_timeout_ms = 300)).await;
+    let mute = start_forwarder(&setup.config(silent_addr, |_, b| {
+        b.connect_timeout = Duration::from_millis(300)
+    }))
+    .await;
     let mut client = h1_client(mute.addr, &setup.ca, PROXY).await;
     let started = Instant::now();
     let response = client.send_request(get_request("/x")).await.unwrap();
@@ -545,7 +548,10 @@ async fn upstream_failures_become_502_or_504_and_others_keep_being_served() {
 
     // The hub answers too slowly: 504 after the response timeout; then the same
     // forwarder still serves the next request.
-    let slow = start_forwarder(&setup.config(hub.addr, |_, b| b.response_timeout_ms = 300)).await;
+    let slow = start_forwarder(&setup.config(hub.addr, |_, b| {
+        b.response_timeout = Duration::from_millis(300)
+    }))
+    .await;
     let mut client = h1_client(slow.addr, &setup.ca, PROXY).await;
     let response = client.send_request(get_request("/hang")).await.unwrap();
     assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
@@ -570,7 +576,7 @@ async fn malformed_oversized_and_slow_clients_are_refused_while_others_are_serve
     let setup = Setup::new("https-bad-clients");
     let hub = setup.hub(None).await;
     let forwarder = start_forwarder(&setup.config(hub.addr, |f, _| {
-        f.header_read_timeout_ms = 1_000;
+        f.header_read_timeout = Duration::from_millis(1_000);
         f.max_header_bytes = 16 << 10;
     }))
     .await;
@@ -706,7 +712,9 @@ async fn an_upgraded_websocket_keeps_its_slot_under_the_cap() {
 async fn idle_upgraded_sessions_are_closed_and_counted() {
     let setup = Setup::new("https-ws-idle");
     let hub = setup.hub(None).await;
-    let forwarder = start_forwarder(&setup.config(hub.addr, |f, _| f.idle_timeout_secs = 1)).await;
+    let forwarder =
+        start_forwarder(&setup.config(hub.addr, |f, _| f.idle_timeout = Duration::from_secs(1)))
+            .await;
     let (mut ws, _) = mqtt_websocket(forwarder.addr, &setup.ca).await;
     ws.send(Message::Text("hello".into())).await.unwrap();
     assert_eq!(

@@ -545,6 +545,7 @@ fn max_redirected(dp: &Datapath) -> u64 {
 }
 
 /// Bytes in a socket's receive queue (FIONREAD).
+#[allow(unsafe_code)] // raw libc calls, each with its `// SAFETY:` line
 fn bytes_waiting(stream: &TcpStream) -> u64 {
     use std::os::fd::AsRawFd as _;
     let mut queued: libc::c_int = 0;

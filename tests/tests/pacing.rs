@@ -82,6 +82,7 @@ fn recording_echo() -> RecordingEcho {
 /// SCHED_FIFO for the calling thread, so that on a busy 2-core machine an accept is
 /// timestamped when the connection arrives rather than when the thread gets a core. The
 /// thread only accepts and hands over: it cannot hog a core.
+#[allow(unsafe_code)] // raw libc calls, each with its `// SAFETY:` line
 fn run_at_realtime_priority() -> bool {
     let param = libc::sched_param { sched_priority: 10 };
     // SAFETY: changes the calling thread's scheduling policy; reads `param` only.
@@ -89,6 +90,7 @@ fn run_at_realtime_priority() -> bool {
 }
 
 /// SO_RCVTIMEO on a listener bounds a blocking accept(2).
+#[allow(unsafe_code)] // raw libc calls, each with its `// SAFETY:` line
 fn set_accept_timeout(listener: &std::net::TcpListener, timeout: Duration) {
     use std::os::fd::AsRawFd as _;
     let tv = libc::timeval {

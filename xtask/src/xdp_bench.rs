@@ -303,6 +303,7 @@ fn json_number(json: &str, key: &str) -> anyhow::Result<u64> {
 
 /// Sends SYN frames at full speed for `SECONDS` from one thread pinned to CPU 0 in the
 /// peer namespace; returns (frames sent, seconds).
+#[allow(unsafe_code)] // raw libc calls, each with its `// SAFETY:` line
 fn blast() -> anyhow::Result<(u64, f64)> {
     std::thread::spawn(|| -> anyhow::Result<(u64, f64)> {
         let ns = std::fs::File::open(format!("/run/netns/{PEER_NS}"))?;
@@ -324,6 +325,7 @@ fn blast() -> anyhow::Result<(u64, f64)> {
     .map_err(|_| anyhow::anyhow!("sender thread panicked"))?
 }
 
+#[allow(unsafe_code)] // raw libc calls, each with its `// SAFETY:` line
 fn send_for(duration: Duration) -> anyhow::Result<(u64, f64)> {
     // SAFETY: plain socket creation; ownership passes to OwnedFd at once.
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };

@@ -1,6 +1,10 @@
 //! The XDP ingress guard's eBPF object. It is a binary of its own, not a module of the
 //! splice object, so the guard loads and attaches without creating the splice maps (and
 //! the splice path without the guard's), and either runs alone.
+// eBPF programs are `unsafe` by nature: each is an exported symbol in a named section
+// (`#[unsafe(no_mangle)]`, `#[unsafe(link_section)]`) and reads its context and maps
+// through aya-ebpf's raw helpers. Every block still needs its `// SAFETY:` line.
+#![allow(unsafe_code)]
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 

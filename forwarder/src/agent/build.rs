@@ -9,13 +9,13 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio_rustls::TlsAcceptor;
 
 use crate::admission::{AgentCap, Gate};
-use crate::config::{Config, Frontend};
+use crate::config::{Config, Frontend, Hub};
 use crate::http::connector::UpstreamConnector;
 use crate::http::proxy::Proxy;
 use crate::http::{self, HttpFrontend, Limits};
+use crate::l4::L4Frontend;
 use crate::l4::originate::OriginateFrontend;
 use crate::l4::upstream::{Pool, Server};
-use crate::l4::{Keepalive, L4Frontend, SessionOptions};
 use crate::metrics::HttpMetrics;
 
 /// One pool per backend, by name. A pool in `keep` whose backend settings are the same
@@ -39,12 +39,8 @@ pub fn pools(
                     weight: s.weight,
                 })
                 .collect();
-            let pool = Pool::new(
-                b.name.clone(),
-                servers,
-                Duration::from_millis(b.connect_timeout_ms),
-            )
-            .with_pacing(b.pacing());
+            let pool =
+                Pool::new(b.name.clone(), servers, b.connect_timeout).with_pacing(b.pacing());
             (b.name.clone(), Arc::new(pool))
         })
         .collect()
@@ -75,24 +71,12 @@ pub fn l4_frontend(
             .filter_map(|(host, b)| Some((host.to_ascii_lowercase(), pool(b)?)))
             .collect(),
         default_backend: f.backend.as_ref().and_then(pool),
-        session: SessionOptions {
-            idle_timeout: Duration::from_secs(f.idle_timeout_secs),
-            max_lag: f.max_lag_bytes,
-        },
+        session: f.session(),
         kernel,
-        client_hello_timeout: Duration::from_millis(f.client_hello_timeout_ms),
-        keepalive: keepalive(f),
+        client_hello_timeout: f.client_hello_timeout,
+        keepalive: f.keepalive(),
         gate,
     }
-}
-
-/// TCP keepalive of a frontend's sockets (`tcp_keepalive_secs`, 0: off).
-fn keepalive(f: &Frontend) -> Option<Keepalive> {
-    (f.tcp_keepalive_secs > 0).then_some(Keepalive {
-        idle: f.tcp_keepalive_secs,
-        interval: 30,
-        probes: 4,
-    })
 }
 
 pub fn http_frontend(
@@ -104,22 +88,16 @@ pub fn http_frontend(
     gate: Gate,
 ) -> anyhow::Result<HttpFrontend> {
     let name = &f.name;
-    let (Some(cert), Some(key), Some(backend_name)) = (&f.tls_cert, &f.tls_key, &f.backend) else {
-        anyhow::bail!("frontend {name}: mode http needs tls_cert, tls_key and backend");
-    };
-    let (backend, pool, host) = hub_backend(config, f, backend_name, pools)?;
-    let server_name = backend
-        .tls_server_name
-        .clone()
-        .unwrap_or_else(|| host.clone());
-    let server_tls = http::tls::server_config(cert, key)
+    let terminating = config.terminating(f)?;
+    let (backend, pool) = hub_pool(&terminating.hub, pools)?;
+    let backend_name = &backend.name;
+    let server_tls = http::tls::server_config(terminating.tls_cert, terminating.tls_key)
         .with_context(|| format!("frontend {name}: TLS certificate"))?;
     let client_tls = http::tls::client_config(backend.ca_file.as_deref())
         .with_context(|| format!("backend {backend_name}: trusted roots"))?;
-    let server_name = rustls_pki_types::ServerName::try_from(server_name.clone())
-        .with_context(|| format!("backend {backend_name}: bad TLS server name {server_name:?}"))?;
-    let connect_timeout = Duration::from_millis(backend.connect_timeout_ms);
-    let response_timeout = Duration::from_millis(backend.response_timeout_ms);
+    let server_name = terminating.hub.server_name.clone();
+    let connect_timeout = backend.connect_timeout;
+    let response_timeout = backend.response_timeout;
     let cap = backend
         .max_upstream_connections
         .and_then(|max| usize::try_from(max).ok());
@@ -140,46 +118,34 @@ pub fn http_frontend(
         tls: TlsAcceptor::from(server_tls),
         proxy: Arc::new(Proxy {
             frontend: name.clone(),
-            hub_host: http::header_value(&host)
-                .with_context(|| format!("backend {backend_name}: bad host {host:?}"))?,
+            hub_host: terminating.hub.host,
             client,
             response_timeout,
-            upgraded_idle_timeout: Duration::from_secs(f.idle_timeout_secs),
+            upgraded_idle_timeout: f.idle_timeout,
             metrics,
         }),
         gate,
         limits: Limits {
-            header_read_timeout: Duration::from_millis(f.header_read_timeout_ms),
+            header_read_timeout: f.header_read_timeout,
             max_header_bytes: f.max_header_bytes,
-            idle_timeout: Duration::from_millis(f.http_idle_timeout_ms),
-            keepalive: keepalive(f),
+            idle_timeout: f.http_idle_timeout,
+            keepalive: f.keepalive(),
         },
         datapath,
     })
 }
 
-/// The backend a TLS-speaking frontend (http, originate) talks to: its settings, its
-/// pool, and the hub's host name.
-fn hub_backend<'a>(
-    config: &'a Config,
-    f: &Frontend,
-    backend_name: &str,
+/// The hub's backend settings and its running pool.
+fn hub_pool<'c>(
+    hub: &Hub<'c>,
     pools: &HashMap<String, Arc<Pool>>,
-) -> anyhow::Result<(&'a crate::config::Backend, Arc<Pool>, String)> {
-    let name = &f.name;
-    let backend = config
-        .backends
-        .iter()
-        .find(|b| b.name == backend_name)
-        .with_context(|| format!("frontend {name}: unknown backend {backend_name}"))?;
+) -> anyhow::Result<(&'c crate::config::Backend, Arc<Pool>)> {
+    let backend = hub.backend;
     let pool = pools
-        .get(backend_name)
+        .get(&backend.name)
         .cloned()
-        .with_context(|| format!("frontend {name}: unknown backend {backend_name}"))?;
-    let host = backend
-        .http_host()
-        .with_context(|| format!("backend {backend_name}: no host name"))?;
-    Ok((backend, pool, host))
+        .with_context(|| format!("backend {}: no pool", backend.name))?;
+    Ok((backend, pool))
 }
 
 /// Plain TCP in, verified TLS to the backend's host out (legacy MQTT on 1883).
@@ -190,12 +156,9 @@ pub fn originate_frontend(
     gate: Gate,
 ) -> anyhow::Result<OriginateFrontend> {
     let name = &f.name;
-    let backend_name = f
-        .backend
-        .as_ref()
-        .with_context(|| format!("frontend {name}: mode originate needs a backend"))?;
-    let (backend, pool, host) = hub_backend(config, f, backend_name, pools)?;
-    let server_name = backend.tls_server_name.clone().unwrap_or(host);
+    let hub = config.hub(f)?;
+    let (backend, pool) = hub_pool(&hub, pools)?;
+    let backend_name = &backend.name;
     let mut tls = (*http::tls::client_config(backend.ca_file.as_deref())
         .with_context(|| format!("backend {backend_name}: trusted roots"))?)
     .clone();
@@ -205,12 +168,10 @@ pub fn originate_frontend(
         name: name.clone(),
         pool,
         tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
-        server_name: rustls_pki_types::ServerName::try_from(server_name.clone()).with_context(
-            || format!("backend {backend_name}: bad TLS server name {server_name:?}"),
-        )?,
-        handshake_timeout: Duration::from_millis(backend.connect_timeout_ms),
-        idle_timeout: Duration::from_secs(f.idle_timeout_secs),
-        keepalive: keepalive(f),
+        server_name: hub.server_name,
+        handshake_timeout: backend.connect_timeout,
+        idle_timeout: f.idle_timeout,
+        keepalive: f.keepalive(),
         gate,
     })
 }

@@ -568,9 +568,6 @@ pub async fn serve_with_upgrades(
     Ok(())
 }
 
-/// How long a stop (or an upgrade) waits for open connections without `--drain-secs`.
-pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
-
 /// Counters into the pinned `FWD_STATS` map, for `forwarder stats`: per frontend, and
 /// per backend under `backend:<name>`.
 fn publish_stats(running: &[Running], datapath: Option<&Datapath>) {

@@ -15,7 +15,7 @@ use crate::ebpf::Datapath;
 use crate::instance_lock::InstanceLock;
 use crate::l4::{self, SessionOptions};
 use crate::metrics::{self, ActiveGuard, L4Metrics};
-use crate::registry::Registration;
+use crate::conn_list::Registration;
 use crate::upgrade::{self, Arrival, Arrivals, HandedSession, Next, Offer, wire::ListenerEntry};
 
 /// What the running agent holds that an upgrade hands over.
@@ -185,11 +185,7 @@ pub(super) fn takers(config: &Config, running: &[Running]) -> Takers {
                 .frontends
                 .iter()
                 .find(|f| f.name == r.name && f.mode == Mode::Splice)?;
-            let options = SessionOptions {
-                idle_timeout: Duration::from_secs(f.idle_timeout_secs),
-                max_lag: f.max_lag_bytes,
-            };
-            Some((r.name.clone(), (metrics.clone(), options)))
+            Some((r.name.clone(), (metrics.clone(), f.session())))
         })
         .collect()
 }

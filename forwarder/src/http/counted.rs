@@ -18,8 +18,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use crate::conn_list::Registration;
 use crate::ebpf::Datapath;
-use crate::registry::Registration;
 use crate::sys;
 
 const PUBLISH_EVERY: Duration = Duration::from_secs(1);

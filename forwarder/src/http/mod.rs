@@ -2,14 +2,14 @@
 //! for the hub and re-originated over verified TLS (hyper), WebSocket upgrades are
 //! joined after the hub's `101`. This is what fixes `401 IoTHubNotFound` behind a proxy.
 
-pub mod connector;
-pub mod counted;
+pub(crate) mod connector;
+pub(crate) mod counted;
 pub mod headers;
-pub mod idle;
-pub mod preface;
-pub mod proxy;
-pub mod tls;
-pub mod tunnel;
+pub(crate) mod idle;
+pub(crate) mod preface;
+pub(crate) mod proxy;
+pub(crate) mod tls;
+pub(crate) mod tunnel;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -22,22 +22,17 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{TlsAcceptor, server};
 
 use crate::admission::{Admitted, Gate};
 use crate::ebpf::Datapath;
-use crate::l4::Keepalive;
+use crate::keepalive::{Keepalive, set_keepalive_or_warn};
 use crate::log_limit::info_limited;
 use crate::metrics::{self, ActiveGuard, HttpMetrics};
 use counted::{CountedStream, Listing};
 use idle::{Activity, Tracked};
-use preface::{Opening, Protocol};
+use preface::{Opening, Protocol, Replay};
 use proxy::Proxy;
-
-/// A header value from a configured host name.
-pub fn header_value(host: &str) -> anyhow::Result<http::HeaderValue> {
-    Ok(http::HeaderValue::from_str(host)?)
-}
 
 /// Limits that protect the frontend from slow or hostile clients (the connection caps
 /// are the frontend's `gate`).
@@ -81,7 +76,7 @@ pub async fn serve(
     listener: TcpListener,
     frontend: Arc<HttpFrontend>,
     metrics: Arc<HttpMetrics>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     connections: watch::Receiver<bool>,
 ) {
     let (http1, http2) = builders(&frontend.limits);
@@ -93,13 +88,10 @@ pub async fn serve(
             .clone()
             .map(|dp| Listing::start(dp, &frontend.name, connections.clone())),
     });
-    while let Some((stream, peer, admitted)) = frontend
-        .gate
-        .accept(&listener, &mut shutdown, &metrics.gate())
-        .await
-    {
+    let counters = metrics.gate();
+    let serve = |stream, peer, admitted| {
         metrics::add(&metrics.accepted, 1);
-        tokio::spawn(serve_connection(
+        serve_connection(
             stream,
             peer,
             frontend.clone(),
@@ -107,8 +99,12 @@ pub async fn serve(
             metrics.clone(),
             Arc::new(admitted),
             connections.clone(),
-        ));
-    }
+        )
+    };
+    frontend
+        .gate
+        .serve(&listener, shutdown, &counters, serve)
+        .await;
 }
 
 type Builder = auto::Builder<TokioExecutor>;
@@ -151,42 +147,15 @@ async fn serve_connection(
     let _active = ActiveGuard::new(&metrics.active);
     let _ = stream.set_nodelay(true);
     let limits = &frontend.limits;
-    if let Some(k) = limits.keepalive {
-        // On each socket rather than the listener: the accept loop stays as it is.
-        if let Err(err) = crate::sys::set_keepalive(stream.as_fd(), k.idle, k.interval, k.probes) {
-            tracing::debug!(frontend = %frontend.name, %peer, %err, "could not set TCP keepalive");
-        }
-    }
+    // On each socket rather than the listener: the accept loop stays as it is.
+    set_keepalive_or_warn(stream.as_fd(), limits.keepalive);
     let stream = CountedStream::new(stream, shared.listing.as_ref());
     let counts = stream.counts();
-    let handshake = frontend.tls.accept(stream);
-    let tls = match tokio::time::timeout(frontend.limits.header_read_timeout, handshake).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(err)) => {
-            metrics::add(&metrics.tls_handshake_failed, 1);
-            info_limited!(frontend = %frontend.name, %peer, %err, "client TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            metrics::add(&metrics.tls_handshake_failed, 1);
-            info_limited!(frontend = %frontend.name, %peer, "client TLS handshake timed out");
-            return;
-        }
+    let Some(tls) = accept_tls(stream, peer, &frontend, &metrics).await else {
+        return;
     };
-    let alpn_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let (protocol, tls) = match preface::read(tls, alpn_h2, limits.header_read_timeout).await {
-        Opening::Ready(protocol, tls) => (protocol, tls),
-        Opening::Closed => return,
-        Opening::TimedOut { h2: true } => {
-            metrics::add(&metrics.preface_timeout, 1);
-            tracing::debug!(frontend = %frontend.name, %peer, "HTTP/2 preface not received in time: closed");
-            return;
-        }
-        Opening::TimedOut { h2: false } => {
-            metrics::add(&metrics.header_timeout, 1);
-            info_limited!(frontend = %frontend.name, %peer, "request headers not received in time: closed");
-            return;
-        }
+    let Some((protocol, tls)) = read_opening(tls, peer, &frontend, &metrics).await else {
+        return;
     };
     let builder = match protocol {
         Protocol::Http2 => &shared.http2,
@@ -226,6 +195,55 @@ async fn serve_connection(
     };
     if let Err(err) = result {
         classify_connection_error(&frontend.name, peer, protocol, &activity, &*err, &metrics);
+    }
+}
+
+/// The client's TLS handshake, within the header timeout; `None` (counted) when it
+/// fails or takes too long.
+async fn accept_tls(
+    stream: CountedStream,
+    peer: SocketAddr,
+    frontend: &HttpFrontend,
+    metrics: &HttpMetrics,
+) -> Option<server::TlsStream<CountedStream>> {
+    let handshake = frontend.tls.accept(stream);
+    match tokio::time::timeout(frontend.limits.header_read_timeout, handshake).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(err)) => {
+            metrics::add(&metrics.tls_handshake_failed, 1);
+            info_limited!(frontend = %frontend.name, %peer, %err, "client TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            metrics::add(&metrics.tls_handshake_failed, 1);
+            info_limited!(frontend = %frontend.name, %peer, "client TLS handshake timed out");
+            None
+        }
+    }
+}
+
+/// The protocol the client speaks, read under the header timeout (see `preface`);
+/// `None` (counted) when the client closed or was too slow.
+async fn read_opening(
+    tls: server::TlsStream<CountedStream>,
+    peer: SocketAddr,
+    frontend: &HttpFrontend,
+    metrics: &HttpMetrics,
+) -> Option<(Protocol, Replay<server::TlsStream<CountedStream>>)> {
+    let alpn_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    match preface::read(tls, alpn_h2, frontend.limits.header_read_timeout).await {
+        Opening::Ready(protocol, tls) => Some((protocol, tls)),
+        Opening::Closed => None,
+        Opening::TimedOut { h2: true } => {
+            metrics::add(&metrics.preface_timeout, 1);
+            tracing::debug!(frontend = %frontend.name, %peer, "HTTP/2 preface not received in time: closed");
+            None
+        }
+        Opening::TimedOut { h2: false } => {
+            metrics::add(&metrics.header_timeout, 1);
+            info_limited!(frontend = %frontend.name, %peer, "request headers not received in time: closed");
+            None
+        }
     }
 }
 

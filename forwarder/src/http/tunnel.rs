@@ -19,6 +19,7 @@ use crate::admission::Admitted;
 use crate::http::connector::UpstreamStream;
 use crate::http::counted::CountedStream;
 use crate::http::preface::Replay;
+use crate::l4::End;
 use crate::metrics::{self, ActiveGuard, HttpMetrics};
 use crate::relay::{self, Socket};
 
@@ -55,19 +56,25 @@ pub async fn join(
         tracing::debug!(%err, "upgraded session ended before the relay");
         return;
     }
-    let relayed = relay::join(client, upstream, idle_timeout).await;
-    if relayed.idle_timeout {
+    let copied = relay::join(
+        relay::Polled(client),
+        relay::Polled(upstream),
+        idle_timeout,
+        |_| {},
+    )
+    .await;
+    if matches!(copied.end, End::IdleTimeout) {
         metrics::add(&metrics.websocket_idle_timeouts, 1);
         tracing::info!(?idle_timeout, "upgraded session closed: idle timeout");
     }
     let ahead = |b: &bytes::Bytes| b.len() as u64;
     metrics::add(
         &metrics.websocket_bytes_up,
-        relayed.bytes_a_to_b + ahead(&client_ahead),
+        copied.bytes_up + ahead(&client_ahead),
     );
     metrics::add(
         &metrics.websocket_bytes_down,
-        relayed.bytes_b_to_a + ahead(&upstream_ahead),
+        copied.bytes_down + ahead(&upstream_ahead),
     );
 }
 

@@ -14,8 +14,8 @@ use forwarder_common::{
 };
 use serde::Serialize;
 
+use crate::conn_list::socket_addr;
 use crate::ebpf::{name_from_bytes, pin_dir_for};
-use crate::registry::socket_addr;
 use crate::sys;
 use table::Table;
 
@@ -209,94 +209,125 @@ pub fn print_stats(pinned: &Pinned, json: bool, out: &mut impl Write) -> anyhow:
     Ok(())
 }
 
-/// Every pinned map decoded entry by entry (`forwarder maps`).
-pub fn print_maps(pinned: &Pinned, json: bool, out: &mut impl Write) -> anyhow::Result<()> {
-    let links: Vec<_> = pinned.links.iter().filter_map(Result::ok).collect();
-    let counters: Vec<_> = pinned.counters.iter().filter_map(Result::ok).collect();
-    let conns: Vec<_> = pinned.conns.iter().filter_map(Result::ok).collect();
-    let stats: Vec<_> = pinned.stats.iter().filter_map(Result::ok).collect();
-    let sockets = open_map(&pinned.dir, names::SOCKS)
-        .ok()
-        .and_then(|m| aya::maps::SockHash::<MapData, u64>::try_from(m).ok())
-        .map(|m| m.keys().filter_map(Result::ok).collect::<Vec<u64>>())
-        .unwrap_or_default();
-    if json {
-        let value = serde_json::json!({
-            names::SOCKS: sockets,
-            names::LINKS: links.iter().map(|(k, v)| serde_json::json!({
+/// Every pinned splice map's entries, read once.
+struct MapDump {
+    sockets: Vec<u64>,
+    links: Vec<(u64, PeerLink)>,
+    counters: Vec<(u64, SockCounters)>,
+    conns: Vec<(u64, ConnInfo)>,
+    stats: Vec<(StatKey, u64)>,
+}
+
+impl MapDump {
+    fn read(pinned: &Pinned) -> Self {
+        let sockets = open_map(&pinned.dir, names::SOCKS)
+            .ok()
+            .and_then(|m| aya::maps::SockHash::<MapData, u64>::try_from(m).ok())
+            .map(|m| m.keys().filter_map(Result::ok).collect::<Vec<u64>>())
+            .unwrap_or_default();
+        Self {
+            sockets,
+            links: pinned.links.iter().filter_map(Result::ok).collect(),
+            counters: pinned.counters.iter().filter_map(Result::ok).collect(),
+            conns: pinned.conns.iter().filter_map(Result::ok).collect(),
+            stats: pinned.stats.iter().filter_map(Result::ok).collect(),
+        }
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            names::SOCKS: self.sockets,
+            names::LINKS: self.links.iter().map(|(k, v)| serde_json::json!({
                 "cookie": k, "peer_cookie": v.peer_cookie, "redirect_limit": v.redirect_limit,
                 "refresh_at": v.refresh_at, "passed_mark": v.passed_mark,
             })).collect::<Vec<_>>(),
-            names::COUNTERS: counters.iter().map(|(k, v)| serde_json::json!({
+            names::COUNTERS: self.counters.iter().map(|(k, v)| serde_json::json!({
                 "cookie": k, "redirected_bytes": v.redirected_bytes,
                 "redirected_segments": v.redirected_segments, "passed_bytes": v.passed_bytes,
                 "passed_segments": v.passed_segments, "last_active_ns": v.last_active_ns,
                 "over_budget": v.over_budget, "events_lost": v.events_lost,
             })).collect::<Vec<_>>(),
-            names::CONNS: conns.iter().map(|(k, v)| serde_json::json!({
+            names::CONNS: self.conns.iter().map(|(k, v)| serde_json::json!({
                 "cookie": k, "frontend": name_from_bytes(&v.frontend),
                 "client": listed_addr(v.client_addr, v.client_port),
                 "upstream": listed_addr(v.upstream_addr, v.upstream_port),
                 "upstream_cookie": v.upstream_cookie, "path": v.path,
                 "started_ns": v.started_ns, "bytes_up": v.bytes_up, "bytes_down": v.bytes_down,
             })).collect::<Vec<_>>(),
-            names::STATS: stats.iter().map(|(k, v)| serde_json::json!({
+            names::STATS: self.stats.iter().map(|(k, v)| serde_json::json!({
                 "frontend": name_from_bytes(&k.frontend), "counter": name_from_bytes(&k.counter),
                 "value": v,
             })).collect::<Vec<_>>(),
-        });
-        writeln!(out, "{value}")?;
+        })
+    }
+
+    fn print_splice_maps(&self, out: &mut impl Write) -> std::io::Result<()> {
+        let sockets = &self.sockets;
+        writeln!(
+            out,
+            "{} ({} sockets): {sockets:?}",
+            names::SOCKS,
+            sockets.len()
+        )?;
+        writeln!(out, "{} ({} entries)", names::LINKS, self.links.len())?;
+        for (cookie, l) in &self.links {
+            writeln!(
+                out,
+                "  {cookie} -> peer {} redirect_limit {} refresh_at {} passed_mark {}",
+                l.peer_cookie, l.redirect_limit, l.refresh_at, l.passed_mark
+            )?;
+        }
+        writeln!(out, "{} ({} entries)", names::COUNTERS, self.counters.len())?;
+        for (cookie, c) in &self.counters {
+            writeln!(
+                out,
+                "  {cookie}: redirected {} B / {} segs, passed {} B / {} segs, over_budget {}, last_active_ns {}",
+                c.redirected_bytes,
+                c.redirected_segments,
+                c.passed_bytes,
+                c.passed_segments,
+                c.over_budget,
+                c.last_active_ns
+            )?;
+        }
+        Ok(())
+    }
+
+    fn print_listings(&self, out: &mut impl Write) -> std::io::Result<()> {
+        writeln!(out, "{} ({} entries)", names::CONNS, self.conns.len())?;
+        for (cookie, c) in &self.conns {
+            writeln!(
+                out,
+                "  {cookie}: {} {} -> {} path {} upstream_cookie {}",
+                name_from_bytes(&c.frontend),
+                listed_addr(c.client_addr, c.client_port),
+                listed_addr(c.upstream_addr, c.upstream_port),
+                c.path,
+                c.upstream_cookie
+            )?;
+        }
+        writeln!(out, "{} ({} entries)", names::STATS, self.stats.len())?;
+        for (k, v) in &self.stats {
+            writeln!(
+                out,
+                "  {}/{} = {v}",
+                name_from_bytes(&k.frontend),
+                name_from_bytes(&k.counter)
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Every pinned map decoded entry by entry (`forwarder maps`).
+pub fn print_maps(pinned: &Pinned, json: bool, out: &mut impl Write) -> anyhow::Result<()> {
+    let dump = MapDump::read(pinned);
+    if json {
+        writeln!(out, "{}", dump.to_json())?;
         return Ok(());
     }
-    writeln!(
-        out,
-        "{} ({} sockets): {:?}",
-        names::SOCKS,
-        sockets.len(),
-        sockets
-    )?;
-    writeln!(out, "{} ({} entries)", names::LINKS, links.len())?;
-    for (cookie, l) in &links {
-        writeln!(
-            out,
-            "  {cookie} -> peer {} redirect_limit {} refresh_at {} passed_mark {}",
-            l.peer_cookie, l.redirect_limit, l.refresh_at, l.passed_mark
-        )?;
-    }
-    writeln!(out, "{} ({} entries)", names::COUNTERS, counters.len())?;
-    for (cookie, c) in &counters {
-        writeln!(
-            out,
-            "  {cookie}: redirected {} B / {} segs, passed {} B / {} segs, over_budget {}, last_active_ns {}",
-            c.redirected_bytes,
-            c.redirected_segments,
-            c.passed_bytes,
-            c.passed_segments,
-            c.over_budget,
-            c.last_active_ns
-        )?;
-    }
-    writeln!(out, "{} ({} entries)", names::CONNS, conns.len())?;
-    for (cookie, c) in &conns {
-        writeln!(
-            out,
-            "  {cookie}: {} {} -> {} path {} upstream_cookie {}",
-            name_from_bytes(&c.frontend),
-            listed_addr(c.client_addr, c.client_port),
-            listed_addr(c.upstream_addr, c.upstream_port),
-            c.path,
-            c.upstream_cookie
-        )?;
-    }
-    writeln!(out, "{} ({} entries)", names::STATS, stats.len())?;
-    for (k, v) in &stats {
-        writeln!(
-            out,
-            "  {}/{} = {v}",
-            name_from_bytes(&k.frontend),
-            name_from_bytes(&k.counter)
-        )?;
-    }
+    dump.print_splice_maps(out)?;
+    dump.print_listings(out)?;
     if let Ok(maps) = crate::xdp::XdpMaps::open_pinned(&pinned.dir) {
         writeln!(out, "XDP guard maps (see also `forwarder xdp list|stats`)")?;
         writeln!(out, "  XDP_PORTS: {:?}", maps.ports())?;

@@ -3,11 +3,11 @@
 //! when that is impossible, copy in userspace. TLS bytes are never looked into beyond
 //! the ClientHello's server name.
 
-pub mod copy;
-pub mod originate;
-pub mod session;
+pub(crate) mod copy;
+pub(crate) mod originate;
+pub(crate) mod session;
 pub mod sni;
-pub mod supervisor;
+pub(crate) mod supervisor;
 pub mod upstream;
 
 use std::collections::HashMap;
@@ -23,10 +23,12 @@ use tokio::sync::watch;
 use tracing::Instrument as _;
 
 use crate::admission::Gate;
+use crate::conn_list::Registration;
 use crate::ebpf::{Datapath, SpliceError, SplicedPair};
+pub use crate::keepalive::Keepalive;
+use crate::keepalive::set_keepalive_or_warn;
 use crate::log_limit::info_limited;
 use crate::metrics::{self, ActiveGuard, L4Metrics};
-use crate::registry::Registration;
 use crate::sys;
 use sni::ClientHello;
 use upstream::Pool;
@@ -55,7 +57,7 @@ impl Default for SessionOptions {
     fn default() -> Self {
         Self {
             idle_timeout: Duration::from_secs(crate::config::DEFAULT_IDLE_TIMEOUT_SECS),
-            max_lag: 32 << 20,
+            max_lag: crate::config::DEFAULT_MAX_LAG_BYTES,
         }
     }
 }
@@ -143,6 +145,18 @@ impl Outcome {
         }
     }
 
+    /// A connection the copy engine carried: every byte crossed userspace.
+    pub fn copied(copied: crate::relay::Copied) -> Self {
+        Self {
+            carrier: Carrier::Userspace,
+            bytes_up: copied.bytes_up,
+            bytes_down: copied.bytes_down,
+            userspace_bytes: copied.bytes_up + copied.bytes_down,
+            diverted: false,
+            end: copied.end,
+        }
+    }
+
     /// A connection that ended in an error before any byte moved.
     pub fn failed(carrier: Carrier, error: io::Error) -> Self {
         Self {
@@ -192,14 +206,6 @@ pub fn finish(outcome: &Outcome, metrics: &L4Metrics) {
     );
 }
 
-/// TCP keepalive towards both peers (seconds).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Keepalive {
-    pub idle: u32,
-    pub interval: u32,
-    pub probes: u32,
-}
-
 /// A configured L4 frontend, ready to serve.
 #[derive(Debug)]
 pub struct L4Frontend {
@@ -223,29 +229,24 @@ pub async fn serve(
     frontend: Arc<L4Frontend>,
     datapath: Option<Arc<Datapath>>,
     metrics: Arc<L4Metrics>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    if let Some(k) = frontend.keepalive {
-        // Accepted sockets inherit the listener's keepalive: no per-connection syscalls.
-        if let Err(err) = sys::set_keepalive(listener.as_fd(), k.idle, k.interval, k.probes) {
-            tracing::warn!(frontend = %frontend.name, %err, "could not set TCP keepalive");
-        }
-    }
-    while let Some((client, peer, admitted)) = frontend
-        .gate
-        .accept(&listener, &mut shutdown, &metrics.gate())
-        .await
-    {
+    // Accepted sockets inherit the listener's keepalive: no per-connection syscalls.
+    set_keepalive_or_warn(listener.as_fd(), frontend.keepalive);
+    let counters = metrics.gate();
+    let serve = |client, peer, admitted| {
         let (frontend, datapath, metrics) = (frontend.clone(), datapath.clone(), metrics.clone());
         let span = tracing::info_span!("conn", frontend = %frontend.name, client = %peer);
-        tokio::spawn(
-            async move {
-                handle_connection(client, &frontend, datapath.as_deref(), &metrics).await;
-                drop(admitted);
-            }
-            .instrument(span),
-        );
-    }
+        async move {
+            handle_connection(client, &frontend, datapath.as_deref(), &metrics).await;
+            drop(admitted);
+        }
+        .instrument(span)
+    };
+    frontend
+        .gate
+        .serve(&listener, shutdown, &counters, serve)
+        .await;
 }
 
 /// Serves one accepted connection to its end: route, connect, splice (or fall back to
@@ -292,12 +293,8 @@ async fn open_upstream(
             return None;
         }
     };
-    if let Some(k) = frontend.keepalive {
-        // The client's came with it from the listener (see `serve`).
-        if let Err(err) = sys::set_keepalive(upstream.as_fd(), k.idle, k.interval, k.probes) {
-            tracing::debug!(%err, "could not set TCP keepalive");
-        }
-    }
+    // The client's came with it from the listener (see `serve`).
+    set_keepalive_or_warn(upstream.as_fd(), frontend.keepalive);
     Some((upstream, upstream_addr))
 }
 

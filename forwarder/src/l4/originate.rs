@@ -14,10 +14,11 @@ use tokio_rustls::TlsConnector;
 use tracing::Instrument as _;
 
 use crate::admission::Gate;
+use crate::keepalive::{Keepalive, set_keepalive_or_warn};
 use crate::l4::upstream::Pool;
-use crate::l4::{Carrier, End, Keepalive, Outcome, finish};
+use crate::l4::{Outcome, finish};
 use crate::metrics::{self, ActiveGuard, L4Metrics};
-use crate::{relay, sys};
+use crate::relay;
 
 pub struct OriginateFrontend {
     pub name: String,
@@ -36,23 +37,22 @@ pub async fn serve(
     listener: TcpListener,
     frontend: Arc<OriginateFrontend>,
     metrics: Arc<L4Metrics>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    while let Some((client, peer, admitted)) = frontend
-        .gate
-        .accept(&listener, &mut shutdown, &metrics.gate())
-        .await
-    {
+    let counters = metrics.gate();
+    let serve = |client, peer, admitted| {
         let (frontend, metrics) = (frontend.clone(), metrics.clone());
         let span = tracing::info_span!("conn", frontend = %frontend.name, client = %peer);
-        tokio::spawn(
-            async move {
-                handle(client, &frontend, &metrics).await;
-                drop(admitted);
-            }
-            .instrument(span),
-        );
-    }
+        async move {
+            handle(client, &frontend, &metrics).await;
+            drop(admitted);
+        }
+        .instrument(span)
+    };
+    frontend
+        .gate
+        .serve(&listener, shutdown, &counters, serve)
+        .await;
 }
 
 async fn handle(client: TcpStream, frontend: &OriginateFrontend, metrics: &L4Metrics) {
@@ -67,10 +67,8 @@ async fn handle(client: TcpStream, frontend: &OriginateFrontend, metrics: &L4Met
             return;
         }
     };
-    if let Some(k) = frontend.keepalive {
-        for s in [&client, &upstream] {
-            let _ = sys::set_keepalive(s.as_fd(), k.idle, k.interval, k.probes);
-        }
+    for s in [&client, &upstream] {
+        set_keepalive_or_warn(s.as_fd(), frontend.keepalive);
     }
     let handshake = frontend.tls.connect(frontend.server_name.clone(), upstream);
     let tls = match tokio::time::timeout(frontend.handshake_timeout, handshake).await {
@@ -86,23 +84,7 @@ async fn handle(client: TcpStream, frontend: &OriginateFrontend, metrics: &L4Met
             return;
         }
     };
-    let relayed = relay::join(client, tls, frontend.idle_timeout).await;
-    let end = if relayed.idle_timeout {
-        End::IdleTimeout
-    } else if relayed.error {
-        // The relay does not say which side failed.
-        End::Reset { side: None }
-    } else {
-        End::Closed
-    };
     // This path is userspace by nature: every byte is payload the agent handled.
-    let outcome = Outcome {
-        carrier: Carrier::Userspace,
-        bytes_up: relayed.bytes_a_to_b,
-        bytes_down: relayed.bytes_b_to_a,
-        userspace_bytes: relayed.bytes_a_to_b + relayed.bytes_b_to_a,
-        diverted: false,
-        end,
-    };
-    finish(&outcome, metrics);
+    let copied = relay::join(client, relay::Polled(tls), frontend.idle_timeout, |_| {}).await;
+    finish(&Outcome::copied(copied), metrics);
 }

@@ -79,18 +79,25 @@ async fn https_post(addr: SocketAddr, ca: &TestCa, name: &str) -> anyhow::Result
     Ok(status)
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> anyhow::Result<()> {
-    let dir = scratch_dir("demo");
-    let ca = TestCa::new(&dir);
+/// The stand-in hub: its brokers and its HTTPS front, with the certificates they use.
+struct StandIns {
+    ca: TestCa,
+    proxy_leaf: Leaf,
+    hub: TestHub,
+    _mosquitto: KillOnDrop,
+    mqtt_port: u16,
+    rabbit: Option<peers::Rabbit>,
+}
+
+async fn start_stand_ins(dir: &Path) -> StandIns {
+    let ca = TestCa::new(dir);
     let broker_leaf = ca.issue("broker", &["127.0.0.1", HUB]);
     let hub_leaf = ca.issue("hub", &[HUB, "127.0.0.1"]);
     let proxy_leaf = ca.issue("proxy", &["127.0.0.1", "proxy.test"]);
-
     say(
         "starting a local stand-in hub: mosquitto (MQTT over TLS), RabbitMQ (AMQP 1.0 over TLS, if installed), a strict HTTPS hub",
     );
-    let (_mosquitto, mqtt_port, mqtt_plain) = mosquitto(&dir, &broker_leaf, &ca);
+    let (mosquitto, mqtt_port, mqtt_plain) = mosquitto(dir, &broker_leaf, &ca);
     let hub = TestHub::start(
         HUB,
         &hub_leaf.cert,
@@ -98,26 +105,36 @@ async fn main() -> anyhow::Result<()> {
         Some(([127, 0, 0, 1], mqtt_plain).into()),
     )
     .await;
-    let rabbit = match peers::rabbitmq(&dir, &ca, &broker_leaf) {
+    let rabbit = match peers::rabbitmq(dir, &ca, &broker_leaf) {
         Ok(rabbit) => Some(rabbit),
         Err(err) => {
             println!("   (AMQP part skipped: {err:#})");
             None
         }
     };
+    StandIns {
+        ca,
+        proxy_leaf,
+        hub,
+        _mosquitto: mosquitto,
+        mqtt_port,
+        rabbit,
+    }
+}
 
-    say(
-        "starting the forwarder with the IoT Hub layout: MQTT and AMQP spliced in the kernel, HTTPS terminated",
-    );
-    let instance = format!("demo-tour-{}", std::process::id());
+/// The IoT Hub layout in front of the stand-ins: MQTT (and AMQP) spliced, HTTPS terminated.
+fn forwarder_config(instance: &str, hub: &StandIns) -> anyhow::Result<Config> {
     let mut frontends = vec![Frontend::new(
         "mqtt",
         "127.0.0.1:0".parse()?,
         Mode::Splice,
         "mqtt",
     )];
-    let mut backends = vec![Backend::new("mqtt", &format!("127.0.0.1:{mqtt_port}"))];
-    if let Some(rabbit) = &rabbit {
+    let mut backends = vec![Backend::new(
+        "mqtt",
+        &format!("127.0.0.1:{}", hub.mqtt_port),
+    )];
+    if let Some(rabbit) = &hub.rabbit {
         let port = rabbit.tls_port;
         frontends.push(Frontend::new(
             "amqp",
@@ -128,35 +145,38 @@ async fn main() -> anyhow::Result<()> {
         backends.push(Backend::new("amqp", &format!("127.0.0.1:{port}")));
     }
     let mut https = Frontend::new("https", "127.0.0.1:0".parse()?, Mode::Http, "https");
-    https.tls_cert = Some(proxy_leaf.cert.clone());
-    https.tls_key = Some(proxy_leaf.key.clone());
+    https.tls_cert = Some(hub.proxy_leaf.cert.clone());
+    https.tls_key = Some(hub.proxy_leaf.key.clone());
     frontends.push(https);
-    let mut hub_backend = Backend::new("https", &hub.addr.to_string());
+    let mut hub_backend = Backend::new("https", &hub.hub.addr.to_string());
     hub_backend.host = Some(HUB.into());
-    hub_backend.ca_file = Some(ca.ca_pem.clone());
+    hub_backend.ca_file = Some(hub.ca.ca_pem.clone());
     backends.push(hub_backend);
-    let config = Config::new(instance.clone(), frontends, backends);
+    let config = Config::new(instance, frontends, backends);
     config.validate()?;
-    let (_stop, stopped) = tokio::sync::watch::channel(false);
-    let (running, _datapath) = agent::start(&config, &RunOptions::default(), stopped).await?;
-    let port_of = |name: &str| running.iter().find(|r| r.name == name).map(|r| r.addr);
-    for r in &running {
-        println!("   {:<6} listening on {}", r.name, r.addr);
-    }
-    let mqtt = port_of("mqtt").map(|a| a.port()).unwrap_or_default();
-    let https_addr = port_of("https").ok_or_else(|| anyhow::anyhow!("no https frontend"))?;
+    Ok(config)
+}
 
+/// The MQTT clients of the tour, still running: a subscriber counting 100 messages, the
+/// publisher, and an idle subscriber for `conns` to show.
+struct MqttClients {
+    sub: std::process::Child,
+    publisher: std::process::Child,
+    _idle_sub: KillOnDrop,
+}
+
+async fn tour_mqtt(mqtt: u16, ca: &TestCa) -> anyhow::Result<MqttClients> {
     say(
         "MQTT over TLS (8883-style, passthrough): mosquitto_sub stays connected, mosquitto_pub sends 100 messages",
     );
     let mut sub = Command::new("mosquitto_sub");
-    mqtt_tls_args(&mut sub, mqtt, &ca);
+    mqtt_tls_args(&mut sub, mqtt, ca);
     sub.args(["-i", "demo-sub", "-C", "100", "-W", "30"])
         .stdout(Stdio::piped());
     let sub = sub.spawn()?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut publish = Command::new("mosquitto_pub");
-    mqtt_tls_args(&mut publish, mqtt, &ca);
+    mqtt_tls_args(&mut publish, mqtt, ca);
     publish.args(["-i", "demo-pub", "-l"]).stdin(Stdio::piped());
     let mut publisher = publish.spawn()?;
     if let Some(mut stdin) = publisher.stdin.take() {
@@ -166,15 +186,22 @@ async fn main() -> anyhow::Result<()> {
     }
     // A second subscriber that stays connected, so `conns` has something to show.
     let mut idle_sub = Command::new("mosquitto_sub");
-    mqtt_tls_args(&mut idle_sub, mqtt, &ca);
+    mqtt_tls_args(&mut idle_sub, mqtt, ca);
     idle_sub.args(["-i", "demo-idle"]).stdout(Stdio::null());
-    let _idle_sub = KillOnDrop::spawn(&mut idle_sub)?;
+    let idle_sub = KillOnDrop::spawn(&mut idle_sub)?;
+    Ok(MqttClients {
+        sub,
+        publisher,
+        _idle_sub: idle_sub,
+    })
+}
 
+async fn tour_https(https_addr: SocketAddr, hub: SocketAddr, ca: &TestCa) -> anyhow::Result<()> {
     say(
         "HTTPS (443-style): the device addresses the proxy; the forwarder rewrites Host and SNI to the hub",
     );
     for _ in 0..20 {
-        let status = https_post(https_addr, &ca, "proxy.test").await?;
+        let status = https_post(https_addr, ca, "proxy.test").await?;
         anyhow::ensure!(
             status == 204,
             "telemetry POST through the forwarder: {status}"
@@ -182,11 +209,19 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("   20 telemetry POSTs through the forwarder: 204 No Content each");
     // What a TCP-mode proxy produces: the hub is addressed by another name.
-    let wrong_name = https_post(hub.addr, &ca, "127.0.0.1").await?;
+    let wrong_name = https_post(hub, ca, "127.0.0.1").await?;
     println!(
         "   the same POST straight to the hub under another name (what a TCP-mode proxy passes on): {wrong_name} IoTHubNotFound"
     );
+    Ok(())
+}
 
+/// Publishes once over MQTT-over-WebSocket and keeps the session open (abort the task
+/// to end it).
+async fn tour_websocket(
+    https_addr: SocketAddr,
+    ca: &TestCa,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     say(
         "MQTT over WebSocket (wss://.../$iothub/websocket, subprotocol mqtt) with rumqttc, kept open",
     );
@@ -204,7 +239,7 @@ async fn main() -> anyhow::Result<()> {
             "over websocket",
         )
         .await?;
-    let ws_task = tokio::spawn(async move {
+    Ok(tokio::spawn(async move {
         let mut acked = false;
         while let Ok(event) = ws_loop.poll().await {
             if matches!(event, rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) && !acked {
@@ -212,42 +247,36 @@ async fn main() -> anyhow::Result<()> {
                 println!("   PUBACK received over the WebSocket");
             }
         }
-    });
+    }))
+}
 
-    if let (Some(_), Some(amqp)) = (&rabbit, port_of("amqp")) {
-        say(
-            "AMQP 1.0 over TLS (5671-style, passthrough): Qpid Proton sends and receives 100 messages",
-        );
-        let script = dir.join("amqp_demo.py");
-        std::fs::write(
-            &script,
-            "import sys\nfrom proton import Message, SSLDomain\nfrom proton.utils import BlockingConnection\n\
-             ssl = SSLDomain(SSLDomain.MODE_CLIENT)\nssl.set_trusted_ca_db(sys.argv[2])\n\
-             ssl.set_peer_authentication(SSLDomain.VERIFY_PEER_NAME)\n\
-             c = BlockingConnection(sys.argv[1], ssl_domain=ssl, sasl_enabled=True, allowed_mechs='PLAIN', user='guest', password='guest', virtual_host='hub.test', timeout=20)\n\
-             s = c.create_sender('/queue/demo')\n[s.send(Message(body='m%d' % i)) for i in range(100)]\n\
-             r = c.create_receiver('/queue/demo', credit=100)\nfor i in range(100):\n    r.receive(timeout=20); r.accept()\n\
-             c.close()\nprint('   100 AMQP messages sent and received through the splice')\n",
-        )?;
-        let status = Command::new("/usr/bin/python3")
-            .arg(&script)
-            .arg(format!("amqps://127.0.0.1:{}", amqp.port()))
-            .arg(&ca.ca_pem)
-            .status();
-        if !status.is_ok_and(|s| s.success()) {
-            println!("   (the AMQP client failed: is python3-qpid-proton installed?)");
-        }
+fn tour_amqp(dir: &Path, amqp: SocketAddr, ca: &TestCa) -> anyhow::Result<()> {
+    say("AMQP 1.0 over TLS (5671-style, passthrough): Qpid Proton sends and receives 100 messages");
+    let script = dir.join("amqp_demo.py");
+    std::fs::write(
+        &script,
+        "import sys\nfrom proton import Message, SSLDomain\nfrom proton.utils import BlockingConnection\n\
+         ssl = SSLDomain(SSLDomain.MODE_CLIENT)\nssl.set_trusted_ca_db(sys.argv[2])\n\
+         ssl.set_peer_authentication(SSLDomain.VERIFY_PEER_NAME)\n\
+         c = BlockingConnection(sys.argv[1], ssl_domain=ssl, sasl_enabled=True, allowed_mechs='PLAIN', user='guest', password='guest', virtual_host='hub.test', timeout=20)\n\
+         s = c.create_sender('/queue/demo')\n[s.send(Message(body='m%d' % i)) for i in range(100)]\n\
+         r = c.create_receiver('/queue/demo', credit=100)\nfor i in range(100):\n    r.receive(timeout=20); r.accept()\n\
+         c.close()\nprint('   100 AMQP messages sent and received through the splice')\n",
+    )?;
+    let status = Command::new("/usr/bin/python3")
+        .arg(&script)
+        .arg(format!("amqps://127.0.0.1:{}", amqp.port()))
+        .arg(&ca.ca_pem)
+        .status();
+    if !status.is_ok_and(|s| s.success()) {
+        println!("   (the AMQP client failed: is python3-qpid-proton installed?)");
     }
+    Ok(())
+}
 
-    let received = tokio::task::spawn_blocking(move || sub.wait_with_output()).await??;
-    println!(
-        "   mosquitto_sub received {} MQTT messages through the forwarder",
-        String::from_utf8_lossy(&received.stdout).lines().count()
-    );
-    let _ = publisher.wait();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-
-    let pinned = Pinned::open(&instance)?;
+/// What `forwarder conns` and `forwarder stats` show while the tour's connections are open.
+fn show_inspection(instance: &str, running: &[agent::Running]) -> anyhow::Result<()> {
+    let pinned = Pinned::open(instance)?;
     say(&format!(
         "forwarder conns --instance {instance}   (open connections, read from the pinned eBPF maps)"
     ));
@@ -255,7 +284,7 @@ async fn main() -> anyhow::Result<()> {
     say(&format!("forwarder stats --instance {instance}"));
     // The agent publishes counters every second from `agent::run`; here the library is
     // driven directly, so the counters are printed from the running frontends.
-    for r in &running {
+    for r in running {
         println!("frontend {}", r.name);
         for (name, value) in r.metrics.snapshot().into_iter().filter(|(_, v)| *v > 0) {
             println!("  {name:<26} {value}");
@@ -266,6 +295,43 @@ async fn main() -> anyhow::Result<()> {
          `userspace_payload_bytes` is 0 (bytes never crossed userspace); the HTTPS frontend \
          relayed every request with the hub's name, and the WebSocket is joined after the hub's 101."
     );
+    Ok(())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let dir = scratch_dir("demo");
+    let hub = start_stand_ins(&dir).await;
+    say(
+        "starting the forwarder with the IoT Hub layout: MQTT and AMQP spliced in the kernel, HTTPS terminated",
+    );
+    let instance = format!("demo-tour-{}", std::process::id());
+    let config = forwarder_config(&instance, &hub)?;
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    let (running, _datapath) = agent::start(&config, &RunOptions::default(), stopped).await?;
+    let port_of = |name: &str| running.iter().find(|r| r.name == name).map(|r| r.addr);
+    for r in &running {
+        println!("   {:<6} listening on {}", r.name, r.addr);
+    }
+    let mqtt = port_of("mqtt").map(|a| a.port()).unwrap_or_default();
+    let https_addr = port_of("https").ok_or_else(|| anyhow::anyhow!("no https frontend"))?;
+
+    let mut clients = tour_mqtt(mqtt, &hub.ca).await?;
+    tour_https(https_addr, hub.hub.addr, &hub.ca).await?;
+    let ws_task = tour_websocket(https_addr, &hub.ca).await?;
+    if let (Some(_), Some(amqp)) = (&hub.rabbit, port_of("amqp")) {
+        tour_amqp(&dir, amqp, &hub.ca)?;
+    }
+
+    let received = tokio::task::spawn_blocking(move || clients.sub.wait_with_output()).await??;
+    println!(
+        "   mosquitto_sub received {} MQTT messages through the forwarder",
+        String::from_utf8_lossy(&received.stdout).lines().count()
+    );
+    let _ = clients.publisher.wait();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    show_inspection(&instance, &running)?;
     ws_task.abort();
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

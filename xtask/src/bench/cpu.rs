@@ -5,6 +5,7 @@
 use anyhow::Context as _;
 
 /// Clock ticks per second of /proc's counters.
+#[allow(unsafe_code)] // raw libc calls, each with its `// SAFETY:` line
 fn ticks_per_second() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -101,6 +102,7 @@ pub fn rss_kib(pids: &[u32]) -> u64 {
 
 /// Memory the kernel has charged to TCP sockets, in KiB (`TCP: ... mem P` of
 /// /proc/net/sockstat, in pages; the counter is global, not per namespace).
+#[allow(unsafe_code)] // raw libc calls, each with its `// SAFETY:` line
 pub fn tcp_mem_kib() -> anyhow::Result<u64> {
     let text = std::fs::read_to_string("/proc/net/sockstat").context("reading sockstat")?;
     let line = text

@@ -117,6 +117,7 @@ pub fn raise_nofile(conns: usize) -> anyhow::Result<u64> {
     Ok(hard)
 }
 
+#[allow(unsafe_code)] // raw libc calls, each with its `// SAFETY:` line
 fn set_nofile(soft: u64, hard: u64) -> std::io::Result<()> {
     let limit = libc::rlimit {
         rlim_cur: soft,

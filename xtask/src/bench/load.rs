@@ -269,6 +269,7 @@ pub fn connect_rate(
     })
 }
 
+#[allow(unsafe_code)] // raw libc calls, each with its `// SAFETY:` line
 fn set_linger_zero(s: &TcpStream) {
     use std::os::fd::AsRawFd as _;
     let linger = libc::linger {

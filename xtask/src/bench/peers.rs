@@ -185,6 +185,7 @@ impl Process {
 }
 
 impl Drop for Process {
+    #[allow(unsafe_code)] // raw libc calls, each with its `// SAFETY:` line
     fn drop(&mut self) {
         let pgid = -(self.child.id() as i32);
         // SAFETY: signals only the process group this bench created for this child.
@@ -402,6 +403,7 @@ fn haproxy_config(topology: &Topology, setup: &Setup) -> String {
 }
 
 /// The hard RLIMIT_NOFILE of this process (and of what it starts).
+#[allow(unsafe_code)] // raw libc calls, each with its `// SAFETY:` line
 pub fn nofile_hard_limit() -> anyhow::Result<u64> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,

@@ -96,6 +96,7 @@ impl Topology {
     }
 }
 
+#[allow(unsafe_code)] // raw libc calls, each with its `// SAFETY:` line
 fn enter(ns: Option<&str>) -> anyhow::Result<()> {
     let Some(ns) = ns else {
         return Ok(());

@@ -81,6 +81,7 @@ fn main() -> anyhow::Result<()> {
 /// one, and (as root) the hard one up to what `connections` need, so an echo server or a
 /// generator never fails on EMFILE halfway through a run. Failures are only reported: a
 /// run that then lacks descriptors says so in its connection errors.
+#[allow(unsafe_code)] // raw libc calls, each with its `// SAFETY:` line
 fn raise_nofile(connections: usize) {
     let need = (connections as u64 * 2 + 1024).max(65_536);
     let mut limit = libc::rlimit {
