@@ -9,8 +9,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::{
-    FrontendMetrics, Prepared, Running, Shared, Started, backend_pools, log_stats,
-    publish_stats, reload, upgrade,
+    FrontendMetrics, Prepared, Running, Shared, Started, backend_pools, log_stats, publish_stats,
+    reload, upgrade,
 };
 use crate::admin::Registry;
 use crate::admission::AgentCap;
@@ -107,7 +107,10 @@ impl Serving {
         };
         match upgrade::start_next(holdings).await {
             Ok(next) => {
-                let drain = self.options.drain_deadline.unwrap_or(crate::config::DEFAULT_DRAIN);
+                let drain = self
+                    .options
+                    .drain_deadline
+                    .unwrap_or(crate::config::DEFAULT_DRAIN);
                 let running = std::mem::take(&mut self.running);
                 let retired = std::mem::take(&mut self.retired);
                 upgrade::hand_over_and_exit(next, running, retired, self.datapath.clone(), drain)
@@ -167,7 +170,10 @@ impl Serving {
     /// After a stop: waits (up to the drain deadline) for open connections, those of
     /// frontends earlier reloads retired too, then detaches and unpins.
     pub(super) async fn drain(self) {
-        let deadline = self.options.drain_deadline.unwrap_or(crate::config::DEFAULT_DRAIN);
+        let deadline = self
+            .options
+            .drain_deadline
+            .unwrap_or(crate::config::DEFAULT_DRAIN);
         tracing::info!(?deadline, "stopped accepting; draining open connections");
         let started = tokio::time::Instant::now();
         let retired_open: u64 = self.retired.iter().map(FrontendMetrics::open).sum();

@@ -11,11 +11,11 @@ use tracing::Instrument as _;
 
 use super::{FrontendMetrics, Running};
 use crate::config::{Config, Mode};
+use crate::conn_list::Registration;
 use crate::ebpf::Datapath;
 use crate::instance_lock::InstanceLock;
 use crate::l4::{self, SessionOptions};
 use crate::metrics::{self, ActiveGuard, L4Metrics};
-use crate::conn_list::Registration;
 use crate::upgrade::{self, Arrival, Arrivals, HandedSession, Next, Offer, wire::ListenerEntry};
 
 /// What the running agent holds that an upgrade hands over.
