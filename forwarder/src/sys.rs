@@ -578,11 +578,6 @@ impl Epoll {
         self.ctl(libc::EPOLL_CTL_ADD, fd, events, data)
     }
 
-    /// Stops watching `fd`.
-    pub fn delete(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
-        self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0)
-    }
-
     /// Changes what `fd` is watched for.
     pub fn modify(&self, fd: BorrowedFd<'_>, events: u32, data: u64) -> io::Result<()> {
         self.ctl(libc::EPOLL_CTL_MOD, fd, events, data)

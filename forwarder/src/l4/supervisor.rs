@@ -182,13 +182,6 @@ impl Watch {
         self.handover_declined.store(true, Ordering::Relaxed);
     }
 
-    /// Stops watching both sockets here (they are about to belong to another agent).
-    pub fn forget(&self, fds: [BorrowedFd<'_>; 2]) {
-        for fd in fds {
-            let _ = self.epoll.delete(fd);
-        }
-    }
-
     /// Also wakes the session when bytes arrive on `side`'s socket (a direction on the
     /// userspace path), or stops doing so (back on the kernel path).
     pub fn watch_data(&self, side: usize, fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
