@@ -145,6 +145,13 @@ pub struct Frontend {
         deserialize_with = "http_idle_timeout"
     )]
     pub http_idle_timeout_ms: u64,
+    /// mode "transparent": destination ports whose connections through this host are
+    /// intercepted and served here (see `crate::transparent`).
+    #[serde(default)]
+    pub intercept_ports: Vec<u16>,
+    /// mode "transparent": destination prefixes (CIDR) intercepted; empty: any.
+    #[serde(default)]
+    pub intercept_destinations: Vec<String>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
@@ -159,6 +166,10 @@ pub enum Mode {
     /// without TLS). Relayed in userspace: it cannot be spliced, and X.509 devices cannot
     /// use it.
     Originate,
+    /// On a gateway host: connections routed through it to `intercept_ports` are taken
+    /// over (sk_lookup and policy routing, see `crate::transparent`) and forwarded to
+    /// their original destination (or `backend`), spliced like `Splice`.
+    Transparent,
 }
 
 #[derive(Debug, Deserialize, Clone, PartialEq)]
@@ -198,6 +209,11 @@ pub struct Backend {
     /// http frontend holds to this backend at most; absent: no cap.
     #[serde(default, deserialize_with = "upstream_cap")]
     pub max_upstream_connections: Option<u32>,
+    /// L4 frontends: write a PROXY protocol v2 header (the device's address) to each
+    /// upstream connection before its bytes. Only for servers that expect it (HAProxy
+    /// `accept-proxy`, nginx `proxy_protocol`, EMQX, HiveMQ); IoT Hub refuses it.
+    #[serde(default)]
+    pub send_proxy_v2: bool,
 }
 
 impl Config {
@@ -259,6 +275,8 @@ impl Frontend {
             max_header_bytes: default_max_header_bytes(),
             given: BTreeSet::new(),
             http_idle_timeout_ms: default_http_idle_timeout(),
+            intercept_ports: Vec::new(),
+            intercept_destinations: Vec::new(),
         }
     }
 
@@ -266,7 +284,7 @@ impl Frontend {
     pub fn max_connections(&self) -> usize {
         self.max_connections.unwrap_or(match self.mode {
             Mode::Http => DEFAULT_MAX_CONNECTIONS_HTTP,
-            Mode::Splice | Mode::Originate => DEFAULT_MAX_CONNECTIONS_L4,
+            Mode::Splice | Mode::Originate | Mode::Transparent => DEFAULT_MAX_CONNECTIONS_L4,
         })
     }
 
@@ -314,6 +332,11 @@ impl Frontend {
                 "client_hello_timeout_ms",
             ],
             Mode::Http => &["max_lag_bytes", "client_hello_timeout_ms"],
+            Mode::Transparent => &[
+                "header_read_timeout_ms",
+                "max_header_bytes",
+                "http_idle_timeout_ms",
+            ],
         };
         let mut ignored: Vec<&str> = unused
             .iter()
@@ -321,7 +344,7 @@ impl Frontend {
             .filter(|k| self.given.contains(*k))
             .collect();
         // The ClientHello is only peeked to route by name.
-        if self.mode == Mode::Splice
+        if matches!(self.mode, Mode::Splice | Mode::Transparent)
             && self.sni_routes.is_empty()
             && self.given.contains("client_hello_timeout_ms")
         {
@@ -356,6 +379,7 @@ impl Backend {
             connect_queue: default_connect_queue(),
             queue_timeout_ms: default_queue_timeout(),
             max_upstream_connections: None,
+            send_proxy_v2: false,
         }
     }
 
@@ -439,8 +463,11 @@ fn default_client_hello_timeout() -> u64 {
 fn default_keepalive() -> u32 {
     120
 }
+/// `connect_timeout_ms` when absent (also transparent mode's, towards an original
+/// destination).
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
 fn default_connect_timeout() -> u64 {
-    5_000
+    DEFAULT_CONNECT_TIMEOUT_MS
 }
 fn default_weight() -> u32 {
     1
@@ -794,7 +821,9 @@ impl Config {
                     f.name, f.bind
                 ));
             }
-            if f.backend.is_none() && f.sni_routes.is_empty() {
+            // A transparent frontend without either sends each device to its original
+            // destination.
+            if f.backend.is_none() && f.sni_routes.is_empty() && f.mode != Mode::Transparent {
                 return invalid(format!(
                     "frontend {:?} needs a backend or sni_routes",
                     f.name
@@ -815,7 +844,7 @@ impl Config {
             match f.mode {
                 Mode::Http => self.validate_http_frontend(f)?,
                 Mode::Originate => self.validate_originate_frontend(f)?,
-                Mode::Splice => {
+                Mode::Splice | Mode::Transparent => {
                     if f.tls_cert.is_some() || f.tls_key.is_some() {
                         return invalid(format!(
                             "frontend {:?}: tls_cert/tls_key only apply to mode \"http\" (splice passes TLS through untouched)",
@@ -837,7 +866,8 @@ impl Config {
         if let Some(xdp) = &self.xdp {
             crate::xdp::validate(xdp).map_err(ConfigError::Invalid)?;
         }
-        Ok(())
+        crate::transparent::validate(self).map_err(ConfigError::Invalid)
+
     }
 
     /// Each backend on its own; returns the backend names, for the frontends' references.
@@ -970,7 +1000,10 @@ impl Config {
                 )
             })
         });
-        short_idle.chain(ignored).collect()
+        short_idle
+            .chain(ignored)
+            .chain(crate::transparent::warnings(self))
+            .collect()
     }
 
     /// The Azure IoT Hub layout for `--hub NAME`: MQTT and AMQP over TLS spliced to the

@@ -31,6 +31,11 @@
 //!    `forwarder conns` meanwhile.
 //! 6. **Inspect** (`inspect`): `forwarder conns|stats|maps` read the pinned maps.
 //!
+//! **Transparent mode** (`transparent`): on a gateway host, policy routing and an sk_lookup
+//! program hand the connections devices make to the hub's own address to a transparent
+//! frontend's listener; from there they take the L4 path above, to their original
+//! destination (or a backend).
+//!
 //! `sys` holds the few raw socket calls (and all of the agent's `unsafe`).
 pub mod admin;
 pub mod admission;
@@ -50,4 +55,5 @@ pub mod privilege;
 pub mod registry;
 pub mod relay;
 pub mod sys;
+pub mod transparent;
 pub mod xdp;

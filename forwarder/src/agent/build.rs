@@ -44,7 +44,8 @@ pub fn pools(
                 servers,
                 Duration::from_millis(b.connect_timeout_ms),
             )
-            .with_pacing(b.pacing());
+            .with_pacing(b.pacing())
+            .with_proxy_v2(b.send_proxy_v2);
             (b.name.clone(), Arc::new(pool))
         })
         .collect()
@@ -83,6 +84,8 @@ pub fn l4_frontend(
         client_hello_timeout: Duration::from_millis(f.client_hello_timeout_ms),
         keepalive: keepalive(f),
         gate,
+        original_destination: (f.mode == crate::config::Mode::Transparent)
+            .then(|| Duration::from_millis(crate::config::DEFAULT_CONNECT_TIMEOUT_MS)),
     }
 }
 

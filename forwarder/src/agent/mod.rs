@@ -164,7 +164,7 @@ impl FrontendMetrics {
 
     fn for_mode(mode: Mode) -> Self {
         match mode {
-            Mode::Splice | Mode::Originate => Self::L4(Arc::default()),
+            Mode::Splice | Mode::Originate | Mode::Transparent => Self::L4(Arc::default()),
             Mode::Http => Self::Http(Arc::default()),
         }
     }
@@ -172,7 +172,8 @@ impl FrontendMetrics {
     fn same_kind(&self, mode: Mode) -> bool {
         matches!(
             (self, mode),
-            (Self::L4(_), Mode::Splice | Mode::Originate) | (Self::Http(_), Mode::Http)
+            (Self::L4(_), Mode::Splice | Mode::Originate | Mode::Transparent)
+                | (Self::Http(_), Mode::Http)
         )
     }
 }
@@ -184,7 +185,10 @@ fn load_datapath(
     options: &RunOptions,
     instance: &Arc<InstanceLock>,
 ) -> anyhow::Result<Option<Arc<Datapath>>> {
-    let splices = config.frontends.iter().any(|f| f.mode == Mode::Splice);
+    let splices = config
+        .frontends
+        .iter()
+        .any(|f| matches!(f.mode, Mode::Splice | Mode::Transparent));
     let load = LoadOptions {
         pin_dir: Some(pin_dir_for(&config.instance)),
     };
@@ -227,6 +231,8 @@ pub struct Prepared {
     /// Attached once the frontends are bound, so their ports are known; detached on drop.
     xdp: Option<crate::xdp::XdpGuard>,
     admin: Option<std::net::TcpListener>,
+    /// Transparent mode's steering and routing rules; removed on drop (see `serve`).
+    transparent: Option<crate::transparent::Interception>,
 }
 
 impl Prepared {
@@ -270,6 +276,7 @@ pub async fn prepare(config: Config, options: RunOptions) -> anyhow::Result<Prep
         .iter()
         .map(|l| l.local_addr())
         .collect::<std::io::Result<Vec<_>>>()?;
+    let transparent = crate::transparent::Interception::start(&config, &listeners)?;
     let xdp = crate::xdp::start_for(&config, addrs)?;
     let admin = config
         .admin
@@ -288,6 +295,7 @@ pub async fn prepare(config: Config, options: RunOptions) -> anyhow::Result<Prep
         listeners,
         xdp,
         admin,
+        transparent,
     })
 }
 
@@ -405,7 +413,12 @@ fn start_frontend(
             ))
         }
         Built::L4(frontend, kernel, m) => {
-            tracing::info!(frontend = %f.name, %addr, kernel, "listening (L4 passthrough)");
+            let how = if f.mode == Mode::Transparent {
+                "listening (transparent: intercepted connections, L4 passthrough)"
+            } else {
+                "listening (L4 passthrough)"
+            };
+            tracing::info!(frontend = %f.name, %addr, kernel, "{how}");
             tokio::spawn(l4::serve(
                 listener,
                 Arc::new(frontend),
@@ -494,6 +507,7 @@ pub async fn serve(
         listeners: _,
         mut xdp,
         admin,
+        transparent,
     } = prepared;
     let admin = match admin {
         Some(listener) => {
@@ -558,6 +572,9 @@ pub async fn serve(
             _ = report.tick() => log_stats(&running),
         }
     }
+    // Stop intercepting first: while the agent drains, new connections go on to their
+    // destination through the host's ordinary routing instead of being reset.
+    drop(transparent);
     let deadline = options.drain_deadline.unwrap_or(Duration::from_secs(30));
     tracing::info!(?deadline, "stopped accepting; draining open connections");
     let started = tokio::time::Instant::now();

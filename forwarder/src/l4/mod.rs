@@ -196,6 +196,9 @@ pub struct L4Frontend {
     pub keepalive: Option<Keepalive>,
     /// Connection caps in front of the listener.
     pub gate: Gate,
+    /// Transparent mode: a connection no backend takes goes to its original destination
+    /// (connected within this time), see `crate::transparent`.
+    pub original_destination: Option<Duration>,
 }
 
 /// Accepts until `shutdown` turns true. Each connection runs in its own task.
@@ -266,13 +269,28 @@ async fn open_upstream(
             return None;
         }
     };
-    let (upstream, upstream_addr) = match pool.connect().await {
-        Ok(found) => found,
-        Err(err) => {
-            upstream_failed(&err, metrics);
-            return None;
+    let connected = match &pool {
+        Some(pool) => pool.connect().await.map_err(|err| upstream_failed(&err, metrics)),
+        None => {
+            let timeout = frontend.original_destination.unwrap_or(Duration::from_secs(5));
+            crate::transparent::upstream::connect_original(client, timeout)
+                .await
+                .map_err(|err| {
+                    metrics::add(&metrics.upstream_connect_failed, 1);
+                    info_limited!(%err, "original destination unreachable; closing client");
+                })
         }
     };
+    let Ok((upstream, upstream_addr)) = connected else {
+        return None;
+    };
+    if pool.as_ref().is_some_and(|p| p.send_proxy_v2)
+        && let Err(err) = crate::transparent::upstream::send_proxy_v2(&upstream, client).await
+    {
+        metrics::add(&metrics.upstream_connect_failed, 1);
+        tracing::warn!(%err, "could not send the PROXY v2 header upstream; closing client");
+        return None;
+    }
     if let Some(k) = frontend.keepalive {
         // The client's came with it from the listener (see `serve`).
         if let Err(err) = sys::set_keepalive(upstream.as_fd(), k.idle, k.interval, k.probes) {
@@ -422,16 +440,18 @@ impl RouteError {
     }
 }
 
+/// The backend for this client; `None`: its original destination (transparent mode).
 async fn route(
     client: &TcpStream,
     frontend: &L4Frontend,
     metrics: &L4Metrics,
-) -> Result<Arc<Pool>, RouteError> {
+) -> Result<Option<Arc<Pool>>, RouteError> {
     if frontend.sni_routes.is_empty() {
-        return frontend
-            .default_backend
-            .clone()
-            .ok_or(RouteError::UnknownName(None));
+        return match &frontend.default_backend {
+            Some(pool) => Ok(Some(pool.clone())),
+            None if frontend.original_destination.is_some() => Ok(None),
+            None => Err(RouteError::UnknownName(None)),
+        };
     }
     let name =
         match tokio::time::timeout(frontend.client_hello_timeout, peek_server_name(client)).await {
@@ -443,10 +463,11 @@ async fn route(
             }
         };
     if let Some(pool) = name.as_deref().and_then(|n| frontend.sni_routes.get(n)) {
-        return Ok(pool.clone());
+        return Ok(Some(pool.clone()));
     }
     match &frontend.default_backend {
-        Some(pool) => Ok(pool.clone()),
+        Some(pool) => Ok(Some(pool.clone())),
+        None if frontend.original_destination.is_some() => Ok(None),
         None => {
             metrics::add(&metrics.sni_unknown, 1);
             Err(RouteError::UnknownName(name))

@@ -32,6 +32,8 @@ pub struct Pool {
     /// New connections wait for a slot here first (`max_new_connections_per_sec`).
     pacer: Option<Pacer>,
     pub metrics: BackendMetrics,
+    /// Write a PROXY v2 header before the client's bytes (`send_proxy_v2`).
+    pub send_proxy_v2: bool,
 }
 
 #[derive(Debug)]
@@ -78,12 +80,19 @@ impl Pool {
             connect_timeout,
             pacer: None,
             metrics: BackendMetrics::default(),
+            send_proxy_v2: false,
         }
     }
 
     /// Paces this backend's new connections (`None`: every connect goes at once).
     pub fn with_pacing(mut self, limits: Option<PacingLimits>) -> Self {
         self.pacer = limits.map(Pacer::new);
+        self
+    }
+
+    /// Sends a PROXY v2 header on each new connection before the client's bytes.
+    pub fn with_proxy_v2(mut self, on: bool) -> Self {
+        self.send_proxy_v2 = on;
         self
     }
 
