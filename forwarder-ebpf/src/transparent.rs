@@ -60,6 +60,21 @@ fn intercepted(ctx: &SkLookupContext) -> Option<u32> {
     let port = u16::try_from(lookup.local_port).ok()?;
     // SAFETY: a plain read of a hash map value that userspace writes whole.
     let slot = unsafe { *PORTS.get(&port)? };
+    // Each context field is read once, at its fixed offset: the verifier refuses a load
+    // through a context pointer the compiler has moved (as a shared IPv4/IPv6 path would).
+    let ctx_ptr = ctx.lookup;
+    // SAFETY: reads of bpf_sk_lookup fields the verifier allows for this program type.
+    let (ip4, ip6) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*ctx_ptr).local_ip4),
+            [
+                core::ptr::read_volatile(&raw const (*ctx_ptr).local_ip6[0]),
+                core::ptr::read_volatile(&raw const (*ctx_ptr).local_ip6[1]),
+                core::ptr::read_volatile(&raw const (*ctx_ptr).local_ip6[2]),
+                core::ptr::read_volatile(&raw const (*ctx_ptr).local_ip6[3]),
+            ],
+        )
+    };
     let mut data = [0u8; TP_DEST_KEY_LEN];
     data[..4].copy_from_slice(&slot.to_be_bytes());
     match lookup.family {
@@ -67,12 +82,13 @@ fn intercepted(ctx: &SkLookupContext) -> Option<u32> {
             // IPv4 mapped into IPv6 (::ffff:a.b.c.d), as userspace keys its prefixes.
             data[14] = 0xff;
             data[15] = 0xff;
-            data[16..20].copy_from_slice(&lookup.local_ip4.to_ne_bytes());
+            data[16..20].copy_from_slice(&ip4.to_ne_bytes());
         }
         AF_INET6 => {
-            for (i, word) in lookup.local_ip6.iter().enumerate() {
-                data[4 + 4 * i..8 + 4 * i].copy_from_slice(&word.to_ne_bytes());
-            }
+            data[4..8].copy_from_slice(&ip6[0].to_ne_bytes());
+            data[8..12].copy_from_slice(&ip6[1].to_ne_bytes());
+            data[12..16].copy_from_slice(&ip6[2].to_ne_bytes());
+            data[16..20].copy_from_slice(&ip6[3].to_ne_bytes());
         }
         _ => return None,
     }

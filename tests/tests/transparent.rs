@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use forwarder::inspect::{self, Pinned};
 use forwarder::transparent::Identity;
-use forwarder_tests::netns::{in_ns, spawn_in_ns, unique};
+use forwarder_tests::netns::{EchoServer, in_ns, spawn_in_ns, unique};
 use forwarder_tests::peers::{KillOnDrop, scratch_dir};
 use forwarder_tests::pki::TestCa;
 use forwarder_tests::{random_payload, require_root, sha256};
@@ -157,22 +157,46 @@ fn forwarder_binary() -> PathBuf {
 
 /// The agent as a process in the gateway namespace, with `config`; started once its
 /// rules are in.
-fn start_agent(gw: &Gateway, config: &Path, table: u32) -> KillOnDrop {
-    let mut command = Command::new("ip");
+fn start_agent(gw: &Gateway, config: &Path, instance: &str, table: u32) -> KillOnDrop {
+    // Into the gateway's network namespace only (`ip netns exec` would also give it a
+    // mount namespace of its own, and its pins would not be seen here).
+    let netns = std::fs::File::open(format!("/run/netns/{}", gw.gateway)).expect("netns");
+    let mut command = Command::new(forwarder_binary());
     command
-        .args(["netns", "exec", &gw.gateway])
-        .arg(forwarder_binary())
         .args(["run", "--drain-secs", "1", "-c"])
         .arg(config)
         .stdout(Stdio::null());
+    {
+        use std::os::fd::AsRawFd as _;
+        use std::os::unix::process::CommandExt as _;
+        let fd = netns.as_raw_fd();
+        // SAFETY: the hook runs in the forked child before exec and only calls setns(2)
+        // on a descriptor the parent keeps open until the spawn returns.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     let agent = KillOnDrop::spawn(&mut command).expect("start the agent");
+    // Counters are first published once every frontend serves, which is after the
+    // interception is in place.
+    let serving = || {
+        Pinned::open(instance).is_ok_and(|p| !inspect::stats(&p).is_empty())
+    };
     assert!(
-        wait(Duration::from_secs(15), || gw
-            .routing(table)
+        wait(Duration::from_secs(15), serving),
+        "the agent did not start serving"
+    );
+    assert!(
+        gw.routing(table)
             .0
             .iter()
-            .any(|l| l.contains(&format!("lookup {table}")))),
-        "the agent did not install its rules"
+            .any(|l| l.contains(&format!("lookup {table}"))),
+        "the agent serves without its rules"
     );
     agent
 }
@@ -296,7 +320,7 @@ fn mqtt_tls_to_the_hubs_own_address_is_intercepted_spliced_and_cleaned_up() {
     let payload_file = dir.join("payload.bin");
     std::fs::write(&payload_file, &payload).unwrap();
 
-    let agent = start_agent(&gw, &config, table);
+    let agent = start_agent(&gw, &config, &instance, table);
     let got = mqtt_round_trip(&gw, &ca.ca_pem, &payload_file, "t/first");
     assert_eq!(got.len(), payload.len());
     assert_eq!(sha256(&got), sha256(&payload), "bytes differ");
@@ -310,14 +334,17 @@ fn mqtt_tls_to_the_hubs_own_address_is_intercepted_spliced_and_cleaned_up() {
     gw.assert_clean(table, "after a stop");
 
     // A crash leaves the rules; the next start clears them and intercepts again.
-    let crashed = start_agent(&gw, &config, table);
+    let crashed = start_agent(&gw, &config, &instance, table);
     drop(crashed); // SIGKILL
     let (rules, _) = gw.routing(table);
     assert!(
         rules.iter().any(|l| l.contains(&format!("lookup {table}"))),
         "a SIGKILL cannot remove rules: {rules:?}"
     );
-    let again = start_agent(&gw, &config, table);
+    // The killed agent's pins stay too (their clean-up at the next start is tested in
+    // operator.rs); removed here so that `start_agent` waits for the new agent's.
+    std::fs::remove_dir_all(forwarder::ebpf::pin_dir_for(&instance)).expect("stale pins");
+    let again = start_agent(&gw, &config, &instance, table);
     let rules = gw.routing(table).0;
     let ours = rules
         .iter()
@@ -428,7 +455,7 @@ fn wss_on_443_and_tls_on_5671_pass_through_spliced() {
              [[frontend]]\nname = \"https\"\nmode = \"transparent\"\nbind = \"127.0.0.1:0\"\nintercept_ports = [443]\n"
         ),
     );
-    let agent = start_agent(&gw, &config, table);
+    let agent = start_agent(&gw, &config, &instance, table);
 
     let ca_device = ca.clone();
     in_ns(&gw.device, move || {
@@ -488,21 +515,27 @@ fn wss_on_443_and_tls_on_5671_pass_through_spliced() {
     gw.assert_clean(table, "after a stop");
 }
 
-/// PROXY protocol v2 written before the splice, read by a real nginx
-/// (`listen ... proxy_protocol`), which answers with the address it saw: the device's.
+/// PROXY protocol v2 written before the splice and read by a real nginx
+/// (`listen ... proxy_protocol`), which relays to an echo and logs the address it took
+/// from the header: the device's. The payload behind the header is spliced, exact.
 #[test]
 fn proxy_v2_tells_a_real_nginx_the_devices_address() {
     require_root();
     let gw = Gateway::new();
     let dir = scratch_dir(&format!("transparent-proxy-{}", unique()));
+    let echo_addr = hub_addr(9000);
+    let _echo = EchoServer::start(&gw.hub, echo_addr);
+    let access_log = dir.join("access.log");
     let nginx_conf = dir.join("nginx.conf");
     std::fs::write(
         &nginx_conf,
         format!(
-            "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\nuser root;\ndaemon off;\nmaster_process off;\npid {pid};\nerror_log {log} info;\nevents {{}}\n\
-             stream {{ server {{ listen {HUB}:8883 proxy_protocol; return \"$proxy_protocol_addr:$proxy_protocol_port $remote_addr\\n\"; }} }}\n",
+            "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\nuser root;\ndaemon off;\nmaster_process off;\npid {pid};\nerror_log {err} info;\nevents {{}}\n\
+             stream {{\n log_format seen '$proxy_protocol_addr:$proxy_protocol_port $remote_addr';\n access_log {log} seen;\n\
+             server {{ listen {HUB}:8883 proxy_protocol; proxy_pass {echo_addr}; }}\n}}\n",
             pid = dir.join("nginx.pid").display(),
-            log = dir.join("nginx.log").display(),
+            err = dir.join("nginx.err").display(),
+            log = access_log.display(),
         ),
     )
     .unwrap();
@@ -528,25 +561,44 @@ fn proxy_v2_tells_a_real_nginx_the_devices_address() {
              [[frontend]]\nname = \"mqtt\"\nmode = \"transparent\"\nbind = \"127.0.0.1:0\"\nintercept_ports = [8883]\nbackend = \"broker\"\n"
         ),
     );
-    let agent = start_agent(&gw, &config, table);
-    let (device_addr, answer) = in_ns(&gw.device, || {
-        use std::io::Read as _;
+    let agent = start_agent(&gw, &config, &instance, table);
+    let payload = random_payload(256 << 10);
+    let (sent, len) = (payload.clone(), payload.len());
+    let (device_addr, echoed) = in_ns(&gw.device, move || {
+        use std::io::{Read as _, Write as _};
         let mut stream =
             std::net::TcpStream::connect_timeout(&hub_addr(8883), Duration::from_secs(5))
                 .expect("connect to the hub's address");
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
-        let mut answer = String::new();
-        stream.read_to_string(&mut answer).expect("nginx's answer");
-        (stream.local_addr().unwrap(), answer)
+        // Wait for the splice before sending, so the bytes take the kernel path.
+        std::thread::sleep(Duration::from_millis(300));
+        let mut writer = stream.try_clone().unwrap();
+        let writing = std::thread::spawn(move || writer.write_all(&sent).unwrap());
+        let mut echoed = vec![0u8; len];
+        stream.read_exact(&mut echoed).expect("the echo through nginx");
+        writing.join().unwrap();
+        (stream.local_addr().unwrap(), echoed)
     });
-    // nginx saw the device (from the header) over a connection from the gateway.
-    assert_eq!(
-        answer,
-        format!("{}:{} {GW_HUB_SIDE}\n", device_addr.ip(), device_addr.port())
-    );
+    assert_eq!(sha256(&echoed), sha256(&payload), "bytes differ");
     assert!(wait_counter(&instance, "mqtt", "kernel_spliced", 1) >= 1);
+    // nginx writes its log line when the session ends (the readiness probe's, without a
+    // header, is "-:-").
+    let line = || {
+        std::fs::read_to_string(&access_log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.starts_with("-:-"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert!(wait(Duration::from_secs(10), || !line().is_empty()), "no nginx log line");
+    assert_eq!(
+        line(),
+        format!("{}:{} {GW_HUB_SIDE}", device_addr.ip(), device_addr.port()),
+        "nginx saw the device's address in the header, over the gateway's connection"
+    );
     stop_agent(agent);
     gw.assert_clean(table, "after a stop");
 }
