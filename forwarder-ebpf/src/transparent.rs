@@ -10,9 +10,7 @@ use aya_ebpf::{
     maps::{HashMap, LpmTrie, PerCpuArray, SockMap, lpm_trie::Key},
     programs::SkLookupContext,
 };
-use forwarder_common::{
-    TP_DEST_KEY_LEN, TP_MAX_DESTS, TP_MAX_LISTENERS, TP_MAX_PORTS, tp_reason,
-};
+use forwarder_common::{TP_DEST_KEY_LEN, TP_MAX_DESTS, TP_MAX_LISTENERS, TP_MAX_PORTS, tp_reason};
 
 #[map(name = "TP_LISTENERS")]
 static LISTENERS: SockMap = SockMap::with_max_entries(TP_MAX_LISTENERS, 0);
@@ -59,7 +57,7 @@ fn intercepted(ctx: &SkLookupContext) -> Option<u32> {
     }
     let port = u16::try_from(lookup.local_port).ok()?;
     // SAFETY: a plain read of a hash map value that userspace writes whole.
-    let slot = unsafe { *PORTS.get(&port)? };
+    let slot = unsafe { *PORTS.get(port)? };
     // Each context field is read once, at its fixed offset: the verifier refuses a load
     // through a context pointer the compiler has moved (as a shared IPv4/IPv6 path would).
     let ctx_ptr = ctx.lookup;

@@ -867,7 +867,6 @@ impl Config {
             crate::xdp::validate(xdp).map_err(ConfigError::Invalid)?;
         }
         crate::transparent::validate(self).map_err(ConfigError::Invalid)
-
     }
 
     /// Each backend on its own; returns the backend names, for the frontends' references.

@@ -154,15 +154,12 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
         println!("{}", b.pacing_summary());
     }
     let kernel = forwarder::kernel::Status::running();
-    let splices = config
-        .frontends
-        .iter()
-        .any(|f| {
-            matches!(
-                f.mode,
-                forwarder::config::Mode::Splice | forwarder::config::Mode::Transparent
-            )
-        });
+    let splices = config.frontends.iter().any(|f| {
+        matches!(
+            f.mode,
+            forwarder::config::Mode::Splice | forwarder::config::Mode::Transparent
+        )
+    });
     println!(
         "kernel: {kernel}{}",
         if splices { "" } else { " (no splice frontend)" }

@@ -638,7 +638,9 @@ fn raise_ambient_net_admin() -> io::Result<()> {
     })?;
     data[0].inheritable |= 1 << CAP_NET_ADMIN_BIT;
     // SAFETY: as for `set_capabilities`.
-    check(unsafe { libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) as libc::c_int })?;
+    check(unsafe {
+        libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) as libc::c_int
+    })?;
     // SAFETY: prctl with integer arguments only.
     check(unsafe {
         libc::prctl(

@@ -113,7 +113,10 @@ impl Gateway {
             routes.extend(
                 self.ip(&self.gateway, &[family, "route", "show", "table", "all"])
                     .lines()
-                    .filter(|l| l.contains(&format!("table {table} ")) || l.ends_with(&format!("table {table}")))
+                    .filter(|l| {
+                        l.contains(&format!("table {table} "))
+                            || l.ends_with(&format!("table {table}"))
+                    })
                     .map(str::to_owned),
             );
         }
@@ -125,10 +128,15 @@ impl Gateway {
         let (rules, routes) = self.routing(table);
         let foreign: Vec<&String> = rules
             .iter()
-            .filter(|l| !(l.starts_with("0:") || l.starts_with("32766:") || l.starts_with("32767:")))
+            .filter(|l| {
+                !(l.starts_with("0:") || l.starts_with("32766:") || l.starts_with("32767:"))
+            })
             .collect();
         assert!(foreign.is_empty(), "{when}: rules left behind: {foreign:?}");
-        assert!(routes.is_empty(), "{when}: routes left in table {table}: {routes:?}");
+        assert!(
+            routes.is_empty(),
+            "{when}: routes left in table {table}: {routes:?}"
+        );
     }
 }
 
@@ -184,9 +192,7 @@ fn start_agent(gw: &Gateway, config: &Path, instance: &str, table: u32) -> KillO
     let agent = KillOnDrop::spawn(&mut command).expect("start the agent");
     // Counters are first published once every frontend serves, which is after the
     // interception is in place.
-    let serving = || {
-        Pinned::open(instance).is_ok_and(|p| !inspect::stats(&p).is_empty())
-    };
+    let serving = || Pinned::open(instance).is_ok_and(|p| !inspect::stats(&p).is_empty());
     assert!(
         wait(Duration::from_secs(15), serving),
         "the agent did not start serving"
@@ -257,7 +263,9 @@ fn hub_addr(port: u16) -> SocketAddr {
 /// the hub's own address with its certificate verified: the bytes the subscriber got.
 fn mqtt_round_trip(gw: &Gateway, ca: &Path, payload_file: &Path, topic: &str) -> Vec<u8> {
     let ca = ca.to_str().unwrap();
-    let common = ["-h", HUB, "-p", "8883", "--cafile", ca, "-t", topic, "-q", "1"];
+    let common = [
+        "-h", HUB, "-p", "8883", "--cafile", ca, "-t", topic, "-q", "1",
+    ];
     let mut publish = vec!["mosquitto_pub"];
     publish.extend_from_slice(&common);
     publish.extend_from_slice(&["-r", "-f", payload_file.to_str().unwrap()]);
@@ -328,7 +336,11 @@ fn mqtt_tls_to_the_hubs_own_address_is_intercepted_spliced_and_cleaned_up() {
     assert!(wait_counter(&instance, "mqtt", "kernel_spliced", 2) >= 2);
     let stats = inspect::stats(&Pinned::open(&instance).unwrap());
     let mqtt = &stats["mqtt"];
-    assert_eq!(mqtt.get("upstream_connect_failed").copied().unwrap_or(0), 0, "{mqtt:?}");
+    assert_eq!(
+        mqtt.get("upstream_connect_failed").copied().unwrap_or(0),
+        0,
+        "{mqtt:?}"
+    );
     assert_eq!(mqtt.get("userspace").copied().unwrap_or(0), 0, "{mqtt:?}");
     stop_agent(agent);
     gw.assert_clean(table, "after a stop");
@@ -350,9 +362,16 @@ fn mqtt_tls_to_the_hubs_own_address_is_intercepted_spliced_and_cleaned_up() {
         .iter()
         .filter(|l| l.contains(&format!("lookup {table}")))
         .count();
-    assert_eq!(ours, 2, "one interception rule per family, not doubled: {rules:?}");
+    assert_eq!(
+        ours, 2,
+        "one interception rule per family, not doubled: {rules:?}"
+    );
     let got = mqtt_round_trip(&gw, &ca.ca_pem, &payload_file, "t/second");
-    assert_eq!(sha256(&got), sha256(&payload), "bytes differ after the restart");
+    assert_eq!(
+        sha256(&got),
+        sha256(&payload),
+        "bytes differ after the restart"
+    );
     assert!(wait_counter(&instance, "mqtt", "kernel_spliced", 2) >= 2);
     stop_agent(again);
     gw.assert_clean(table, "after SIGKILL, restart and stop");
@@ -394,7 +413,9 @@ fn tls_acceptor(cert: &Path, key: &Path) -> tokio_rustls::TlsAcceptor {
 /// A WebSocket-over-TLS echo at `/$iothub/websocket` (the hub's 443, not terminated by
 /// the agent: the device's TLS session ends here).
 async fn wss_echo(listen: SocketAddr, acceptor: tokio_rustls::TlsAcceptor) {
-    let listener = tokio::net::TcpListener::bind(listen).await.expect("bind 443");
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .expect("bind 443");
     while let Ok((tcp, _)) = listener.accept().await {
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
@@ -577,7 +598,9 @@ fn proxy_v2_tells_a_real_nginx_the_devices_address() {
         let mut writer = stream.try_clone().unwrap();
         let writing = std::thread::spawn(move || writer.write_all(&sent).unwrap());
         let mut echoed = vec![0u8; len];
-        stream.read_exact(&mut echoed).expect("the echo through nginx");
+        stream
+            .read_exact(&mut echoed)
+            .expect("the echo through nginx");
         writing.join().unwrap();
         (stream.local_addr().unwrap(), echoed)
     });
@@ -593,7 +616,10 @@ fn proxy_v2_tells_a_real_nginx_the_devices_address() {
             .collect::<Vec<_>>()
             .join("\n")
     };
-    assert!(wait(Duration::from_secs(10), || !line().is_empty()), "no nginx log line");
+    assert!(
+        wait(Duration::from_secs(10), || !line().is_empty()),
+        "no nginx log line"
+    );
     assert_eq!(
         line(),
         format!("{}:{} {GW_HUB_SIDE}", device_addr.ip(), device_addr.port()),

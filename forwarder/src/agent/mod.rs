@@ -172,8 +172,10 @@ impl FrontendMetrics {
     fn same_kind(&self, mode: Mode) -> bool {
         matches!(
             (self, mode),
-            (Self::L4(_), Mode::Splice | Mode::Originate | Mode::Transparent)
-                | (Self::Http(_), Mode::Http)
+            (
+                Self::L4(_),
+                Mode::Splice | Mode::Originate | Mode::Transparent
+            ) | (Self::Http(_), Mode::Http)
         )
     }
 }

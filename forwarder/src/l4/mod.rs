@@ -270,9 +270,14 @@ async fn open_upstream(
         }
     };
     let connected = match &pool {
-        Some(pool) => pool.connect().await.map_err(|err| upstream_failed(&err, metrics)),
+        Some(pool) => pool
+            .connect()
+            .await
+            .map_err(|err| upstream_failed(&err, metrics)),
         None => {
-            let timeout = frontend.original_destination.unwrap_or(Duration::from_secs(5));
+            let timeout = frontend
+                .original_destination
+                .unwrap_or(Duration::from_secs(5));
             crate::transparent::upstream::connect_original(client, timeout)
                 .await
                 .map_err(|err| {

@@ -71,7 +71,13 @@ mod tests {
             "192.0.2.10:1".parse().unwrap(),
             "[2001:db8::2]:443".parse().unwrap(),
         );
-        assert_eq!(&mixed[16..32], &"::ffff:192.0.2.10".parse::<std::net::Ipv6Addr>().unwrap().octets());
+        assert_eq!(
+            &mixed[16..32],
+            &"::ffff:192.0.2.10"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets()
+        );
         // A dual-stack socket's IPv4-mapped pair is plain IPv4.
         let mapped = header(
             "[::ffff:192.0.2.10]:1".parse().unwrap(),

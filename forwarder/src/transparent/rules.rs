@@ -55,7 +55,11 @@ impl Identity {
 }
 
 /// `ip` arguments that install the rules of `intercepts` for one family (`"-4"`/`"-6"`).
-pub fn install_commands(id: &Identity, family: &str, intercepts: &[&Intercept]) -> Vec<Vec<String>> {
+pub fn install_commands(
+    id: &Identity,
+    family: &str,
+    intercepts: &[&Intercept],
+) -> Vec<Vec<String>> {
     let ipv6 = family == "-6";
     let [skip, intercept, end] = id.priorities().map(|p| p.to_string());
     let table = id.table.to_string();
@@ -66,9 +70,13 @@ pub fn install_commands(id: &Identity, family: &str, intercepts: &[&Intercept]) 
             .collect()
     };
     let mut commands = vec![
-        words(&["route", "replace", "local", "default", "dev", "lo", "table", &table]),
+        words(&[
+            "route", "replace", "local", "default", "dev", "lo", "table", &table,
+        ]),
         words(&["rule", "add", "pref", &end, "nop"]),
-        words(&["rule", "add", "pref", &skip, "iif", "lo", "ipproto", "tcp", "goto", &end]),
+        words(&[
+            "rule", "add", "pref", &skip, "iif", "lo", "ipproto", "tcp", "goto", &end,
+        ]),
     ];
     for i in intercepts.iter().filter(|i| i.covers(ipv6)) {
         let prefixes: Vec<String> = i
@@ -146,7 +154,10 @@ impl Installed {
             if let Ok(left) = leftovers(&self.identity)
                 && !left.is_empty()
             {
-                tracing::error!(?left, "transparent: routing rules could not be removed; remove them by hand");
+                tracing::error!(
+                    ?left,
+                    "transparent: routing rules could not be removed; remove them by hand"
+                );
             } else {
                 tracing::info!("transparent interception off: routing rules removed");
             }
@@ -227,9 +238,12 @@ fn ip<S: AsRef<str>>(args: &[S]) -> anyhow::Result<String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     crate::sys::keep_net_admin_across_exec(&mut command);
-    let output = command
-        .output()
-        .map_err(|e| anyhow::anyhow!("running `ip {}`: {e} (is iproute2 installed?)", args.join(" ")))?;
+    let output = command.output().map_err(|e| {
+        anyhow::anyhow!(
+            "running `ip {}`: {e} (is iproute2 installed?)",
+            args.join(" ")
+        )
+    })?;
     if !output.status.success() {
         anyhow::bail!(
             "`ip {}` failed: {}",

@@ -59,7 +59,8 @@ impl Steer {
         program
             .load()
             .context("the kernel verifier rejected the transparent steering program")?;
-        let netns = std::fs::File::open("/proc/self/ns/net").context("opening /proc/self/ns/net")?;
+        let netns =
+            std::fs::File::open("/proc/self/ns/net").context("opening /proc/self/ns/net")?;
         program
             .attach(netns)
             .context("attaching the sk_lookup program to the network namespace")?;
@@ -85,10 +86,7 @@ fn prefixes(intercept: &Intercept) -> Vec<([u8; 16], u32)> {
         .destinations
         .iter()
         .map(|d| match d.addr() {
-            IpAddr::V4(v4) => (
-                v4.to_ipv6_mapped().octets(),
-                96 + u32::from(d.prefix_len()),
-            ),
+            IpAddr::V4(v4) => (v4.to_ipv6_mapped().octets(), 96 + u32::from(d.prefix_len())),
             IpAddr::V6(v6) => (v6.octets(), u32::from(d.prefix_len())),
         })
         .collect()
@@ -120,7 +118,9 @@ mod tests {
         assert_eq!(key.prefix_len(), 152);
         assert_eq!(
             key.data(),
-            [0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 192, 0, 2, 0]
+            [
+                0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 192, 0, 2, 0
+            ]
         );
         let any = Intercept {
             ports: vec![1],

@@ -31,7 +31,9 @@ pub async fn connect_original(
                 format!("original destination {destination}: no connection within {timeout:?}"),
             )
         })?
-        .map_err(|e| io::Error::new(e.kind(), format!("original destination {destination}: {e}")))?;
+        .map_err(|e| {
+            io::Error::new(e.kind(), format!("original destination {destination}: {e}"))
+        })?;
     stream.set_nodelay(true)?;
     Ok((stream, destination))
 }
