@@ -25,11 +25,14 @@ const DEVICE: &str = "10.61.0.2";
 const GW_DEVICE_SIDE: &str = "10.61.0.1";
 const GW_HUB_SIDE: &str = "10.62.0.1";
 const HUB: &str = "10.62.0.2";
+/// Another address of the hub namespace, outside a frontend's intercepted prefix.
+const OTHER: &str = "10.62.0.3";
 /// The name the hub's certificate carries besides its address.
 const HUB_NAME: &str = "hub.test";
 
 /// device ns --veth-- gateway ns --veth-- hub ns; removed on drop.
 struct Gateway {
+    id: String,
     device: String,
     gateway: String,
     hub: String,
@@ -52,6 +55,7 @@ impl Gateway {
     fn new() -> Self {
         let id = unique();
         let g = Self {
+            id: id.clone(),
             device: format!("tpd{id}"),
             gateway: format!("tpg{id}"),
             hub: format!("tph{id}"),
@@ -166,6 +170,17 @@ fn forwarder_binary() -> PathBuf {
 /// The agent as a process in the gateway namespace, with `config`; started once its
 /// rules are in.
 fn start_agent(gw: &Gateway, config: &Path, instance: &str, table: u32) -> KillOnDrop {
+    start_agent_as(gw, config, instance, table, None)
+}
+
+/// `start_agent`, becoming `user` after start-up (`--user`) when given.
+fn start_agent_as(
+    gw: &Gateway,
+    config: &Path,
+    instance: &str,
+    table: u32,
+    user: Option<&str>,
+) -> KillOnDrop {
     // Into the gateway's network namespace only (`ip netns exec` would also give it a
     // mount namespace of its own, and its pins would not be seen here).
     let netns = std::fs::File::open(format!("/run/netns/{}", gw.gateway)).expect("netns");
@@ -174,6 +189,9 @@ fn start_agent(gw: &Gateway, config: &Path, instance: &str, table: u32) -> KillO
         .args(["run", "--drain-secs", "1", "-c"])
         .arg(config)
         .stdout(Stdio::null());
+    if let Some(user) = user {
+        command.args(["--user", user]);
+    }
     {
         use std::os::fd::AsRawFd as _;
         use std::os::unix::process::CommandExt as _;
@@ -226,16 +244,20 @@ fn wait(limit: Duration, mut ok: impl FnMut() -> bool) -> bool {
     ok()
 }
 
-/// Waits for a frontend's counter to reach `at_least` (published every second).
-fn wait_counter(instance: &str, frontend: &str, counter: &str, at_least: u64) -> u64 {
-    let read = || {
-        Pinned::open(instance)
-            .ok()
-            .and_then(|p| inspect::stats(&p).get(frontend)?.get(counter).copied())
-            .unwrap_or(0)
-    };
-    wait(Duration::from_secs(10), || read() >= at_least);
-    read()
+/// A frontend's counter as last published (every second).
+fn counter(instance: &str, frontend: &str, name: &str) -> u64 {
+    Pinned::open(instance)
+        .ok()
+        .and_then(|p| inspect::stats(&p).get(frontend)?.get(name).copied())
+        .unwrap_or(0)
+}
+
+/// Waits (bounded) for a frontend's counter to reach `at_least`; its value then.
+fn wait_counter(instance: &str, frontend: &str, name: &str, at_least: u64) -> u64 {
+    wait(Duration::from_secs(10), || {
+        counter(instance, frontend, name) >= at_least
+    });
+    counter(instance, frontend, name)
 }
 
 /// Something listening on `addr` in `ns` (bounded wait).
@@ -342,6 +364,37 @@ fn mqtt_tls_to_the_hubs_own_address_is_intercepted_spliced_and_cleaned_up() {
         "{mqtt:?}"
     );
     assert_eq!(mqtt.get("userspace").copied().unwrap_or(0), 0, "{mqtt:?}");
+    // The gateway's own connections to the same port are not intercepted (the agent's
+    // upstream connections among them): this one reaches the hub directly.
+    let spliced = wait_counter(&instance, "mqtt", "kernel_spliced", 2);
+    let own = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &gw.gateway,
+            "mosquitto_pub",
+            "-h",
+            HUB,
+            "-p",
+            "8883",
+        ])
+        .args([
+            "--cafile",
+            ca.ca_pem.to_str().unwrap(),
+            "-t",
+            "t/own",
+            "-m",
+            "x",
+        ])
+        .status()
+        .expect("mosquitto_pub from the gateway");
+    assert!(own.success());
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        counter(&instance, "mqtt", "accepted"),
+        spliced,
+        "the gateway's own connection went through the agent"
+    );
     stop_agent(agent);
     gw.assert_clean(table, "after a stop");
 
@@ -476,7 +529,26 @@ fn wss_on_443_and_tls_on_5671_pass_through_spliced() {
              [[frontend]]\nname = \"https\"\nmode = \"transparent\"\nbind = \"127.0.0.1:0\"\nintercept_ports = [443]\n"
         ),
     );
-    let agent = start_agent(&gw, &config, &instance, table);
+    // Unprivileged after start-up: the rules must still go at exit (CAP_NET_ADMIN passed
+    // on to `ip` as an ambient capability).
+    let agent = start_agent_as(&gw, &config, &instance, table, Some("nobody"));
+
+    // 5671 is intercepted for the hub's address only: another address of the hub
+    // namespace is reached directly, the gateway forwarding it as usual.
+    gw.ip(
+        &gw.hub,
+        &[
+            "addr",
+            "add",
+            &format!("{OTHER}/24"),
+            "dev",
+            &format!("th{}", gw.id),
+        ],
+    );
+    let other = SocketAddr::new(OTHER.parse().unwrap(), 5671);
+    let _other_echo = EchoServer::start(&gw.hub, other);
+    forwarder_tests::netns::echo_round_trip(&gw.device, DEVICE.parse().unwrap(), other)
+        .expect("the other address answers directly");
 
     let ca_device = ca.clone();
     in_ns(&gw.device, move || {
@@ -524,6 +596,12 @@ fn wss_on_443_and_tls_on_5671_pass_through_spliced() {
     assert!(wait_counter(&instance, "amqp", "kernel_spliced", 1) >= 1);
     assert!(wait_counter(&instance, "https", "kernel_spliced", 1) >= 1);
     let stats = inspect::stats(&Pinned::open(&instance).unwrap());
+    assert_eq!(
+        stats["amqp"].get("accepted").copied(),
+        Some(1),
+        "only the connection to the hub's address was intercepted: {:?}",
+        stats["amqp"]
+    );
     for frontend in ["amqp", "https"] {
         assert_eq!(
             stats[frontend].get("userspace").copied().unwrap_or(0),
