@@ -152,6 +152,13 @@ pub struct Frontend {
     /// mode "transparent": destination prefixes (CIDR) intercepted; empty: any.
     #[serde(default)]
     pub intercept_destinations: Vec<String>,
+    /// mode "transparent", no backend: PROXY v2 towards the original destination (a
+    /// backend has its own `send_proxy_v2`).
+    #[serde(default)]
+    pub send_proxy_v2: bool,
+    /// mode "transparent", no backend: connect from the device's own address.
+    #[serde(default)]
+    pub preserve_source: bool,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
@@ -214,6 +221,10 @@ pub struct Backend {
     /// `accept-proxy`, nginx `proxy_protocol`, EMQX, HiveMQ); IoT Hub refuses it.
     #[serde(default)]
     pub send_proxy_v2: bool,
+    /// L4 frontends: connect from the device's own address (`IP_TRANSPARENT`), so the
+    /// server sees it; the server must route it back through this host.
+    #[serde(default)]
+    pub preserve_source: bool,
 }
 
 impl Config {
@@ -277,6 +288,8 @@ impl Frontend {
             http_idle_timeout_ms: default_http_idle_timeout(),
             intercept_ports: Vec::new(),
             intercept_destinations: Vec::new(),
+            send_proxy_v2: false,
+            preserve_source: false,
         }
     }
 
@@ -380,6 +393,7 @@ impl Backend {
             queue_timeout_ms: default_queue_timeout(),
             max_upstream_connections: None,
             send_proxy_v2: false,
+            preserve_source: false,
         }
     }
 

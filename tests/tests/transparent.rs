@@ -706,3 +706,76 @@ fn proxy_v2_tells_a_real_nginx_the_devices_address() {
     stop_agent(agent);
     gw.assert_clean(table, "after a stop");
 }
+
+/// `preserve_source`: the agent connects to the original destination from the device's
+/// own address, so the server sees the device (it routes the device's network back
+/// through the gateway, as the hub namespace does); the payload is spliced, exact.
+#[test]
+fn preserve_source_shows_the_server_the_devices_address() {
+    require_root();
+    let gw = Gateway::new();
+    let dir = scratch_dir(&format!("transparent-source-{}", unique()));
+    // A server that names its peer, then echoes.
+    let listener = in_ns(&gw.hub, || {
+        std::net::TcpListener::bind(hub_addr(8883)).unwrap()
+    });
+    std::thread::spawn(move || {
+        use std::io::{Read as _, Write as _};
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let peer = stream.peer_addr().unwrap();
+                let _ = stream.write_all(format!("{peer}\n").as_bytes());
+                let mut buf = [0u8; 16384];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+
+    let instance = format!("tp-source-{}", unique());
+    let table = Identity::of(&instance).table;
+    let config = write_config(
+        &dir,
+        &instance,
+        "[[frontend]]\nname = \"mqtt\"\nmode = \"transparent\"\nbind = \"127.0.0.1:0\"\nintercept_ports = [8883]\npreserve_source = true\n",
+    );
+    let agent = start_agent(&gw, &config, &instance, table);
+    let (rules, _) = gw.routing(table);
+    assert!(
+        rules.iter().any(|l| l.contains("sport 8883")),
+        "replies to the device's address are taken in: {rules:?}"
+    );
+    let payload = random_payload(256 << 10);
+    let (sent, len) = (payload.clone(), payload.len());
+    let (device_addr, seen, echoed) = in_ns(&gw.device, move || {
+        use std::io::{BufRead as _, Read as _, Write as _};
+        let stream = std::net::TcpStream::connect_timeout(&hub_addr(8883), Duration::from_secs(5))
+            .expect("connect to the hub's address");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+        let mut seen = String::new();
+        reader.read_line(&mut seen).expect("the server's line");
+        let mut writer = stream.try_clone().unwrap();
+        let writing = std::thread::spawn(move || writer.write_all(&sent).unwrap());
+        let mut echoed = vec![0u8; len];
+        reader.read_exact(&mut echoed).expect("the echo");
+        writing.join().unwrap();
+        (stream.local_addr().unwrap(), seen, echoed)
+    });
+    let seen: SocketAddr = seen.trim().parse().expect("an address");
+    assert_eq!(
+        seen.ip(),
+        device_addr.ip(),
+        "the server saw the device's address"
+    );
+    assert_eq!(sha256(&echoed), sha256(&payload), "bytes differ");
+    assert!(wait_counter(&instance, "mqtt", "kernel_spliced", 1) >= 1);
+    stop_agent(agent);
+    gw.assert_clean(table, "after a stop");
+}

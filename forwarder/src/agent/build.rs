@@ -45,7 +45,8 @@ pub fn pools(
                 Duration::from_millis(b.connect_timeout_ms),
             )
             .with_pacing(b.pacing())
-            .with_proxy_v2(b.send_proxy_v2);
+            .with_proxy_v2(b.send_proxy_v2)
+            .with_preserve_source(b.preserve_source);
             (b.name.clone(), Arc::new(pool))
         })
         .collect()
@@ -84,8 +85,13 @@ pub fn l4_frontend(
         client_hello_timeout: Duration::from_millis(f.client_hello_timeout_ms),
         keepalive: keepalive(f),
         gate,
-        original_destination: (f.mode == crate::config::Mode::Transparent)
-            .then(|| Duration::from_millis(crate::config::DEFAULT_CONNECT_TIMEOUT_MS)),
+        original_destination: (f.mode == crate::config::Mode::Transparent).then(|| {
+            crate::l4::OriginalDestination {
+                connect_timeout: Duration::from_millis(crate::config::DEFAULT_CONNECT_TIMEOUT_MS),
+                send_proxy_v2: f.send_proxy_v2,
+                preserve_source: f.preserve_source,
+            }
+        }),
     }
 }
 

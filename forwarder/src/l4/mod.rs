@@ -197,8 +197,18 @@ pub struct L4Frontend {
     /// Connection caps in front of the listener.
     pub gate: Gate,
     /// Transparent mode: a connection no backend takes goes to its original destination
-    /// (connected within this time), see `crate::transparent`.
-    pub original_destination: Option<Duration>,
+    /// (see `crate::transparent`).
+    pub original_destination: Option<OriginalDestination>,
+}
+
+/// How a transparent frontend connects a device's original destination (no backend).
+#[derive(Clone, Copy, Debug)]
+pub struct OriginalDestination {
+    pub connect_timeout: Duration,
+    /// Write a PROXY v2 header first.
+    pub send_proxy_v2: bool,
+    /// Connect from the device's own address.
+    pub preserve_source: bool,
 }
 
 /// Accepts until `shutdown` turns true. Each connection runs in its own task.
@@ -269,16 +279,18 @@ async fn open_upstream(
             return None;
         }
     };
+    // The device's address, for an upstream that preserves it.
+    let source = client.peer_addr().ok().map(|a| a.ip());
+    let original = frontend.original_destination;
     let connected = match &pool {
         Some(pool) => pool
-            .connect()
+            .connect_as(source)
             .await
             .map_err(|err| upstream_failed(&err, metrics)),
         None => {
-            let timeout = frontend
-                .original_destination
-                .unwrap_or(Duration::from_secs(5));
-            crate::transparent::upstream::connect_original(client, timeout)
+            let timeout = original.map_or(Duration::from_secs(5), |o| o.connect_timeout);
+            let from = source.filter(|_| original.is_some_and(|o| o.preserve_source));
+            crate::transparent::upstream::connect_original(client, timeout, from)
                 .await
                 .map_err(|err| {
                     metrics::add(&metrics.upstream_connect_failed, 1);
@@ -289,7 +301,11 @@ async fn open_upstream(
     let Ok((upstream, upstream_addr)) = connected else {
         return None;
     };
-    if pool.as_ref().is_some_and(|p| p.send_proxy_v2)
+    let proxy_v2 = match &pool {
+        Some(pool) => pool.send_proxy_v2,
+        None => original.is_some_and(|o| o.send_proxy_v2),
+    };
+    if proxy_v2
         && let Err(err) = crate::transparent::upstream::send_proxy_v2(&upstream, client).await
     {
         metrics::add(&metrics.upstream_connect_failed, 1);

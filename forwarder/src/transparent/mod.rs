@@ -81,6 +81,14 @@ pub fn validate(config: &Config) -> Result<(), String> {
     let mut dests = 0usize;
     let mut listeners = 0u32;
     for f in &config.frontends {
+        if (f.send_proxy_v2 || f.preserve_source)
+            && (f.mode != Mode::Transparent || f.backend.is_some())
+        {
+            return Err(format!(
+                "frontend {:?}: send_proxy_v2 and preserve_source on a frontend apply to a transparent frontend's original destination (no backend); set them in the [[backend]] instead",
+                f.name
+            ));
+        }
         if f.mode != Mode::Transparent {
             if !f.intercept_ports.is_empty() || !f.intercept_destinations.is_empty() {
                 return Err(format!(
@@ -124,14 +132,18 @@ pub fn validate(config: &Config) -> Result<(), String> {
             "intercept_destinations: at most {TP_MAX_DESTS} prefixes in all"
         ));
     }
-    for b in config.backends.iter().filter(|b| b.send_proxy_v2) {
+    for b in config
+        .backends
+        .iter()
+        .filter(|b| b.send_proxy_v2 || b.preserve_source)
+    {
         let terminating = config.frontends.iter().find(|f| {
             matches!(f.mode, Mode::Http | Mode::Originate)
                 && f.backend.as_deref() == Some(b.name.as_str())
         });
         if let Some(f) = terminating {
             return Err(format!(
-                "backend {:?}: send_proxy_v2 applies to L4 frontends (splice, transparent); frontend {:?} is mode {:?}",
+                "backend {:?}: send_proxy_v2 and preserve_source apply to L4 frontends (splice, transparent); frontend {:?} is mode {:?}",
                 b.name, f.name, f.mode
             ));
         }
@@ -208,7 +220,30 @@ fn looks_like_azure(address: &str) -> bool {
 /// installed. Dropping it removes the rules, then detaches the program.
 pub struct Interception {
     rules: rules::Installed,
-    steer: steer::Steer,
+    /// Absent when only `preserve_source` needs the rules (no transparent frontend).
+    steer: Option<steer::Steer>,
+}
+
+/// Server ports whose replies must be taken in by this host: those of upstreams that
+/// connect from the device's address (`preserve_source`).
+pub fn reply_ports(config: &Config) -> Vec<u16> {
+    let mut ports: Vec<u16> = config
+        .frontends
+        .iter()
+        .filter(|f| f.mode == Mode::Transparent && f.preserve_source)
+        .flat_map(|f| f.intercept_ports.iter().copied())
+        .chain(
+            config
+                .backends
+                .iter()
+                .filter(|b| b.preserve_source)
+                .flat_map(|b| &b.servers)
+                .filter_map(|s| s.address.rsplit_once(':')?.1.parse().ok()),
+        )
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
 }
 
 impl Interception {
@@ -234,18 +269,29 @@ impl Interception {
                 targets.push((intercept, listener));
             }
         }
-        if targets.is_empty() {
+        let reply_ports = reply_ports(config);
+        let identity = Identity::of(&config.instance);
+        if targets.is_empty() && reply_ports.is_empty() {
+            // Still: rules a crashed agent of this instance left must go.
+            if !rules::leftovers(&identity)?.is_empty() {
+                rules::clear(&identity)
+                    .context("clearing the routing rules a previous agent left")?;
+            }
             return Ok(None);
         }
-        let identity = Identity::of(&config.instance);
         rules::clear(&identity).context("clearing the routing rules a previous agent left")?;
-        let steer = steer::Steer::start(&targets)?;
+        let steer = if targets.is_empty() {
+            None
+        } else {
+            Some(steer::Steer::start(&targets)?)
+        };
         let intercepts: Vec<&Intercept> = targets.iter().map(|(i, _)| i).collect();
-        let rules = rules::install(&identity, &intercepts)?;
+        let rules = rules::install(&identity, &intercepts, &reply_ports)?;
         tracing::info!(
             table = identity.table,
             priorities = ?identity.priorities(),
             ports = ?intercepts.iter().flat_map(|i| i.ports.iter()).collect::<Vec<_>>(),
+            ?reply_ports,
             "transparent interception on (`ip rule`, `ip route show table {}`)",
             identity.table
         );
@@ -258,10 +304,12 @@ impl Drop for Interception {
         // Rules first: once they are gone, new connections are routed on to their
         // destination as if the agent were not there, rather than reset.
         self.rules.remove();
-        tracing::info!(
-            steered = self.steer.steered(),
-            "transparent steering detached (connections it handed to the agent, in all)"
-        );
+        if let Some(steer) = &self.steer {
+            tracing::info!(
+                steered = steer.steered(),
+                "transparent steering detached (connections it handed to the agent, in all)"
+            );
+        }
     }
 }
 

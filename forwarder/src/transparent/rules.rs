@@ -10,7 +10,12 @@
 //! ip rule add pref P+2 nop                                   # the end of our block
 //! ip rule add pref P iif lo ipproto tcp goto P+2             # the host's own connections skip it
 //! ip rule add pref P+1 [to CIDR] ipproto tcp dport PORT lookup T   # one per port (and prefix)
+//! ip rule add pref P+1 ipproto tcp sport PORT lookup T       # preserve_source: replies
 //! ```
+//!
+//! The last kind is there only when an upstream connects from the device's address
+//! (`preserve_source`): the server's replies are addressed to the device, and must be
+//! taken in by this host (the agent's socket) rather than forwarded to the device.
 //!
 //! `iif lo` is how the kernel's rule lookup sees connections made by this host; `not iif
 //! lo` cannot be written beside a port (`not` inverts the whole rule), hence the `goto`.
@@ -59,6 +64,7 @@ pub fn install_commands(
     id: &Identity,
     family: &str,
     intercepts: &[&Intercept],
+    reply_ports: &[u16],
 ) -> Vec<Vec<String>> {
     let ipv6 = family == "-6";
     let [skip, intercept, end] = id.priorities().map(|p| p.to_string());
@@ -103,6 +109,12 @@ pub fn install_commands(
             }
         }
     }
+    for port in reply_ports {
+        let port = port.to_string();
+        commands.push(words(&[
+            "rule", "add", "pref", &intercept, "ipproto", "tcp", "sport", &port, "lookup", &table,
+        ]));
+    }
     commands
 }
 
@@ -115,20 +127,24 @@ pub struct Installed {
 
 /// Installs the rules for every family the intercepts cover. IPv6 is skipped with a
 /// warning when the host has it off and no IPv6 prefix was asked for.
-pub fn install(id: &Identity, intercepts: &[&Intercept]) -> anyhow::Result<Installed> {
+pub fn install(
+    id: &Identity,
+    intercepts: &[&Intercept],
+    reply_ports: &[u16],
+) -> anyhow::Result<Installed> {
     let installed = Installed {
         identity: *id,
         removed: false,
     };
     for family in ["-4", "-6"] {
         let ipv6 = family == "-6";
-        if !intercepts.iter().any(|i| i.covers(ipv6)) {
+        if !intercepts.iter().any(|i| i.covers(ipv6)) && reply_ports.is_empty() {
             continue;
         }
         let asked = intercepts
             .iter()
             .any(|i| i.destinations.iter().any(|d| d.addr().is_ipv6() == ipv6));
-        for args in install_commands(id, family, intercepts) {
+        for args in install_commands(id, family, intercepts, reply_ports) {
             if let Err(err) = ip(&args) {
                 if ipv6 && !asked {
                     tracing::warn!(%err, "IPv6 connections are not intercepted (IPv6 off on this host?)");
@@ -281,7 +297,7 @@ mod tests {
             ports: vec![8883, 443],
             destinations: vec![],
         };
-        let lines: Vec<String> = install_commands(&id, "-4", &[&any])
+        let lines: Vec<String> = install_commands(&id, "-4", &[&any], &[])
             .iter()
             .map(|c| c.join(" "))
             .collect();
@@ -299,12 +315,17 @@ mod tests {
             ports: vec![8883],
             destinations: vec!["192.0.2.0/24".parse().unwrap()],
         };
-        let v4 = install_commands(&id, "-4", &[&hub]);
+        let v4 = install_commands(&id, "-4", &[&hub], &[8883]);
         assert_eq!(
             v4[3].join(" "),
             "-4 rule add pref 101 to 192.0.2.0/24 ipproto tcp dport 8883 lookup 7"
         );
+        assert_eq!(
+            v4[4].join(" "),
+            "-4 rule add pref 101 ipproto tcp sport 8883 lookup 7",
+            "replies to connections made from the device's address"
+        );
         // An IPv4-only intercept adds no IPv6 interception rule.
-        assert_eq!(install_commands(&id, "-6", &[&hub]).len(), 3);
+        assert_eq!(install_commands(&id, "-6", &[&hub], &[]).len(), 3);
     }
 }

@@ -2,7 +2,8 @@
 //! an intercepted connection, and the PROXY v2 header some backends ask for.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd as _;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -13,6 +14,7 @@ use tokio::net::TcpStream;
 pub async fn connect_original(
     client: &TcpStream,
     timeout: Duration,
+    source: Option<IpAddr>,
 ) -> io::Result<(TcpStream, SocketAddr)> {
     let destination = client.local_addr()?;
     if is_this_host(destination.ip())? {
@@ -23,7 +25,13 @@ pub async fn connect_original(
             format!("{destination} is this host's own address, not an intercepted destination"),
         ));
     }
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(destination))
+    let connect = async {
+        match source {
+            Some(source) => connect_from(source, destination).await,
+            None => TcpStream::connect(destination).await,
+        }
+    };
+    let stream = tokio::time::timeout(timeout, connect)
         .await
         .map_err(|_| {
             io::Error::new(
@@ -52,6 +60,27 @@ fn is_this_host(ip: std::net::IpAddr) -> io::Result<bool> {
         // No route: not this host either; the TCP connect will say why.
         Err(_) => Ok(false),
     }
+}
+
+/// Connects to `destination` from `source`, an address of another host (the device's):
+/// `IP_TRANSPARENT` lets the socket bind it (port chosen by the kernel). The replies are
+/// addressed to the device, so the host must take them in rather than forward them: the
+/// routing rules `super::rules` adds for such upstream ports do that, and the upstream
+/// must route the device's address back through this host.
+pub async fn connect_from(source: IpAddr, destination: SocketAddr) -> io::Result<TcpStream> {
+    let source = source.to_canonical();
+    let socket = match destination {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    crate::sys::set_ip_transparent(socket.as_fd(), destination.is_ipv6())?;
+    socket.bind(SocketAddr::new(source, 0)).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("binding the device's address {source}: {e}"),
+        )
+    })?;
+    socket.connect(destination).await
 }
 
 /// Writes the PROXY v2 header for `client` to a fresh upstream connection, before any
