@@ -364,6 +364,8 @@ fn mqtt_tls_to_the_hubs_own_address_is_intercepted_spliced_and_cleaned_up() {
         "{mqtt:?}"
     );
     assert_eq!(mqtt.get("userspace").copied().unwrap_or(0), 0, "{mqtt:?}");
+    // The steering program counted both connections (`forwarder stats`).
+    assert!(wait_counter(&instance, forwarder::transparent::STATS_KEY, "steered", 2) >= 2);
     // The gateway's own connections to the same port are not intercepted (the agent's
     // upstream connections among them): this one reaches the hub directly.
     let spliced = wait_counter(&instance, "mqtt", "kernel_spliced", 2);
@@ -394,6 +396,11 @@ fn mqtt_tls_to_the_hubs_own_address_is_intercepted_spliced_and_cleaned_up() {
         counter(&instance, "mqtt", "accepted"),
         spliced,
         "the gateway's own connection went through the agent"
+    );
+    assert_eq!(
+        counter(&instance, forwarder::transparent::STATS_KEY, "steered"),
+        spliced,
+        "the gateway's own connection was steered"
     );
     stop_agent(agent);
     gw.assert_clean(table, "after a stop");

@@ -567,6 +567,9 @@ pub async fn serve(
             }
             _ = publish.tick() => {
                 publish_stats(&running, datapath.as_deref());
+                if let (Some(t), Some(dp)) = (&transparent, datapath.as_deref()) {
+                    t.publish(dp);
+                }
                 if let Some(guard) = xdp.as_mut() {
                     guard.save_rules();
                 }

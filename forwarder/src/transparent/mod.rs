@@ -299,6 +299,27 @@ impl Interception {
     }
 }
 
+/// Where the steering counters appear in `forwarder stats` (beside the frontends').
+pub const STATS_KEY: &str = "transparent:steering";
+
+impl Interception {
+    /// The steering program's counters into `FWD_STATS`, for `forwarder stats`.
+    pub fn publish(&self, datapath: &crate::ebpf::Datapath) {
+        if let Some(steer) = &self.steer {
+            let counters = [
+                ("steered", steer.count(forwarder_common::tp_reason::STEERED)),
+                (
+                    "assign_failed",
+                    steer.count(forwarder_common::tp_reason::ASSIGN_FAILED),
+                ),
+            ];
+            if let Err(err) = datapath.publish_stats(STATS_KEY, &counters) {
+                tracing::debug!(%err, "transparent counters not published");
+            }
+        }
+    }
+}
+
 impl Drop for Interception {
     fn drop(&mut self) {
         // Rules first: once they are gone, new connections are routed on to their
@@ -306,7 +327,7 @@ impl Drop for Interception {
         self.rules.remove();
         if let Some(steer) = &self.steer {
             tracing::info!(
-                steered = steer.steered(),
+                steered = steer.count(forwarder_common::tp_reason::STEERED),
                 "transparent steering detached (connections it handed to the agent, in all)"
             );
         }
@@ -353,6 +374,27 @@ intercept_ports = [8883]
         let elsewhere = "[[backend]]\nname = \"b\"\nservers = [{ address = \"h:1\" }]\n[[frontend]]\nname = \"s\"\nbind = \"127.0.0.1:0\"\nbackend = \"b\"\nintercept_ports = [1]\n";
         let err = parse(elsewhere).unwrap_err();
         assert!(err.contains("mode \"transparent\" only"), "{err}");
+    }
+
+    #[test]
+    fn identity_settings_sit_with_whoever_names_the_upstream() {
+        // On a transparent frontend without a backend: its original destination's.
+        let own = BASE.replace(
+            "[8883]",
+            "[8883]\npreserve_source = true\nsend_proxy_v2 = true",
+        );
+        let config = parse(&own).unwrap();
+        assert_eq!(reply_ports(&config), vec![8883]);
+        // With a backend they belong in the backend.
+        let with_backend = format!(
+            "[[backend]]\nname = \"b\"\npreserve_source = true\nservers = [{{ address = \"h:1884\" }}]\n{}",
+            own.replace("[8883]\n", "[8883]\nbackend = \"b\"\n")
+        );
+        let err = parse(&with_backend).unwrap_err();
+        assert!(err.contains("set them in the [[backend]]"), "{err}");
+        let backend_only =
+            with_backend.replace("preserve_source = true\nsend_proxy_v2 = true\n", "");
+        assert_eq!(reply_ports(&parse(&backend_only).unwrap()), vec![1884]);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{HashMap, MapData, PerCpuArray, SockMap};
 use aya::programs::SkLookup;
 use aya::{Ebpf, EbpfLoader};
-use forwarder_common::{TP_DEST_KEY_LEN, names, tp_reason};
+use forwarder_common::{TP_DEST_KEY_LEN, names};
 
 use super::{Intercept, TRANSPARENT_OBJECT};
 
@@ -67,10 +67,10 @@ impl Steer {
         Ok(Self { _ebpf: ebpf, stats })
     }
 
-    /// Connections handed to a listener so far (all CPUs).
-    pub fn steered(&self) -> u64 {
+    /// Connections counted under `reason` (a `tp_reason`) so far, all CPUs together.
+    pub fn count(&self, reason: u32) -> u64 {
         self.stats
-            .get(&tp_reason::STEERED, 0)
+            .get(&reason, 0)
             .map(|per_cpu| per_cpu.iter().sum())
             .unwrap_or(0)
     }
