@@ -207,7 +207,8 @@ fn load_datapath(
 }
 
 /// Binds everything and starts serving; returns once listening (the work runs in tasks).
-/// Frontends only: no XDP guard, no admin server (see `run`).
+/// Frontends only: no XDP guard, no admin server, and no transparent interception (its
+/// rules are removed again before this returns; see `run`).
 pub async fn start(
     config: &Config,
     options: &RunOptions,

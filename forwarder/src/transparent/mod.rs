@@ -273,9 +273,12 @@ impl Interception {
         let identity = Identity::of(&config.instance);
         if targets.is_empty() && reply_ports.is_empty() {
             // Still: rules a crashed agent of this instance left must go.
-            if !rules::leftovers(&identity)?.is_empty() {
-                rules::clear(&identity)
-                    .context("clearing the routing rules a previous agent left")?;
+            if !rules::leftovers(&identity)?.is_empty()
+                && let Err(err) = rules::clear(&identity)
+            {
+                tracing::warn!(
+                    "transparent: routing rules left at this instance's priorities were not cleared: {err:#}"
+                );
             }
             return Ok(None);
         }

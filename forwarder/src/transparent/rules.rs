@@ -190,6 +190,19 @@ impl Drop for Installed {
 /// Removes whatever an agent of this instance left (after a crash): every rule at its
 /// priorities and every route in its table. Fails only if some remain.
 pub fn clear(id: &Identity) -> anyhow::Result<()> {
+    let mut listed = String::new();
+    for family in ["-4", "-6"] {
+        if let Ok(rules) = ip(&[family, "rule", "show"]) {
+            listed.push_str(&rules);
+        }
+    }
+    if let Some(conflict) = conflict(id, &listed) {
+        anyhow::bail!(
+            "{conflict}: another instance (or the host's own rules) uses this instance's routing table {} or rule priorities {:?}; the names hash to the same ones. Rename one of the instances",
+            id.table,
+            id.priorities()
+        );
+    }
     for family in ["-4", "-6"] {
         clear_family(id, family);
     }
@@ -220,6 +233,28 @@ fn clear_family(id: &Identity, family: &str) {
     if cleared > 0 {
         tracing::debug!(family, cleared, "transparent: routing rules removed");
     }
+}
+
+/// A rule in `listed` (`ip rule show` output) that shares this instance's priorities
+/// but looks up another table, or looks up this instance's table at another priority:
+/// clearing would break someone else's routing.
+fn conflict(id: &Identity, listed: &str) -> Option<String> {
+    let ours = id.priorities();
+    listed.lines().find_map(|line| {
+        let (pref, rest) = line.split_once(':')?;
+        let pref: u32 = pref.trim().parse().ok()?;
+        let table = rest
+            .split_whitespace()
+            .skip_while(|w| *w != "lookup")
+            .nth(1)
+            .map(|t| t == id.table.to_string());
+        let at_ours = ours.contains(&pref);
+        match table {
+            Some(false) if at_ours => Some(line.trim().to_owned()),
+            Some(true) if !at_ours => Some(line.trim().to_owned()),
+            _ => None,
+        }
+    })
 }
 
 /// The rules at this instance's priorities and the routes in its table, as `ip` lists
@@ -285,6 +320,20 @@ mod tests {
             assert!((9_000..=11_997).contains(&id.priority), "{id:?}");
             assert_eq!(id.priority % 3, 0);
         }
+    }
+
+    #[test]
+    fn rules_of_another_table_at_our_priorities_are_never_cleared() {
+        let id = Identity {
+            table: 7,
+            priority: 100,
+        };
+        let ours = "0:\tfrom all lookup local\n100:\tfrom all iif lo ipproto tcp goto 102\n101:\tfrom all ipproto tcp dport 8883 lookup 7\n102:\tfrom all nop\n32766:\tfrom all lookup main\n";
+        assert_eq!(conflict(&id, ours), None);
+        let theirs = "101:\tfrom all ipproto tcp dport 443 lookup 9\n";
+        assert!(conflict(&id, theirs).is_some_and(|l| l.contains("lookup 9")));
+        let our_table_elsewhere = "500:\tfrom all lookup 7\n";
+        assert!(conflict(&id, our_table_elsewhere).is_some());
     }
 
     #[test]
