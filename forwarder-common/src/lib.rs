@@ -46,6 +46,19 @@ pub mod names {
     pub const XDP_SYN_BUCKETS: &str = "XDP_SYN_BUCKETS";
     /// PerCpuArray: [`super::xdp_reason`] index -> packets.
     pub const XDP_STATS: &str = "XDP_STATS";
+
+    /// The transparent-mode sk_lookup program (in its own object, see
+    /// `forwarder::transparent`).
+    pub const TP_STEER: &str = "transparent_steer";
+    /// SockMap: slot -> a transparent frontend's listening socket.
+    pub const TP_LISTENERS: &str = "TP_LISTENERS";
+    /// HashMap: intercepted destination port (host order) -> slot in `TP_LISTENERS`.
+    pub const TP_PORTS: &str = "TP_PORTS";
+    /// LpmTrie: [slot (big endian) | destination, IPv4 mapped into IPv6] -> 1: the
+    /// destinations each slot intercepts (`::/0` under the slot when unrestricted).
+    pub const TP_DESTS: &str = "TP_DESTS";
+    /// PerCpuArray: [`super::tp_reason`] index -> connections.
+    pub const TP_STATS: &str = "TP_STATS";
 }
 
 /// Upper bound of sockets (two per spliced connection) the maps hold.
@@ -222,6 +235,25 @@ pub const XDP_NANOS_PER_TOKEN: u64 = 1_000_000_000;
 /// IPv6 extension headers the XDP guard walks to find TCP (real traffic uses zero to
 /// two; a longer chain is dropped, see `xdp_reason::DROPPED_UNPARSEABLE`).
 pub const XDP_MAX_IPV6_EXT: usize = 6;
+
+/// Transparent frontends (and so listener slots) one agent can have.
+pub const TP_MAX_LISTENERS: u32 = 64;
+/// Intercepted destination ports, all transparent frontends together.
+pub const TP_MAX_PORTS: u32 = 256;
+/// Destination prefixes, all transparent frontends together.
+pub const TP_MAX_DESTS: u32 = 4_096;
+/// Bytes of a `TP_DESTS` key's data: the slot (4) and the address as IPv6 (16).
+pub const TP_DEST_KEY_LEN: usize = 20;
+
+/// What the transparent steering did with a connection: the index into `TP_STATS`.
+pub mod tp_reason {
+    /// A SYN to an intercepted port and destination, handed to the agent's listener.
+    pub const STEERED: u32 = 0;
+    /// Intercepted, but the listener was missing or refused (the kernel's own lookup
+    /// went on: normally a reset).
+    pub const ASSIGN_FAILED: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
 
 /// Why the XDP guard passed or dropped a packet: the index into `XDP_STATS`.
 pub mod xdp_reason {

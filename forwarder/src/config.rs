@@ -157,6 +157,20 @@ pub struct Frontend {
         deserialize_with = "http_idle_timeout"
     )]
     pub http_idle_timeout: Duration,
+    /// mode "transparent": destination ports whose connections through this host are
+    /// intercepted and served here (see `crate::transparent`).
+    #[serde(default)]
+    pub intercept_ports: Vec<u16>,
+    /// mode "transparent": destination prefixes (CIDR) intercepted; empty: any.
+    #[serde(default)]
+    pub intercept_destinations: Vec<String>,
+    /// mode "transparent", no backend: PROXY v2 towards the original destination (a
+    /// backend has its own `send_proxy_v2`).
+    #[serde(default)]
+    pub send_proxy_v2: bool,
+    /// mode "transparent", no backend: connect from the device's own address.
+    #[serde(default)]
+    pub preserve_source: bool,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
@@ -171,6 +185,10 @@ pub enum Mode {
     /// without TLS). Relayed in userspace: it cannot be spliced, and X.509 devices cannot
     /// use it.
     Originate,
+    /// On a gateway host: connections routed through it to `intercept_ports` are taken
+    /// over (sk_lookup and policy routing, see `crate::transparent`) and forwarded to
+    /// their original destination (or `backend`), spliced like `Splice`.
+    Transparent,
 }
 
 #[derive(Debug, Deserialize, Clone, PartialEq)]
@@ -219,6 +237,15 @@ pub struct Backend {
     /// http frontend holds to this backend at most; absent: no cap.
     #[serde(default, deserialize_with = "upstream_cap")]
     pub max_upstream_connections: Option<u32>,
+    /// L4 frontends: write a PROXY protocol v2 header (the device's address) to each
+    /// upstream connection before its bytes. Only for servers that expect it (HAProxy
+    /// `accept-proxy`, nginx `proxy_protocol`, EMQX, HiveMQ); IoT Hub refuses it.
+    #[serde(default)]
+    pub send_proxy_v2: bool,
+    /// L4 frontends: connect from the device's own address (`IP_TRANSPARENT`), so the
+    /// server sees it; the server must route it back through this host.
+    #[serde(default)]
+    pub preserve_source: bool,
 }
 
 impl Config {
@@ -280,6 +307,10 @@ impl Frontend {
             max_header_bytes: default_max_header_bytes(),
             given: BTreeSet::new(),
             http_idle_timeout: default_http_idle_timeout(),
+            intercept_ports: Vec::new(),
+            intercept_destinations: Vec::new(),
+            send_proxy_v2: false,
+            preserve_source: false,
         }
     }
 
@@ -287,7 +318,7 @@ impl Frontend {
     pub fn max_connections(&self) -> usize {
         self.max_connections.unwrap_or(match self.mode {
             Mode::Http => DEFAULT_MAX_CONNECTIONS_HTTP,
-            Mode::Splice | Mode::Originate => DEFAULT_MAX_CONNECTIONS_L4,
+            Mode::Splice | Mode::Originate | Mode::Transparent => DEFAULT_MAX_CONNECTIONS_L4,
         })
     }
 
@@ -362,6 +393,11 @@ impl Frontend {
                 "client_hello_timeout_ms",
             ],
             Mode::Http => &["max_lag_bytes", "client_hello_timeout_ms"],
+            Mode::Transparent => &[
+                "header_read_timeout_ms",
+                "max_header_bytes",
+                "http_idle_timeout_ms",
+            ],
         };
         let mut ignored: Vec<&str> = unused
             .iter()
@@ -369,7 +405,7 @@ impl Frontend {
             .filter(|k| self.given.contains(*k))
             .collect();
         // The ClientHello is only peeked to route by name.
-        if self.mode == Mode::Splice
+        if matches!(self.mode, Mode::Splice | Mode::Transparent)
             && self.sni_routes.is_empty()
             && self.given.contains("client_hello_timeout_ms")
         {
@@ -409,6 +445,8 @@ impl Backend {
             connect_queue: default_connect_queue(),
             queue_timeout: default_queue_timeout(),
             max_upstream_connections: None,
+            send_proxy_v2: false,
+            preserve_source: false,
         }
     }
 
@@ -882,7 +920,9 @@ impl Config {
                     f.name, f.bind
                 ));
             }
-            if f.backend.is_none() && f.sni_routes.is_empty() {
+            // A transparent frontend without either sends each device to its original
+            // destination.
+            if f.backend.is_none() && f.sni_routes.is_empty() && f.mode != Mode::Transparent {
                 return invalid(format!(
                     "frontend {:?} needs a backend or sni_routes",
                     f.name
@@ -903,7 +943,7 @@ impl Config {
             match f.mode {
                 Mode::Http => self.validate_http_frontend(f)?,
                 Mode::Originate => self.validate_originate_frontend(f)?,
-                Mode::Splice => {
+                Mode::Splice | Mode::Transparent => {
                     if f.tls_cert.is_some() || f.tls_key.is_some() {
                         return invalid(format!(
                             "frontend {:?}: tls_cert/tls_key only apply to mode \"http\" (splice passes TLS through untouched)",
@@ -942,7 +982,7 @@ impl Config {
         if let Some(xdp) = &self.xdp {
             crate::xdp::validate(xdp).map_err(ConfigError::Invalid)?;
         }
-        Ok(())
+        crate::transparent::validate(self).map_err(ConfigError::Invalid)
     }
 
     /// Each backend on its own; returns the backend names, for the frontends' references.
@@ -1096,7 +1136,10 @@ impl Config {
                 )
             })
         });
-        short_idle.chain(ignored).collect()
+        short_idle
+            .chain(ignored)
+            .chain(crate::transparent::warnings(self))
+            .collect()
     }
 
     /// The Azure IoT Hub layout for `--hub NAME`: MQTT and AMQP over TLS spliced to the

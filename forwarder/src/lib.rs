@@ -37,6 +37,11 @@
 //!    it the lock, listeners and pinned maps, then every spliced session
 //!    (`l4::session::HandedSession`), and exits; `notify` keeps systemd informed.
 //!
+//! **Transparent mode** (`transparent`): on a gateway host, policy routing and an sk_lookup
+//! program hand the connections devices make to the hub's own address to a transparent
+//! frontend's listener; from there they take the L4 path above, to their original
+//! destination (or a backend).
+//!
 //! `sys` holds the few raw socket calls (and all of the agent's `unsafe`); `log_limit`
 //! keeps hostile clients from flooding the log; `instance_lock` keeps one agent per
 //! instance; `privilege` drops root after start-up; `kernel` knows the sockmap floor;
@@ -62,5 +67,6 @@ pub(crate) mod notify;
 pub mod privilege;
 pub(crate) mod relay;
 pub mod sys;
+pub mod transparent;
 pub mod upgrade;
 pub mod xdp;

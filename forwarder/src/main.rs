@@ -57,6 +57,11 @@ enum Command {
         #[arg(long, requires = "hub", value_name = "N",
               value_parser = clap::value_parser!(u32).range(1..=i64::from(forwarder::config::MAX_CONNECT_RATE)))]
         connect_rate: Option<u32>,
+        /// Transparent mode on a gateway host: intercept the connections routed through
+        /// this host to ports 8883, 5671 and 443 and pass them through, spliced, to
+        /// their original destination (see deploy/DEPLOYMENT.md, "Transparent mode").
+        #[arg(long, conflicts_with_all = ["config", "hub"])]
+        transparent: bool,
         /// Address the --hub frontends bind to.
         #[arg(long, default_value = "0.0.0.0", requires = "hub")]
         bind_ip: std::net::IpAddr,
@@ -160,10 +165,12 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
         println!("{}", b.pacing_summary());
     }
     let kernel = forwarder::kernel::Status::running();
-    let splices = config
-        .frontends
-        .iter()
-        .any(|f| f.mode == forwarder::config::Mode::Splice);
+    let splices = config.frontends.iter().any(|f| {
+        matches!(
+            f.mode,
+            forwarder::config::Mode::Splice | forwarder::config::Mode::Transparent
+        )
+    });
     println!(
         "kernel: {kernel}{}",
         if splices { "" } else { " (no splice frontend)" }
@@ -204,8 +211,12 @@ fn main() -> anyhow::Result<()> {
             allow_old_kernel,
             drain_secs,
             user,
+            transparent,
         } => {
             let source = match (config, hub) {
+                (None, None) if transparent => {
+                    Source::Hub(Box::new(forwarder::transparent::default_config()))
+                }
                 (Some(path), _) => Source::File(path),
                 (None, Some(hub)) => Source::Hub(Box::new(Config::for_hub(
                     &hub,

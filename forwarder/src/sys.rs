@@ -782,3 +782,77 @@ pub fn send_signal(pid: u32, signal: libc::c_int) -> io::Result<()> {
     // SAFETY: kill with integer arguments only.
     check(unsafe { libc::kill(pid, signal) })
 }
+
+/// IP_TRANSPARENT (IPV6_TRANSPARENT for an IPv6 socket): a listener may then accept, and
+/// answer from, destinations that are not this host's addresses (transparent mode's
+/// intercepted connections; accepted sockets inherit it); a socket to be connected may
+/// bind to a foreign source address. Needs CAP_NET_ADMIN (or CAP_NET_RAW).
+pub fn set_ip_transparent(fd: BorrowedFd<'_>, ipv6: bool) -> io::Result<()> {
+    if ipv6 {
+        set_int_opt(fd, libc::SOL_IPV6, libc::IPV6_TRANSPARENT, 1)
+    } else {
+        set_int_opt(fd, libc::SOL_IP, libc::IP_TRANSPARENT, 1)
+    }
+}
+
+const CAP_NET_ADMIN_BIT: u32 = 12;
+
+/// Lets a command the agent runs (`ip`, for transparent mode's routing rules) keep
+/// CAP_NET_ADMIN although the agent is no longer root: the child raises it into its
+/// inheritable and ambient sets before exec (allowed while it is in the permitted set;
+/// `no_new_privs` does not stop ambient capabilities). A root agent's children need
+/// nothing; where the raise fails, the command runs without it and says so itself.
+pub fn keep_net_admin_across_exec(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt as _;
+    if effective_uid() == 0 {
+        return;
+    }
+    // SAFETY: the hook runs in the forked child before exec and calls only capget,
+    // capset and prctl (async-signal-safe system calls) on memory of its own stack.
+    unsafe {
+        command.pre_exec(|| {
+            let _ = raise_ambient_net_admin();
+            Ok(())
+        });
+    }
+}
+
+/// In the calling thread: CAP_NET_ADMIN into the inheritable set, then the ambient set.
+fn raise_ambient_net_admin() -> io::Result<()> {
+    let mut header = CapHeader {
+        version: CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [
+        CapData {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        },
+        CapData {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        },
+    ];
+    // SAFETY: capget writes the header and two data structs (version 3) that live across
+    // the call.
+    check(unsafe {
+        libc::syscall(libc::SYS_capget, &raw mut header, data.as_mut_ptr()) as libc::c_int
+    })?;
+    data[0].inheritable |= 1 << CAP_NET_ADMIN_BIT;
+    // SAFETY: as for `set_capabilities`.
+    check(unsafe {
+        libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) as libc::c_int
+    })?;
+    // SAFETY: prctl with integer arguments only.
+    check(unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+            libc::c_ulong::from(CAP_NET_ADMIN_BIT),
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    })
+}

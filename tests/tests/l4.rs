@@ -60,6 +60,7 @@ async fn start_proxy_with_connect_timeout(
         client_hello_timeout: Duration::from_secs(5),
         keepalive: None,
         gate: Gate::new("test", 100_000, AgentCap::new(100_000), None),
+        original_destination: None,
     });
     let listener = forwarder::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_addr().unwrap();

@@ -39,8 +39,10 @@ pub fn pools(
                     weight: s.weight,
                 })
                 .collect();
-            let pool =
-                Pool::new(b.name.clone(), servers, b.connect_timeout).with_pacing(b.pacing());
+            let pool = Pool::new(b.name.clone(), servers, b.connect_timeout)
+                .with_pacing(b.pacing())
+                .with_proxy_v2(b.send_proxy_v2)
+                .with_preserve_source(b.preserve_source);
             (b.name.clone(), Arc::new(pool))
         })
         .collect()
@@ -76,6 +78,13 @@ pub fn l4_frontend(
         client_hello_timeout: f.client_hello_timeout,
         keepalive: f.keepalive(),
         gate,
+        original_destination: (f.mode == crate::config::Mode::Transparent).then(|| {
+            crate::l4::OriginalDestination {
+                connect_timeout: Duration::from_millis(crate::config::DEFAULT_CONNECT_TIMEOUT_MS),
+                send_proxy_v2: f.send_proxy_v2,
+                preserve_source: f.preserve_source,
+            }
+        }),
     }
 }
 

@@ -168,7 +168,7 @@ impl FrontendMetrics {
 
     fn for_mode(mode: Mode) -> Self {
         match mode {
-            Mode::Splice | Mode::Originate => Self::L4(Arc::default()),
+            Mode::Splice | Mode::Originate | Mode::Transparent => Self::L4(Arc::default()),
             Mode::Http => Self::Http(Arc::default()),
         }
     }
@@ -176,7 +176,10 @@ impl FrontendMetrics {
     fn same_kind(&self, mode: Mode) -> bool {
         matches!(
             (self, mode),
-            (Self::L4(_), Mode::Splice | Mode::Originate) | (Self::Http(_), Mode::Http)
+            (
+                Self::L4(_),
+                Mode::Splice | Mode::Originate | Mode::Transparent
+            ) | (Self::Http(_), Mode::Http)
         )
     }
 }
@@ -189,7 +192,10 @@ fn load_datapath(
     instance: &Arc<InstanceLock>,
     adopt: bool,
 ) -> anyhow::Result<Option<Arc<Datapath>>> {
-    let splices = config.frontends.iter().any(|f| f.mode == Mode::Splice);
+    let splices = config
+        .frontends
+        .iter()
+        .any(|f| matches!(f.mode, Mode::Splice | Mode::Transparent));
     let load = LoadOptions {
         pin_dir: Some(pin_dir_for(&config.instance)),
         adopt,
@@ -208,7 +214,8 @@ fn load_datapath(
 }
 
 /// Binds everything and starts serving; returns once listening (the work runs in tasks).
-/// Frontends only: no XDP guard, no admin server (see `run`).
+/// Frontends only: no XDP guard, no admin server, and no transparent interception (its
+/// rules are removed again before this returns; see `run`).
 pub async fn start(
     config: &Config,
     options: &RunOptions,
@@ -236,6 +243,8 @@ pub struct Prepared {
     admin: Option<std::net::TcpListener>,
     /// Started by `forwarder upgrade`: where the previous agent's sessions arrive.
     arrivals: Option<crate::upgrade::Arrivals>,
+    /// Transparent mode's steering and routing rules; removed on drop (see `serve`).
+    transparent: Option<crate::transparent::Interception>,
 }
 
 impl Prepared {
@@ -301,6 +310,7 @@ pub async fn prepare_with(
         .iter()
         .map(|l| l.local_addr())
         .collect::<std::io::Result<Vec<_>>>()?;
+    let transparent = crate::transparent::Interception::start(&config, &listeners)?;
     let xdp = crate::xdp::start_for(&config, addrs, inherited.is_some())?;
     let admin = config
         .admin
@@ -323,6 +333,7 @@ pub async fn prepare_with(
         xdp,
         admin,
         arrivals: inherited.map(crate::upgrade::Inherited::into_arrivals),
+        transparent,
     })
 }
 
@@ -410,7 +421,7 @@ fn start_frontend(
         .map_err(|err| tracing::debug!(%err, "no copy of the listener for upgrades"))
         .ok();
     let (stop, stopped) = frontend_stop(shared.shutdown.clone());
-    let task = spawn_frontend(built, (&f.name, addr), listener, shared, stopped);
+    let task = spawn_frontend(built, (&f.name, addr, f.mode), listener, shared, stopped);
     Ok(Running {
         name: f.name.clone(),
         addr,
@@ -459,7 +470,7 @@ fn build_frontend(
 /// Starts the accept loop of a built frontend on `listener`.
 fn spawn_frontend(
     built: Built,
-    (name, addr): (&str, SocketAddr),
+    (name, addr, mode): (&str, SocketAddr, Mode),
     listener: tokio::net::TcpListener,
     shared: &Shared<'_>,
     stopped: watch::Receiver<bool>,
@@ -475,7 +486,12 @@ fn spawn_frontend(
             ))
         }
         Built::L4(frontend, kernel, m) => {
-            tracing::info!(frontend = %name, %addr, kernel, "listening (L4 passthrough)");
+            let how = if mode == Mode::Transparent {
+                "listening (transparent: intercepted connections, L4 passthrough)"
+            } else {
+                "listening (L4 passthrough)"
+            };
+            tracing::info!(frontend = %name, %addr, kernel, "{how}");
             tokio::spawn(l4::serve(
                 listener,
                 Arc::new(frontend),

@@ -71,6 +71,7 @@ fn read_next(current: &Config, shared: &Shared<'_>) -> anyhow::Result<Config> {
         current.instance,
         next.instance
     );
+    crate::transparent::check_reload(current, &next).map_err(anyhow::Error::msg)?;
     if next.max_connections != current.max_connections {
         tracing::warn!("reload: the agent-wide max_connections takes effect at the next start");
     }

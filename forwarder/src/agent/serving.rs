@@ -26,6 +26,8 @@ pub(super) struct Serving {
     agent_cap: Arc<AgentCap>,
     datapath: Option<Arc<Datapath>>,
     xdp: Option<XdpGuard>,
+    /// Transparent mode's steering and routing rules; removed first at a stop.
+    transparent: Option<crate::transparent::Interception>,
     /// The Prometheus page's view of the frontends (`None`: no admin address).
     admin: Option<Arc<Registry>>,
     /// A copy of the admin listener, for an upgrade to hand over.
@@ -51,6 +53,7 @@ impl Serving {
             xdp,
             admin,
             arrivals,
+            transparent,
         } = prepared;
         let admin_fd = admin.as_ref().and_then(|l| {
             Some((
@@ -72,6 +75,7 @@ impl Serving {
             agent_cap,
             datapath,
             xdp,
+            transparent,
             admin,
             admin_fd,
             running,
@@ -104,6 +108,7 @@ impl Serving {
             xdp: self.xdp.as_mut(),
             demo: self.options.config_path.is_none()
                 && self.config.instance == crate::demo::INSTANCE,
+            transparent: self.transparent.is_some(),
         };
         match upgrade::start_next(holdings).await {
             Ok(next) => {
@@ -162,6 +167,9 @@ impl Serving {
     /// Once a second: counters for `forwarder stats`, run-time XDP rules to their file.
     pub(super) fn publish(&mut self) {
         publish_stats(&self.running, self.datapath.as_deref());
+        if let (Some(t), Some(dp)) = (&self.transparent, self.datapath.as_deref()) {
+            t.publish(dp);
+        }
         if let Some(guard) = self.xdp.as_mut() {
             guard.save_rules();
         }
@@ -169,7 +177,10 @@ impl Serving {
 
     /// After a stop: waits (up to the drain deadline) for open connections, those of
     /// frontends earlier reloads retired too, then detaches and unpins.
-    pub(super) async fn drain(self) {
+    pub(super) async fn drain(mut self) {
+        // Stop intercepting first: while the agent drains, new connections go on to their
+        // destination through the host's ordinary routing instead of being reset.
+        drop(self.transparent.take());
         let deadline = self
             .options
             .drain_deadline

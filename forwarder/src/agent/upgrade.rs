@@ -25,10 +25,17 @@ pub(super) struct Holdings<'a> {
     pub admin: Option<(std::net::SocketAddr, &'a std::os::fd::OwnedFd)>,
     pub xdp: Option<&'a mut crate::xdp::XdpGuard>,
     pub demo: bool,
+    /// Transparent interception is on (its hand-over is not built yet).
+    pub transparent: bool,
 }
 
 /// Starts the next binary and hands it the listeners; `Err` leaves this agent serving.
 pub(super) async fn start_next(mut holdings: Holdings<'_>) -> anyhow::Result<Next> {
+    anyhow::ensure!(
+        !holdings.transparent,
+        "transparent mode's interception cannot be handed over yet: restart the agent to \
+         upgrade it"
+    );
     anyhow::ensure!(
         !holdings.demo,
         "the built-in demo's stand-in upstream lives in this process: restart it instead"

@@ -221,6 +221,19 @@ pub struct L4Frontend {
     pub keepalive: Option<Keepalive>,
     /// Connection caps in front of the listener.
     pub gate: Gate,
+    /// Transparent mode: a connection no backend takes goes to its original destination
+    /// (see `crate::transparent`).
+    pub original_destination: Option<OriginalDestination>,
+}
+
+/// How a transparent frontend connects a device's original destination (no backend).
+#[derive(Clone, Copy, Debug)]
+pub struct OriginalDestination {
+    pub connect_timeout: Duration,
+    /// Write a PROXY v2 header first.
+    pub send_proxy_v2: bool,
+    /// Connect from the device's own address.
+    pub preserve_source: bool,
 }
 
 /// Accepts until `shutdown` turns true. Each connection runs in its own task.
@@ -286,13 +299,39 @@ async fn open_upstream(
             return None;
         }
     };
-    let (upstream, upstream_addr) = match pool.connect().await {
-        Ok(found) => found,
-        Err(err) => {
-            upstream_failed(&err, metrics);
-            return None;
+    // The device's address, for an upstream that preserves it.
+    let source = client.peer_addr().ok().map(|a| a.ip());
+    let original = frontend.original_destination;
+    let connected = match &pool {
+        Some(pool) => pool
+            .connect_as(source)
+            .await
+            .map_err(|err| upstream_failed(&err, metrics)),
+        None => {
+            let timeout = original.map_or(Duration::from_secs(5), |o| o.connect_timeout);
+            let from = source.filter(|_| original.is_some_and(|o| o.preserve_source));
+            crate::transparent::upstream::connect_original(client, timeout, from)
+                .await
+                .map_err(|err| {
+                    metrics::add(&metrics.upstream_connect_failed, 1);
+                    info_limited!(%err, "original destination unreachable; closing client");
+                })
         }
     };
+    let Ok((upstream, upstream_addr)) = connected else {
+        return None;
+    };
+    let proxy_v2 = match &pool {
+        Some(pool) => pool.send_proxy_v2,
+        None => original.is_some_and(|o| o.send_proxy_v2),
+    };
+    if proxy_v2
+        && let Err(err) = crate::transparent::upstream::send_proxy_v2(&upstream, client).await
+    {
+        metrics::add(&metrics.upstream_connect_failed, 1);
+        tracing::warn!(%err, "could not send the PROXY v2 header upstream; closing client");
+        return None;
+    }
     // The client's came with it from the listener (see `serve`).
     set_keepalive_or_warn(upstream.as_fd(), frontend.keepalive);
     Some((upstream, upstream_addr))
@@ -452,16 +491,18 @@ impl RouteError {
     }
 }
 
+/// The backend for this client; `None`: its original destination (transparent mode).
 async fn route(
     client: &TcpStream,
     frontend: &L4Frontend,
     metrics: &L4Metrics,
-) -> Result<Arc<Pool>, RouteError> {
+) -> Result<Option<Arc<Pool>>, RouteError> {
     if frontend.sni_routes.is_empty() {
-        return frontend
-            .default_backend
-            .clone()
-            .ok_or(RouteError::UnknownName(None));
+        return match &frontend.default_backend {
+            Some(pool) => Ok(Some(pool.clone())),
+            None if frontend.original_destination.is_some() => Ok(None),
+            None => Err(RouteError::UnknownName(None)),
+        };
     }
     let name =
         match tokio::time::timeout(frontend.client_hello_timeout, peek_server_name(client)).await {
@@ -473,10 +514,11 @@ async fn route(
             }
         };
     if let Some(pool) = name.as_deref().and_then(|n| frontend.sni_routes.get(n)) {
-        return Ok(pool.clone());
+        return Ok(Some(pool.clone()));
     }
     match &frontend.default_backend {
-        Some(pool) => Ok(pool.clone()),
+        Some(pool) => Ok(Some(pool.clone())),
+        None if frontend.original_destination.is_some() => Ok(None),
         None => {
             metrics::add(&metrics.sni_unknown, 1);
             Err(RouteError::UnknownName(name))

@@ -32,6 +32,11 @@ pub struct Pool {
     /// New connections wait for a slot here first (`max_new_connections_per_sec`).
     pacer: Option<Pacer>,
     pub metrics: BackendMetrics,
+    /// Write a PROXY v2 header before the client's bytes (`send_proxy_v2`).
+    pub send_proxy_v2: bool,
+    /// Connect from the client's own address (`preserve_source`, see
+    /// `crate::transparent::upstream::connect_from`).
+    pub preserve_source: bool,
 }
 
 #[derive(Debug)]
@@ -78,12 +83,26 @@ impl Pool {
             connect_timeout,
             pacer: None,
             metrics: BackendMetrics::default(),
+            send_proxy_v2: false,
+            preserve_source: false,
         }
     }
 
     /// Paces this backend's new connections (`None`: every connect goes at once).
     pub fn with_pacing(mut self, limits: Option<PacingLimits>) -> Self {
         self.pacer = limits.map(Pacer::new);
+        self
+    }
+
+    /// Sends a PROXY v2 header on each new connection before the client's bytes.
+    pub fn with_proxy_v2(mut self, on: bool) -> Self {
+        self.send_proxy_v2 = on;
+        self
+    }
+
+    /// Connects from the client's address (`connect_as`) rather than the host's.
+    pub fn with_preserve_source(mut self, on: bool) -> Self {
+        self.preserve_source = on;
         self
     }
 
@@ -118,6 +137,15 @@ impl Pool {
     /// for a slot (or is refused). One slot per device: failover attempts after a failed
     /// connect are not paced again (the hub did not count a connection it never accepted).
     pub async fn connect(&self) -> Result<(TcpStream, SocketAddr), ConnectError> {
+        self.connect_as(None).await
+    }
+
+    /// `connect`, from `source` (the client's address) when this pool preserves it.
+    pub async fn connect_as(
+        &self,
+        source: Option<std::net::IpAddr>,
+    ) -> Result<(TcpStream, SocketAddr), ConnectError> {
+        let source = source.filter(|_| self.preserve_source);
         if let Some(pacer) = &self.pacer
             && let Err(refusal) = pacer.admit(&self.metrics).await
         {
@@ -128,16 +156,21 @@ impl Pool {
                 paced: Some(refusal),
             });
         }
-        self.connect_now().await
+        self.connect_now(source).await
     }
 
     /// Tries the servers in `attempt_order`, each within the connect timeout.
-    async fn connect_now(&self) -> Result<(TcpStream, SocketAddr), ConnectError> {
+    async fn connect_now(
+        &self,
+        source: Option<std::net::IpAddr>,
+    ) -> Result<(TcpStream, SocketAddr), ConnectError> {
         let mut attempts = Vec::new();
         let mut timed_out = true;
         for index in self.attempt_order() {
             let server = &self.servers[index];
-            match tokio::time::timeout(self.connect_timeout, connect_any(&server.address)).await {
+            match tokio::time::timeout(self.connect_timeout, connect_any(&server.address, source))
+                .await
+            {
                 Ok(Ok(found)) => {
                     metrics::add(&self.metrics.connects, 1);
                     return Ok(found);
@@ -170,10 +203,17 @@ impl Pool {
     }
 }
 
-async fn connect_any(address: &str) -> io::Result<(TcpStream, SocketAddr)> {
+async fn connect_any(
+    address: &str,
+    source: Option<std::net::IpAddr>,
+) -> io::Result<(TcpStream, SocketAddr)> {
     let mut last = io::Error::new(io::ErrorKind::NotFound, "name resolved to no address");
     for addr in tokio::net::lookup_host(address).await? {
-        match TcpStream::connect(addr).await {
+        let connected = match source {
+            Some(source) => crate::transparent::upstream::connect_from(source, addr).await,
+            None => TcpStream::connect(addr).await,
+        };
+        match connected {
             Ok(stream) => {
                 stream.set_nodelay(true)?;
                 return Ok((stream, addr));
