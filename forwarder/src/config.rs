@@ -164,6 +164,13 @@ pub struct Frontend {
     /// mode "transparent": destination prefixes (CIDR) intercepted; empty: any.
     #[serde(default)]
     pub intercept_destinations: Vec<String>,
+    /// mode "transparent": host names whose addresses are intercepted (besides
+    /// `intercept_destinations`), resolved at start and every
+    /// `intercept_hosts_refresh_secs`.
+    #[serde(default)]
+    pub intercept_hosts: Vec<String>,
+    #[serde(default = "default_hosts_refresh")]
+    pub intercept_hosts_refresh_secs: u64,
     /// mode "transparent", no backend: PROXY v2 towards the original destination (a
     /// backend has its own `send_proxy_v2`).
     #[serde(default)]
@@ -309,6 +316,8 @@ impl Frontend {
             http_idle_timeout: default_http_idle_timeout(),
             intercept_ports: Vec::new(),
             intercept_destinations: Vec::new(),
+            intercept_hosts: Vec::new(),
+            intercept_hosts_refresh_secs: default_hosts_refresh(),
             send_proxy_v2: false,
             preserve_source: false,
         }
@@ -533,6 +542,9 @@ pub struct ServerConfig {
     pub weight: u32,
 }
 
+fn default_hosts_refresh() -> u64 {
+    crate::transparent::DEFAULT_HOSTS_REFRESH_SECS
+}
 fn default_instance() -> String {
     "default".into()
 }

@@ -173,6 +173,18 @@ fn start_agent(gw: &Gateway, config: &Path, instance: &str, table: u32) -> KillO
     start_agent_as(gw, config, instance, table, None)
 }
 
+/// `start_agent` with `hosts` bind-mounted over /etc/hosts, in a mount namespace of the
+/// agent's own (what names resolve to, changed by the test while it runs).
+fn start_agent_with_hosts(
+    gw: &Gateway,
+    config: &Path,
+    instance: &str,
+    table: u32,
+    hosts: &Path,
+) -> KillOnDrop {
+    start_agent_inner(gw, config, instance, table, None, Some(hosts))
+}
+
 /// `start_agent`, becoming `user` after start-up (`--user`) when given.
 fn start_agent_as(
     gw: &Gateway,
@@ -180,6 +192,17 @@ fn start_agent_as(
     instance: &str,
     table: u32,
     user: Option<&str>,
+) -> KillOnDrop {
+    start_agent_inner(gw, config, instance, table, user, None)
+}
+
+fn start_agent_inner(
+    gw: &Gateway,
+    config: &Path,
+    instance: &str,
+    table: u32,
+    user: Option<&str>,
+    hosts: Option<&Path>,
 ) -> KillOnDrop {
     // Into the gateway's network namespace only (`ip netns exec` would also give it a
     // mount namespace of its own, and its pins would not be seen here).
@@ -196,13 +219,32 @@ fn start_agent_as(
         use std::os::fd::AsRawFd as _;
         use std::os::unix::process::CommandExt as _;
         let fd = netns.as_raw_fd();
+        let hosts = hosts
+            .map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("hosts path"));
         #[allow(unsafe_code)] // a raw pre-exec hook
-        // SAFETY: the hook runs in the forked child before exec and only calls setns(2)
-        // on a descriptor the parent keeps open until the spawn returns.
+        // SAFETY: the hook runs in the forked child before exec and only makes system
+        // calls (setns, unshare, mount) with a descriptor the parent keeps open until the
+        // spawn returns and C strings made before the fork.
         unsafe {
             command.pre_exec(move || {
                 if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(hosts) = &hosts {
+                    let none = std::ptr::null();
+                    let private = libc::MS_REC | libc::MS_PRIVATE;
+                    if libc::unshare(libc::CLONE_NEWNS) != 0
+                        || libc::mount(none, c"/".as_ptr(), none, private, std::ptr::null()) != 0
+                        || libc::mount(
+                            hosts.as_ptr(),
+                            c"/etc/hosts".as_ptr(),
+                            none,
+                            libc::MS_BIND,
+                            std::ptr::null(),
+                        ) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -784,6 +826,77 @@ fn preserve_source_shows_the_server_the_devices_address() {
     );
     assert_eq!(sha256(&echoed), sha256(&payload), "bytes differ");
     assert!(wait_counter(&instance, "mqtt", "kernel_spliced", 1) >= 1);
+    stop_agent(agent);
+    gw.assert_clean(table, "after a stop");
+}
+
+/// `intercept_hosts`: the hub's name is resolved at start and again every second; when
+/// it moves to another address, the interception moves with it (rules and steering), and
+/// the old address is routed on untouched.
+#[test]
+fn intercept_hosts_follow_the_hubs_address() {
+    require_root();
+    let gw = Gateway::new();
+    let dir = scratch_dir(&format!("transparent-hosts-{}", unique()));
+    gw.ip(
+        &gw.hub,
+        &[
+            "addr",
+            "add",
+            &format!("{OTHER}/24"),
+            "dev",
+            &format!("th{}", gw.id),
+        ],
+    );
+    let (first, second) = (
+        hub_addr(8883),
+        SocketAddr::new(OTHER.parse().unwrap(), 8883),
+    );
+    let _echo_first = EchoServer::start(&gw.hub, first);
+    let _echo_second = EchoServer::start(&gw.hub, second);
+    let hosts = dir.join("hosts");
+    std::fs::write(&hosts, format!("{HUB} {HUB_NAME}\n")).unwrap();
+
+    let instance = format!("tp-hosts-{}", unique());
+    let table = Identity::of(&instance).table;
+    let config = write_config(
+        &dir,
+        &instance,
+        &format!(
+            "[[frontend]]\nname = \"mqtt\"\nmode = \"transparent\"\nbind = \"127.0.0.1:0\"\nintercept_ports = [8883]\nintercept_hosts = [\"{HUB_NAME}\"]\nintercept_hosts_refresh_secs = 1\n"
+        ),
+    );
+    let agent = start_agent_with_hosts(&gw, &config, &instance, table, &hosts);
+    let device: std::net::IpAddr = DEVICE.parse().unwrap();
+    let round_trip = |to: SocketAddr| {
+        forwarder_tests::netns::echo_round_trip(&gw.device, device, to)
+            .unwrap_or_else(|e| panic!("echo through {to}: {e}"));
+    };
+    let accepted = || {
+        std::thread::sleep(Duration::from_millis(1200)); // published every second
+        counter(&instance, "mqtt", "accepted")
+    };
+    round_trip(first);
+    assert_eq!(accepted(), 1, "the name's address is intercepted");
+    round_trip(second);
+    assert_eq!(accepted(), 1, "another address is not");
+
+    // The name moves (written in place: the bind mount keeps the file).
+    std::fs::write(&hosts, format!("{OTHER} {HUB_NAME}\n")).unwrap();
+    let moved = wait(Duration::from_secs(10), || {
+        let (rules, _) = gw.routing(table);
+        rules.iter().any(|l| l.contains(&format!("to {OTHER} ")))
+            && !rules.iter().any(|l| l.contains(&format!("to {HUB} ")))
+    });
+    assert!(
+        moved,
+        "the rules did not follow the name: {:?}",
+        gw.routing(table).0
+    );
+    round_trip(second);
+    assert_eq!(accepted(), 2, "the name's new address is intercepted");
+    round_trip(first);
+    assert_eq!(accepted(), 2, "its old address is not any more");
     stop_agent(agent);
     gw.assert_clean(table, "after a stop");
 }

@@ -53,8 +53,11 @@ impl Serving {
             xdp,
             admin,
             arrivals,
-            transparent,
+            mut transparent,
         } = prepared;
+        if let Some(t) = transparent.as_mut() {
+            t.spawn_refresh();
+        }
         let admin_fd = admin.as_ref().and_then(|l| {
             Some((
                 l.local_addr().ok()?,

@@ -20,6 +20,7 @@
 //! The accepted socket's local address is the device's original destination
 //! (`getsockname`), which `upstream` connects to unless the frontend names a backend.
 
+mod hosts;
 pub mod proxy_v2;
 pub mod rules;
 mod steer;
@@ -27,6 +28,7 @@ pub mod upstream;
 
 use std::collections::HashSet;
 use std::os::fd::AsFd;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use forwarder_common::{TP_MAX_DESTS, TP_MAX_LISTENERS, TP_MAX_PORTS};
@@ -44,12 +46,19 @@ pub static TRANSPARENT_OBJECT: &[u8] =
 /// rewriting).
 pub const DEFAULT_PORTS: [(&str, u16); 3] = [("mqtt", 8883), ("amqp", 5671), ("https", 443)];
 
+/// How often `intercept_hosts` are resolved again when the frontend does not say.
+pub const DEFAULT_HOSTS_REFRESH_SECS: u64 = 60;
+
 /// What one transparent frontend intercepts.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Intercept {
     pub ports: Vec<u16>,
-    /// Empty: any destination.
+    /// The prefixes intercepted now (configured, and the host names' addresses).
     pub destinations: Vec<Cidr>,
+    /// Any destination (no prefix and no host name configured).
+    pub any: bool,
+    /// Host names whose addresses are intercepted, resolved again and again.
+    pub hosts: Vec<String>,
 }
 
 impl Intercept {
@@ -63,15 +72,42 @@ impl Intercept {
                     .map_err(|e| format!("frontend {:?}: intercept_destinations[{i}]: {e}", f.name))
             })
             .collect::<Result<_, _>>()?;
+        let destinations: Vec<Cidr> = destinations;
         Ok(Self {
             ports: f.intercept_ports.clone(),
+            any: destinations.is_empty() && f.intercept_hosts.is_empty(),
             destinations,
+            hosts: f.intercept_hosts.clone(),
         })
     }
 
-    /// Whether IPv4 (or IPv6) destinations are intercepted at all.
+    /// Any destination, in tests.
+    #[cfg(test)]
+    pub fn any(ports: Vec<u16>) -> Self {
+        Self {
+            ports,
+            destinations: Vec::new(),
+            any: true,
+            hosts: Vec::new(),
+        }
+    }
+
+    /// These prefixes only, in tests.
+    #[cfg(test)]
+    pub fn to(ports: Vec<u16>, destinations: Vec<Cidr>) -> Self {
+        Self {
+            ports,
+            destinations,
+            any: false,
+            hosts: Vec::new(),
+        }
+    }
+
+    /// Whether IPv4 (or IPv6) destinations are (or, by a host name, may be) intercepted.
     fn covers(&self, ipv6: bool) -> bool {
-        self.destinations.is_empty() || self.destinations.iter().any(|d| d.addr().is_ipv6() == ipv6)
+        self.any
+            || !self.hosts.is_empty()
+            || self.destinations.iter().any(|d| d.addr().is_ipv6() == ipv6)
     }
 }
 
@@ -90,9 +126,12 @@ pub fn validate(config: &Config) -> Result<(), String> {
             ));
         }
         if f.mode != Mode::Transparent {
-            if !f.intercept_ports.is_empty() || !f.intercept_destinations.is_empty() {
+            if !f.intercept_ports.is_empty()
+                || !f.intercept_destinations.is_empty()
+                || !f.intercept_hosts.is_empty()
+            {
                 return Err(format!(
-                    "frontend {:?}: intercept_ports and intercept_destinations apply to mode \"transparent\" only",
+                    "frontend {:?}: intercept_ports, intercept_destinations and intercept_hosts apply to mode \"transparent\" only",
                     f.name
                 ));
             }
@@ -120,7 +159,26 @@ pub fn validate(config: &Config) -> Result<(), String> {
             }
         }
         let intercept = Intercept::of(f)?;
-        dests += intercept.destinations.len().max(2);
+        dests += intercept.destinations.len().max(2) + 8 * intercept.hosts.len();
+        for (i, host) in f.intercept_hosts.iter().enumerate() {
+            let ok = !host.is_empty()
+                && host.len() <= 253
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_');
+            if !ok {
+                return Err(format!(
+                    "frontend {:?}: intercept_hosts[{i}]: {host:?} is not a host name",
+                    f.name
+                ));
+            }
+        }
+        if !(1..=86_400).contains(&f.intercept_hosts_refresh_secs) {
+            return Err(format!(
+                "frontend {:?}: intercept_hosts_refresh_secs = {} is out of range 1..=86400 (seconds between resolutions of intercept_hosts)",
+                f.name, f.intercept_hosts_refresh_secs
+            ));
+        }
     }
     if listeners > TP_MAX_LISTENERS || ports.len() > TP_MAX_PORTS as usize {
         return Err(format!(
@@ -221,7 +279,12 @@ fn looks_like_azure(address: &str) -> bool {
 pub struct Interception {
     rules: rules::Installed,
     /// Absent when only `preserve_source` needs the rules (no transparent frontend).
-    steer: Option<steer::Steer>,
+    steer: Option<Arc<steer::Steer>>,
+    identity: Identity,
+    /// Frontends with `intercept_hosts`, until `spawn_refresh` takes them.
+    watches: Vec<hosts::HostWatch>,
+    /// Their refresh tasks: stopped before the rules are removed.
+    refreshing: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// Server ports whose replies must be taken in by this host: those of upstreams that
@@ -256,9 +319,21 @@ impl Interception {
         listeners: &[std::net::TcpListener],
     ) -> anyhow::Result<Option<Self>> {
         let mut targets = Vec::new();
+        let mut watches = Vec::new();
         for (f, listener) in config.frontends.iter().zip(listeners) {
             if f.mode == Mode::Transparent {
-                let intercept = Intercept::of(f).map_err(anyhow::Error::msg)?;
+                let mut intercept = Intercept::of(f).map_err(anyhow::Error::msg)?;
+                if !intercept.hosts.is_empty() {
+                    let slot = u32::try_from(targets.len()).unwrap_or(u32::MAX);
+                    let watch = hosts::HostWatch::start(
+                        slot,
+                        intercept.ports.clone(),
+                        &intercept.hosts,
+                        std::time::Duration::from_secs(f.intercept_hosts_refresh_secs),
+                    );
+                    intercept.destinations.extend(watch.prefixes());
+                    watches.push(watch);
+                }
                 crate::sys::set_ip_transparent(listener.as_fd(), listener.local_addr()?.is_ipv6())
                     .with_context(|| {
                         format!(
@@ -286,7 +361,7 @@ impl Interception {
         let steer = if targets.is_empty() {
             None
         } else {
-            Some(steer::Steer::start(&targets)?)
+            Some(Arc::new(steer::Steer::start(&targets)?))
         };
         let intercepts: Vec<&Intercept> = targets.iter().map(|(i, _)| i).collect();
         let rules = rules::install(&identity, &intercepts, &reply_ports)?;
@@ -298,7 +373,25 @@ impl Interception {
             "transparent interception on (`ip rule`, `ip route show table {}`)",
             identity.table
         );
-        Ok(Some(Self { rules, steer }))
+        Ok(Some(Self {
+            rules,
+            steer,
+            identity,
+            watches,
+            refreshing: Vec::new(),
+        }))
+    }
+
+    /// Starts resolving `intercept_hosts` again periodically (on the serving runtime: the
+    /// start-up one may be gone by then).
+    pub fn spawn_refresh(&mut self) {
+        let Some(steer) = &self.steer else {
+            return;
+        };
+        for watch in self.watches.drain(..) {
+            self.refreshing
+                .push(tokio::spawn(watch.refresh(steer.clone(), self.identity)));
+        }
     }
 }
 
@@ -325,6 +418,9 @@ impl Interception {
 
 impl Drop for Interception {
     fn drop(&mut self) {
+        for task in &self.refreshing {
+            task.abort();
+        }
         // Rules first: once they are gone, new connections are routed on to their
         // destination as if the agent were not there, rather than reset.
         self.rules.remove();
@@ -377,6 +473,29 @@ intercept_ports = [8883]
         let elsewhere = "[[backend]]\nname = \"b\"\nservers = [{ address = \"h:1\" }]\n[[frontend]]\nname = \"s\"\nbind = \"127.0.0.1:0\"\nbackend = \"b\"\nintercept_ports = [1]\n";
         let err = parse(elsewhere).unwrap_err();
         assert!(err.contains("mode \"transparent\" only"), "{err}");
+    }
+
+    #[test]
+    fn host_names_are_checked_and_restrict_the_interception() {
+        let named = BASE.replace(
+            "[8883]",
+            "[8883]\nintercept_hosts = [\"myhub.azure-devices.net\"]",
+        );
+        let config = parse(&named).unwrap();
+        let intercept = Intercept::of(&config.frontends[0]).unwrap();
+        assert!(
+            !intercept.any,
+            "a host name restricts the interception to its addresses"
+        );
+        assert!(intercept.covers(false) && intercept.covers(true));
+        let bad = BASE.replace("[8883]", "[8883]\nintercept_hosts = [\"a b\"]");
+        assert!(parse(&bad).unwrap_err().contains("intercept_hosts[0]"));
+        let refresh = named.replace("[8883]\n", "[8883]\nintercept_hosts_refresh_secs = 0\n");
+        assert!(
+            parse(&refresh)
+                .unwrap_err()
+                .contains("intercept_hosts_refresh_secs = 0")
+        );
     }
 
     #[test]

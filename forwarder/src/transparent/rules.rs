@@ -101,7 +101,7 @@ pub fn install_commands(
                 w.extend(["ipproto", "tcp", "dport", &port, "lookup", &table]);
                 words(&w)
             };
-            if prefixes.is_empty() {
+            if i.any {
                 commands.push(rule(None));
             }
             for prefix in &prefixes {
@@ -116,6 +116,30 @@ pub fn install_commands(
         ]));
     }
     commands
+}
+
+/// Adds (or deletes) the interception rule for one destination address and port: what a
+/// change of an `intercept_hosts` name's addresses needs.
+pub fn set_destination(
+    id: &Identity,
+    addr: std::net::IpAddr,
+    port: u16,
+    add: bool,
+) -> anyhow::Result<()> {
+    let family = if addr.is_ipv4() { "-4" } else { "-6" };
+    let to = if addr.is_ipv4() {
+        format!("{addr}/32")
+    } else {
+        format!("{addr}/128")
+    };
+    let [_, intercept, _] = id.priorities().map(|p| p.to_string());
+    let (port, table) = (port.to_string(), id.table.to_string());
+    let verb = if add { "add" } else { "del" };
+    ip(&[
+        family, "rule", verb, "pref", &intercept, "to", &to, "ipproto", "tcp", "dport", &port,
+        "lookup", &table,
+    ])
+    .map(|_| ())
 }
 
 /// What `install` put in place; `remove` takes it away again.
@@ -342,10 +366,7 @@ mod tests {
             table: 7,
             priority: 100,
         };
-        let any = Intercept {
-            ports: vec![8883, 443],
-            destinations: vec![],
-        };
+        let any = Intercept::any(vec![8883, 443]);
         let lines: Vec<String> = install_commands(&id, "-4", &[&any], &[])
             .iter()
             .map(|c| c.join(" "))
@@ -360,10 +381,7 @@ mod tests {
                 "-4 rule add pref 101 ipproto tcp dport 443 lookup 7",
             ]
         );
-        let hub = Intercept {
-            ports: vec![8883],
-            destinations: vec!["192.0.2.0/24".parse().unwrap()],
-        };
+        let hub = Intercept::to(vec![8883], vec!["192.0.2.0/24".parse().unwrap()]);
         let v4 = install_commands(&id, "-4", &[&hub], &[8883]);
         assert_eq!(
             v4[3].join(" "),

@@ -18,6 +18,8 @@ pub struct Steer {
     // Owns the program and its link.
     _ebpf: Ebpf,
     stats: PerCpuArray<MapData, u64>,
+    /// Changed at run time as `intercept_hosts` resolve to other addresses.
+    dests: std::sync::Mutex<LpmTrie<MapData, [u8; TP_DEST_KEY_LEN], u8>>,
 }
 
 impl Steer {
@@ -64,7 +66,24 @@ impl Steer {
         program
             .attach(netns)
             .context("attaching the sk_lookup program to the network namespace")?;
-        Ok(Self { _ebpf: ebpf, stats })
+        Ok(Self {
+            _ebpf: ebpf,
+            stats,
+            dests: std::sync::Mutex::new(dests),
+        })
+    }
+
+    /// Intercepts (or no longer) connections to `addr` for the listener of `slot`.
+    pub fn set_destination(&self, slot: u32, addr: IpAddr, on: bool) -> anyhow::Result<()> {
+        let (data, len) = host_prefix(addr);
+        let key = dest_key(slot, data, len);
+        let mut dests = self.dests.lock().unwrap_or_else(|p| p.into_inner());
+        if on {
+            dests.insert(&key, 1, 0).context("adding to TP_DESTS")?;
+        } else {
+            dests.remove(&key).context("removing from TP_DESTS")?;
+        }
+        Ok(())
     }
 
     /// Connections counted under `reason` (a `tp_reason`) so far, all CPUs together.
@@ -79,7 +98,7 @@ impl Steer {
 /// A frontend's prefixes, IPv4 mapped into IPv6, with their length there; `::/0` (every
 /// destination of both families) when it names none.
 fn prefixes(intercept: &Intercept) -> Vec<([u8; 16], u32)> {
-    if intercept.destinations.is_empty() {
+    if intercept.any {
         return vec![([0; 16], 0)];
     }
     intercept
@@ -90,6 +109,14 @@ fn prefixes(intercept: &Intercept) -> Vec<([u8; 16], u32)> {
             IpAddr::V6(v6) => (v6.octets(), u32::from(d.prefix_len())),
         })
         .collect()
+}
+
+/// One address as a prefix of its own, IPv4 mapped into IPv6.
+fn host_prefix(addr: IpAddr) -> ([u8; 16], u32) {
+    match addr.to_canonical() {
+        IpAddr::V4(v4) => (v4.to_ipv6_mapped().octets(), 128),
+        IpAddr::V6(v6) => (v6.octets(), 128),
+    }
 }
 
 /// `TP_DESTS` key: the slot, then the address; the prefix covers the slot whole.
@@ -106,10 +133,7 @@ mod tests {
 
     #[test]
     fn ipv4_prefixes_are_keyed_as_mapped_ipv6_under_their_slot() {
-        let intercept = Intercept {
-            ports: vec![8883],
-            destinations: vec!["192.0.2.0/24".parse().unwrap()],
-        };
+        let intercept = Intercept::to(vec![8883], vec!["192.0.2.0/24".parse().unwrap()]);
         let [(addr, len)] = prefixes(&intercept)[..] else {
             panic!("one prefix");
         };
@@ -122,10 +146,7 @@ mod tests {
                 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 192, 0, 2, 0
             ]
         );
-        let any = Intercept {
-            ports: vec![1],
-            destinations: vec![],
-        };
+        let any = Intercept::any(vec![1]);
         assert_eq!(prefixes(&any), vec![([0; 16], 0)]);
     }
 }
