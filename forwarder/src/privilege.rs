@@ -175,8 +175,8 @@ mod tests {
     }
 
     #[test]
-    fn the_kept_set_is_exactly_three_capabilities() {
-        assert_eq!(KEPT.count_ones(), 3);
-        assert_eq!(KEPT, 0x80_0000_1400);
+    fn the_kept_set_is_exactly_four_capabilities() {
+        assert_eq!(KEPT.count_ones(), 4);
+        assert_eq!(KEPT, 0xc0_0000_1400);
     }
 }
