@@ -189,3 +189,75 @@ async fn a_reload_rotates_certificates_keeps_open_connections_and_refuses_broken
         .unwrap()
         .unwrap();
 }
+
+/// Renewed files are picked up without a reload: the agent looks at them every few
+/// seconds, and new connections get the new certificate (a renewal that writes the
+/// certificate before the key passes through a mismatched pair, refused until the key
+/// follows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_files_renewed_on_disk_rotate_without_a_reload() {
+    init_logging();
+    let dir = scratch_dir("rotation-watch");
+    let ca = TestCa::new(&dir);
+    let hub_leaf = ca.issue("hub", &[HUB]);
+    let hub = TestHub::start(HUB, &hub_leaf.cert, &hub_leaf.key, None).await;
+    let leaf = ca.issue("proxy", &[PROXY]);
+    let cert_a = leaf_on_disk(&leaf.cert);
+    let port = free_port();
+    let config_path = dir.join("forwarder.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "instance = \"rotation-watch-{pid}\"\n\
+             [[frontend]]\nname = \"https\"\nbind = \"127.0.0.1:{port}\"\nmode = \"http\"\n\
+             backend = \"hub\"\ntls_cert = {cert:?}\ntls_key = {key:?}\n\
+             [[backend]]\nname = \"hub\"\nservers = [{{ address = \"{hub}\" }}]\n\
+             host = \"{HUB}\"\nca_file = {ca_file:?}\n",
+            pid = std::process::id(),
+            hub = hub.addr,
+            cert = leaf.cert,
+            key = leaf.key,
+            ca_file = ca.ca_pem,
+        ),
+    )
+    .unwrap();
+    let config = Config::load(&config_path).expect("valid config");
+    let (stop, stopped) = watch::channel(false);
+    let (_reload, reloads) = mpsc::channel(1);
+    let options = RunOptions {
+        config_path: Some(config_path.clone()),
+        drain_deadline: Some(Duration::from_secs(2)),
+        ..Default::default()
+    };
+    let agent = tokio::spawn(agent::run(config, options, stopped, reloads));
+    forwarder_tests::peers::wait_for_port(port, "the forwarder");
+    assert_eq!(served_certificate(port, &ca).await, cert_a);
+    let (mut keepalive, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(tls_connect(port, &ca).await))
+            .await
+            .expect("HTTP/1.1 handshake");
+    tokio::spawn(connection);
+    get_ok(&mut keepalive).await;
+
+    // The renewal: certificate B over the same files, and no SIGHUP.
+    let leaf_b = ca.issue("proxy", &[PROXY]);
+    let cert_b = leaf_on_disk(&leaf_b.cert);
+    assert_ne!(cert_a, cert_b);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while served_certificate(port, &ca).await != cert_b {
+        assert!(
+            Instant::now() < deadline,
+            "new connections still see the old certificate 20 s after the renewal"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    get_ok(&mut keepalive).await;
+
+    stop.send(true).unwrap();
+    drop(keepalive);
+    tokio::time::timeout(Duration::from_secs(10), agent)
+        .await
+        .expect("the agent stops")
+        .unwrap()
+        .unwrap();
+}

@@ -557,6 +557,10 @@ pub async fn serve(
     serve_with_upgrades(prepared, shutdown, reload, upgrades).await
 }
 
+/// How often the agent looks at certificate, key and CA files for a renewal (reading and
+/// hashing a few small files).
+const CERTIFICATE_LOOK: Duration = Duration::from_secs(5);
+
 /// `serve`, where each message on `upgrade` hands the agent over to its binary on disk
 /// (`crate::upgrade`); once that succeeds, this process exits.
 pub async fn serve_with_upgrades(
@@ -571,9 +575,11 @@ pub async fn serve_with_upgrades(
     let mut report = tokio::time::interval(Duration::from_secs(30));
     report.tick().await;
     let mut publish = tokio::time::interval(Duration::from_secs(1));
+    let mut files = tokio::time::interval(CERTIFICATE_LOOK);
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
+            _ = files.tick() => serving.rotate_changed_files().await,
             Some(()) = upgrade.recv() => serving.upgrade().await,
             Some(()) = reload.recv() => serving.reload().await,
             _ = publish.tick() => serving.publish(),

@@ -25,6 +25,17 @@ pub(super) async fn apply(
     retired: &mut Vec<FrontendMetrics>,
 ) -> anyhow::Result<Config> {
     let next = read_next(current, shared)?;
+    apply_config(next, shared, running, retired).await
+}
+
+/// Applies `next` (the file's content, or the running configuration again when only
+/// certificate files changed) against what runs; returns it.
+pub(super) async fn apply_config(
+    next: Config,
+    shared: &Shared<'_>,
+    running: &mut Vec<Running>,
+    retired: &mut Vec<FrontendMetrics>,
+) -> anyhow::Result<Config> {
     let pools = super::build::pools(&next, &pools_in_use(running));
     let mut tally = Tally::default();
     let mut next_running = Vec::with_capacity(next.frontends.len());

@@ -1,6 +1,7 @@
 //! The agent while it serves: what each event of its loop does (a reload, an upgrade, the
 //! once-a-second publishing), and the drain at the end.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -9,8 +10,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::{
-    FrontendMetrics, Prepared, Running, Shared, Started, backend_pools, log_stats, publish_stats,
-    reload, upgrade,
+    FrontendMetrics, Prepared, Running, Shared, Spec, Started, backend_pools, log_stats,
+    publish_stats, reload, upgrade,
 };
 use crate::admin::Registry;
 use crate::admission::AgentCap;
@@ -35,6 +36,9 @@ pub(super) struct Serving {
     pub(super) running: Vec<Running>,
     /// Counters of frontends a reload stopped while they still had open connections.
     retired: Vec<FrontendMetrics>,
+    /// Certificate, key and CA file contents a rotation was refused for (frontend name ->
+    /// the files' hashes then), so a broken file is reported once, not at every look.
+    refused_files: HashMap<String, Vec<(std::path::PathBuf, Option<u64>)>>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -83,6 +87,7 @@ impl Serving {
             admin_fd,
             running,
             retired: Vec::new(),
+            refused_files: HashMap::new(),
             shutdown,
         };
         serving.register();
@@ -165,6 +170,49 @@ impl Serving {
         }
         self.register();
         self.config = next;
+    }
+
+    /// Every few seconds: rotates the certificates of frontends whose certificate, key or
+    /// CA files changed on disk (a renewal by certbot, cert-manager, ...), as a reload
+    /// would, with the running configuration (the configuration file is not read: an
+    /// edit in progress there waits for SIGHUP).
+    pub(super) async fn rotate_changed_files(&mut self) {
+        let changed: Vec<String> = self
+            .running
+            .iter()
+            .filter_map(|r| {
+                let now = Spec::of(&self.config, &r.spec.frontend).files;
+                let refused = self.refused_files.get(&r.name) == Some(&now);
+                (now != r.spec.files && !refused).then(|| r.name.clone())
+            })
+            .collect();
+        if changed.is_empty() {
+            return;
+        }
+        tracing::info!(frontends = ?changed, "certificate, key or CA files changed on disk: rotating");
+        let shared = Shared {
+            datapath: &self.datapath,
+            options: &self.options,
+            agent_cap: &self.agent_cap,
+            instance: &self.instance,
+            shutdown: &self.shutdown,
+        };
+        let again = self.config.clone();
+        let applied =
+            reload::apply_config(again, &shared, &mut self.running, &mut self.retired).await;
+        if let Err(err) = applied {
+            tracing::error!("certificate rotation refused: {err:#}");
+        }
+        // A frontend still on the old files refused the new ones (logged by the reload):
+        // remember them until they change again.
+        self.refused_files.clear();
+        for r in &self.running {
+            let now = Spec::of(&self.config, &r.spec.frontend).files;
+            if now != r.spec.files {
+                self.refused_files.insert(r.name.clone(), now);
+            }
+        }
+        self.register();
     }
 
     /// Once a second: counters for `forwarder stats`, run-time XDP rules to their file.
