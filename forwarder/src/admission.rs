@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tracing::Instrument as _;
 
 use crate::log_limit::LogLimit;
 use crate::metrics;
@@ -182,8 +183,9 @@ impl Gate {
     }
 
     /// The accept loop every frontend runs: accepts until `shutdown` turns true, and
-    /// serves each admitted client in a task of its own (the task holds the `Admitted`
-    /// slot until it ends).
+    /// serves each admitted client in a task of its own, in a `conn` span naming the
+    /// frontend and the client. `serve` gets the client's `Admitted` slot to hold for as
+    /// long as the client is served.
     pub async fn serve<F, Fut>(
         &self,
         listener: &TcpListener,
@@ -197,7 +199,8 @@ impl Gate {
         while let Some((client, peer, admitted)) =
             self.accept(listener, &mut shutdown, counters).await
         {
-            tokio::spawn(serve(client, peer, admitted));
+            let span = tracing::info_span!("conn", frontend = %self.frontend, client = %peer);
+            tokio::spawn(serve(client, peer, admitted).instrument(span));
         }
     }
 

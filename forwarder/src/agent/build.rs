@@ -164,7 +164,6 @@ pub fn originate_frontend(
     pools: &HashMap<String, Arc<Pool>>,
     gate: Gate,
 ) -> anyhow::Result<OriginateFrontend> {
-    let name = &f.name;
     let hub = config.hub(f)?;
     let (backend, pool) = hub_pool(&hub, pools)?;
     let backend_name = &backend.name;
@@ -174,7 +173,6 @@ pub fn originate_frontend(
     // MQTT over TLS, not HTTP: no ALPN.
     tls.alpn_protocols.clear();
     Ok(OriginateFrontend {
-        name: name.clone(),
         pool,
         tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
         server_name: hub.server_name,

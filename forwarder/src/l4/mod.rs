@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tracing::Instrument as _;
 
 use crate::admission::Gate;
 use crate::conn_list::Registration;
@@ -247,14 +246,12 @@ pub async fn serve(
     // Accepted sockets inherit the listener's keepalive: no per-connection syscalls.
     set_keepalive_or_warn(listener.as_fd(), frontend.keepalive);
     let counters = metrics.gate();
-    let serve = |client, peer, admitted| {
+    let serve = |client, _, admitted| {
         let (frontend, datapath, metrics) = (frontend.clone(), datapath.clone(), metrics.clone());
-        let span = tracing::info_span!("conn", frontend = %frontend.name, client = %peer);
         async move {
             handle_connection(client, &frontend, datapath.as_deref(), &metrics).await;
             drop(admitted);
         }
-        .instrument(span)
     };
     frontend
         .gate

@@ -11,7 +11,6 @@ use rustls_pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
-use tracing::Instrument as _;
 
 use crate::admission::Gate;
 use crate::keepalive::{Keepalive, set_keepalive_or_warn};
@@ -21,7 +20,6 @@ use crate::metrics::{self, ActiveGuard, L4Metrics};
 use crate::relay;
 
 pub struct OriginateFrontend {
-    pub name: String,
     pub pool: Arc<Pool>,
     pub tls: TlsConnector,
     /// The hub's name: SNI and the name its certificate must carry.
@@ -40,14 +38,13 @@ pub async fn serve(
     shutdown: watch::Receiver<bool>,
 ) {
     let counters = metrics.gate();
-    let serve = |client, peer, admitted| {
-        let (frontend, metrics) = (frontend.clone(), metrics.clone());
-        let span = tracing::info_span!("conn", frontend = %frontend.name, client = %peer);
+    let serve = |client, _, admitted| {
+        let frontend = frontend.clone();
+        let metrics = metrics.clone();
         async move {
             handle(client, &frontend, &metrics).await;
             drop(admitted);
         }
-        .instrument(span)
     };
     frontend
         .gate

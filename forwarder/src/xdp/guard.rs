@@ -70,22 +70,7 @@ impl XdpGuard {
         // SYN-rate settings and counters go on), its program swapped for ours in place.
         adopt: bool,
     ) -> anyhow::Result<Self> {
-        if let Err(err) = crate::sys::raise_memlock_limit() {
-            tracing::debug!(%err, "could not raise RLIMIT_MEMLOCK; continuing");
-        }
-        let mut loader = EbpfLoader::new();
-        if let (true, Some(dir)) = (adopt, &pin_dir) {
-            for name in super::maps::PINNED {
-                loader.map_pin_path(name, dir.join(name));
-            }
-        }
-        let mut ebpf = loader.load(XDP_OBJECT).context(
-            "loading the XDP guard object failed: it needs root (or CAP_BPF + CAP_NET_ADMIN)",
-        )?;
-        if let Some(dir) = &pin_dir {
-            crate::ebpf::ensure_bpffs()?;
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
+        let mut ebpf = load_object(pin_dir.as_deref(), adopt)?;
         let pin_now = if adopt { None } else { pin_dir.as_deref() };
         let maps = XdpMaps::take(&mut ebpf, pin_now);
         // From here on, Drop cleans up whatever was pinned or attached, also on error.
@@ -115,7 +100,14 @@ impl XdpGuard {
             );
         }
         guard.rules = rules;
-        let program: &mut Xdp = guard
+        guard.attach_all(config)?;
+        Ok(guard)
+    }
+
+    /// Loads the program and attaches it to every configured interface: into the link a
+    /// previous agent pinned for an upgrade where there is one, else afresh.
+    fn attach_all(&mut self, config: &XdpConfig) -> anyhow::Result<()> {
+        let program: &mut Xdp = self
             .ebpf
             .program_mut(names::XDP_GUARD)
             .context("the XDP guard program is missing from its object")?
@@ -124,7 +116,7 @@ impl XdpGuard {
             .load()
             .context("the kernel verifier rejected the XDP guard program")?;
         for interface in &config.interfaces {
-            let left = guard
+            let left = self
                 .pin_dir
                 .as_deref()
                 .and_then(|d| take_pinned_link(d, interface));
@@ -138,13 +130,13 @@ impl XdpGuard {
                 }
                 None => attach(program, interface, config.mode, config.replace)?,
             };
-            guard.links.push(link);
-            guard.attached.push(Attached {
+            self.links.push(link);
+            self.attached.push(Attached {
                 interface: interface.clone(),
                 mode,
             });
         }
-        Ok(guard)
+        Ok(())
     }
 
     /// For an upgrade: pins each interface's link, so the next agent can swap its own
@@ -296,6 +288,28 @@ enum AttachError {
     /// Another XDP program holds the interface (in this mode or the other).
     Busy(ProgramError),
     Other(ProgramError),
+}
+
+/// The guard's object, loaded (not yet verified); on an upgrade (`adopt`) its maps are
+/// the ones the previous agent pinned in `pin_dir`.
+fn load_object(pin_dir: Option<&Path>, adopt: bool) -> anyhow::Result<Ebpf> {
+    if let Err(err) = crate::sys::raise_memlock_limit() {
+        tracing::debug!(%err, "could not raise RLIMIT_MEMLOCK; continuing");
+    }
+    let mut loader = EbpfLoader::new();
+    if let (true, Some(dir)) = (adopt, pin_dir) {
+        for name in super::maps::PINNED {
+            loader.map_pin_path(name, dir.join(name));
+        }
+    }
+    let ebpf = loader.load(XDP_OBJECT).context(
+        "loading the XDP guard object failed: it needs root (or CAP_BPF + CAP_NET_ADMIN)",
+    )?;
+    if let Some(dir) = pin_dir {
+        crate::ebpf::ensure_bpffs()?;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    Ok(ebpf)
 }
 
 fn attach(
