@@ -291,38 +291,14 @@ pub async fn prepare_with(
     let agent_cap = AgentCap::new(budget.agent_cap(&config));
     let datapath = load_datapath(&config, &options, &instance, inherited.is_some())?;
     crate::listener::enable_migration();
-    let listeners = config
-        .frontends
-        .iter()
-        .map(|f| {
-            if let Some(listener) = inherited
-                .as_mut()
-                .and_then(|i| i.take_listener(&f.name, f.bind))
-            {
-                return Ok(listener);
-            }
-            crate::listener::bind(f.bind)
-                .and_then(|l| l.into_std())
-                .with_context(|| format!("frontend {}: binding {}", f.name, f.bind))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let listeners = bind_frontends(&config, inherited.as_mut())?;
     let addrs = listeners
         .iter()
         .map(|l| l.local_addr())
         .collect::<std::io::Result<Vec<_>>>()?;
     let transparent = crate::transparent::Interception::start(&config, &listeners)?;
     let xdp = crate::xdp::start_for(&config, addrs, inherited.is_some())?;
-    let admin = config
-        .admin
-        .map(|addr| {
-            if let Some(listener) = inherited.as_mut().and_then(|i| i.take_admin(addr)) {
-                return Ok(listener);
-            }
-            crate::admin::bind(addr)
-                .and_then(|l| l.into_std())
-                .with_context(|| format!("admin: binding {addr}"))
-        })
-        .transpose()?;
+    let admin = bind_admin(&config, inherited.as_mut())?;
     Ok(Prepared {
         config,
         options,
@@ -335,6 +311,46 @@ pub async fn prepare_with(
         arrivals: inherited.map(crate::upgrade::Inherited::into_arrivals),
         transparent,
     })
+}
+
+/// Every frontend's listener, in the configuration's order: the previous agent's where
+/// an upgrade handed one over for the same frontend and address, else a new one.
+fn bind_frontends(
+    config: &Config,
+    mut inherited: Option<&mut crate::upgrade::Inherited>,
+) -> anyhow::Result<Vec<std::net::TcpListener>> {
+    config
+        .frontends
+        .iter()
+        .map(|f| {
+            if let Some(listener) = inherited
+                .as_deref_mut()
+                .and_then(|i| i.take_listener(&f.name, f.bind))
+            {
+                return Ok(listener);
+            }
+            crate::listener::bind(f.bind)
+                .and_then(|l| l.into_std())
+                .with_context(|| format!("frontend {}: binding {}", f.name, f.bind))
+        })
+        .collect()
+}
+
+/// The admin listener, if configured (the previous agent's on the same address).
+fn bind_admin(
+    config: &Config,
+    inherited: Option<&mut crate::upgrade::Inherited>,
+) -> anyhow::Result<Option<std::net::TcpListener>> {
+    let Some(addr) = config.admin else {
+        return Ok(None);
+    };
+    if let Some(listener) = inherited.and_then(|i| i.take_admin(addr)) {
+        return Ok(Some(listener));
+    }
+    crate::admin::bind(addr)
+        .and_then(|l| l.into_std())
+        .map(Some)
+        .with_context(|| format!("admin: binding {addr}"))
 }
 
 /// What `launch` started.

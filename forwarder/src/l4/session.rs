@@ -796,50 +796,15 @@ async fn step(
         // verdict reports when it reaches the refresh mark.
         return Ok(outcome);
     }
-    let sink = sys::tcp_bytes(d.sink.as_fd())?;
-    // Everything this direction put into the sink: kernel redirects plus our copies.
-    let owed_to_sink = counters.redirected_bytes + d.copied;
-    let sink_written = sink.written().saturating_sub(d.sink_base);
-    let backlog = owed_to_sink.saturating_sub(sink_written);
-
+    let sink = SinkState::read(d, &counters)?;
     if counters.over_budget > d.over_budget_seen {
-        // The verdict found the sink behind by the whole budget and stopped redirecting:
-        // this direction goes through userspace, where TCP flow control holds the sender,
-        // until the sink catches up.
-        d.over_budget_seen = counters.over_budget;
-        d.diverted = true;
-        metrics::add(&metrics.diverted_slow_peer, 1);
-        tracing::debug!(
-            backlog,
-            max_lag = options.max_lag,
-            "peer fell behind; direction paused on the userspace path"
-        );
+        divert(d, &counters, sink.backlog, options, metrics);
     }
     if counters.passed_bytes != d.passed_mark || d.diverted {
-        tracing::trace!(
-            redirected = counters.redirected_bytes,
-            passed = counters.passed_bytes,
-            copied = d.copied,
-            written = sink_written,
-            backlog,
-            "direction on the userspace path"
-        );
-        if backlog == 0 {
-            // The kernel's bytes are all in the sink: ours may follow without reordering.
-            outcome.copied = copy_ready_bytes(d).await?;
-            // Back to the kernel only once the sink's peer has acknowledged most of what
-            // it was sent: a large send buffer empties the backlog long before that, and
-            // resuming then would spend the budget at once and divert again.
-            let unacked = owed_to_sink.saturating_sub(sink.acked.saturating_sub(d.sink_base));
-            if !d.eof && d.diverted && unacked < options.max_lag / 2 {
-                try_resume(datapath, d, options, metrics)?;
-            }
-        }
-        // Passed bytes not yet copied (we wait for the backlog, the sink, or more to read).
-        outcome.attention = (counters.passed_bytes > d.read && !d.eof)
-            || !d.pending.is_empty()
-            || backlog > 0
-            || d.diverted;
+        let (copied, attention) =
+            step_userspace(datapath, d, &counters, &sink, options, metrics).await?;
+        outcome.copied = copied;
+        outcome.attention = attention;
         outcome.on_userspace = d.diverted || counters.passed_bytes != d.passed_mark;
     } else {
         move_budget(datapath, d, sink.acked, options.max_lag)?;
@@ -847,11 +812,93 @@ async fn step(
         // (the verdict reports a crossing only once).
         outcome.attention = !d.eof && d.redirected >= d.refresh_at;
     }
-
     if d.eof && !pass_on_fin(datapath, d)? {
         outcome.attention = true;
     }
     Ok(outcome)
+}
+
+/// Where a direction's sink stands.
+struct SinkState {
+    /// Everything this direction put into the sink: kernel redirects plus our copies.
+    owed: u64,
+    /// Of which the sink's send queue has not taken yet.
+    backlog: u64,
+    /// The sink's acknowledged bytes (its peer's), as TCP counts them.
+    acked: u64,
+}
+
+impl SinkState {
+    fn read(d: &Direction<'_>, counters: &SockCounters) -> io::Result<Self> {
+        let sink = sys::tcp_bytes(d.sink.as_fd())?;
+        let owed = counters.redirected_bytes + d.copied;
+        let written = sink.written().saturating_sub(d.sink_base);
+        Ok(Self {
+            owed,
+            backlog: owed.saturating_sub(written),
+            acked: sink.acked,
+        })
+    }
+}
+
+/// The verdict found the sink behind by the whole budget and stopped redirecting: this
+/// direction goes through userspace, where TCP flow control holds the sender, until the
+/// sink catches up.
+fn divert(
+    d: &mut Direction<'_>,
+    counters: &SockCounters,
+    backlog: u64,
+    options: &SessionOptions,
+    metrics: &L4Metrics,
+) {
+    d.over_budget_seen = counters.over_budget;
+    d.diverted = true;
+    metrics::add(&metrics.diverted_slow_peer, 1);
+    tracing::debug!(
+        backlog,
+        max_lag = options.max_lag,
+        "peer fell behind; direction paused on the userspace path"
+    );
+}
+
+/// A direction on the userspace path: copies what may follow the kernel's bytes, and
+/// hands the direction back to the kernel once the sink has caught up. Returns (bytes
+/// copied, whether it needs another look soon).
+async fn step_userspace(
+    datapath: &Datapath,
+    d: &mut Direction<'_>,
+    counters: &SockCounters,
+    sink: &SinkState,
+    options: &SessionOptions,
+    metrics: &L4Metrics,
+) -> io::Result<(u64, bool)> {
+    tracing::trace!(
+        redirected = counters.redirected_bytes,
+        passed = counters.passed_bytes,
+        copied = d.copied,
+        backlog = sink.backlog,
+        "direction on the userspace path"
+    );
+    let mut copied = 0;
+    if sink.backlog == 0 {
+        // The kernel's bytes are all in the sink: ours may follow without reordering.
+        copied = copy_ready_bytes(d).await?;
+        // Back to the kernel only once the sink's peer has acknowledged most of what it
+        // was sent: a large send buffer empties the backlog long before that, and
+        // resuming then would spend the budget at once and divert again.
+        let unacked = sink
+            .owed
+            .saturating_sub(sink.acked.saturating_sub(d.sink_base));
+        if !d.eof && d.diverted && unacked < options.max_lag / 2 {
+            try_resume(datapath, d, options, metrics)?;
+        }
+    }
+    // Passed bytes not yet copied (we wait for the backlog, the sink, or more to read).
+    let attention = (counters.passed_bytes > d.read && !d.eof)
+        || !d.pending.is_empty()
+        || sink.backlog > 0
+        || d.diverted;
+    Ok((copied, attention))
 }
 
 /// Moves the budget along with what the sink's peer has acknowledged (not merely what
