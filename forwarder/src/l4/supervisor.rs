@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use aya::maps::{MapData, RingBuf};
 use forwarder_common::SpliceEvent;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::{Notify, oneshot, watch};
+use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use crate::sys::{self, Epoll};
@@ -67,8 +67,9 @@ pub struct Supervisor {
     epoll: Arc<Epoll>,
     routes: Arc<Routes>,
     wakeups: Arc<AtomicU64>,
-    /// Turns true when an upgrade begins: every session hands itself over.
-    handover: watch::Sender<bool>,
+    /// Set when an upgrade begins: every session, and every one watched from then on, is
+    /// woken to hand itself over (a wake bit, so a session's wait needs nothing more).
+    handing_over: AtomicBool,
     /// Dropping it ends the dispatch task (with the data path).
     _stop: oneshot::Sender<()>,
 }
@@ -91,7 +92,7 @@ impl Supervisor {
             epoll,
             routes,
             wakeups,
-            handover: watch::Sender::new(false),
+            handing_over: AtomicBool::new(false),
             _stop: stop,
         })
     }
@@ -104,7 +105,11 @@ impl Supervisor {
 
     /// Wakes every session to hand itself over (`crate::upgrade`).
     pub fn begin_handover(&self) {
-        self.handover.send_replace(true);
+        self.handing_over.store(true, Ordering::Release);
+        let routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        for (signal, _) in routes.values() {
+            signal.raise(wake::HANDOVER);
+        }
     }
 
     /// Routes wake-ups for a spliced pair (client first) to a new `Watch`. The sockets
@@ -123,9 +128,11 @@ impl Supervisor {
             routes: self.routes.clone(),
             signal,
             cookies,
-            handover: self.handover.subscribe(),
             handover_declined: AtomicBool::new(false),
         };
+        if self.handing_over.load(Ordering::Acquire) {
+            watch.signal.raise(wake::HANDOVER);
+        }
         for (fd, cookie) in fds.into_iter().zip(cookies) {
             self.epoll.add(fd, sys::HANGUP_ONLY, cookie)?;
         }
@@ -141,7 +148,6 @@ pub struct Watch {
     routes: Arc<Routes>,
     signal: Arc<Signal>,
     cookies: [u64; 2],
-    handover: watch::Receiver<bool>,
     /// The hand-over failed for this session: it stays here.
     handover_declined: AtomicBool,
 }
@@ -149,31 +155,23 @@ pub struct Watch {
 impl Watch {
     /// Waits for a wake-up or until `deadline`; returns the `wake` bits (0: the deadline).
     pub async fn wait_until(&self, deadline: Instant) -> u32 {
-        let bits = self.signal.bits.swap(0, Ordering::AcqRel) | self.handover_bit();
+        let bits = self.signal.bits.swap(0, Ordering::AcqRel);
         if bits != 0 {
-            return bits;
+            return self.unless_declined(bits);
         }
-        let mut handover = self.handover.clone();
-        let upgrade = async {
-            let asked = handover.wait_for(|h| *h).await.is_ok();
-            if !asked || self.handover_declined.load(Ordering::Relaxed) {
-                // The supervisor went away without an upgrade, or this session stays.
-                std::future::pending::<()>().await;
-            }
-        };
         tokio::select! {
             () = self.signal.notify.notified() => {}
             () = tokio::time::sleep_until(deadline) => {}
-            () = upgrade => {}
         }
-        self.signal.bits.swap(0, Ordering::AcqRel) | self.handover_bit()
+        self.unless_declined(self.signal.bits.swap(0, Ordering::AcqRel))
     }
 
-    fn handover_bit(&self) -> u32 {
-        if *self.handover.borrow() && !self.handover_declined.load(Ordering::Relaxed) {
-            wake::HANDOVER
+    /// A session that could not be handed over ignores the request from then on.
+    fn unless_declined(&self, bits: u32) -> u32 {
+        if self.handover_declined.load(Ordering::Relaxed) {
+            bits & !wake::HANDOVER
         } else {
-            0
+            bits
         }
     }
 
