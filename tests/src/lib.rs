@@ -114,3 +114,20 @@ pub fn process_running(pid: u32) -> bool {
         })
         .unwrap_or(false)
 }
+
+/// The `forwarder` binary itself (built by `cargo xtask test` before the tests run):
+/// target/<profile>/deps/<test> -> target/<profile>/forwarder.
+pub fn forwarder_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let binary = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .map(|dir| dir.join("forwarder"))
+        .expect("target directory");
+    assert!(
+        binary.exists(),
+        "{} is missing: build it first (cargo build -p forwarder; cargo xtask test does)",
+        binary.display()
+    );
+    binary
+}

@@ -6,6 +6,7 @@
 //! the agent's CPU must stay low while the hostile connections sit on it (no polling),
 //! and every refusal must be counted.
 
+use forwarder_tests::forwarder_binary;
 use std::io::Write as _;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -203,16 +204,6 @@ fn start_agent(config: &Path, ports: &Ports) -> KillOnDrop {
         wait_for_port(port, what);
     }
     agent
-}
-
-/// The `forwarder` binary (built by `cargo xtask test` before the tests run).
-fn forwarder_binary() -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join("forwarder"))
-        .filter(|binary| binary.exists())
-        .expect("target/<profile>/forwarder is missing: cargo build -p forwarder first")
 }
 
 /// mosquitto_sub and mosquitto_pub through the spliced port; messages received.

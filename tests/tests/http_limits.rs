@@ -3,6 +3,7 @@
 //! closed after the idle timeout, TCP keepalive on client sockets, the cap on upstream
 //! connections per backend, and an admin address that would steal a frontend's port.
 
+use forwarder_tests::forwarder_binary;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -392,23 +393,6 @@ async fn max_upstream_connections_caps_the_connections_to_the_hub() {
     let response = next.send_request(get_request("/slow")).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(hub.tls_connections(), 1);
-}
-
-/// The `forwarder` binary (built by `cargo build -p forwarder` before the tests run).
-fn forwarder_binary() -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/forwarder
-    let binary = exe
-        .parent()
-        .and_then(std::path::Path::parent)
-        .map(|dir| dir.join("forwarder"))
-        .expect("target directory");
-    assert!(
-        binary.exists(),
-        "{} is missing: build it first (cargo build -p forwarder)",
-        binary.display()
-    );
-    binary
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! from the pinned maps, Prometheus text on the admin address, and a SIGHUP-style reload
 //! that adds, changes and removes frontends while a spliced connection keeps flowing.
 
+use forwarder_tests::forwarder_binary;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -571,23 +572,6 @@ async fn the_drain_waits_for_connections_of_frontends_removed_by_a_reload() {
         "the drain ran to its deadline instead of ending with the last connection: {:?}",
         stopped.elapsed()
     );
-}
-
-/// The `forwarder` binary itself (built by `cargo xtask test` before the tests run).
-fn forwarder_binary() -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/forwarder
-    let binary = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join("forwarder"))
-        .expect("target directory");
-    assert!(
-        binary.exists(),
-        "{} is missing: build it first (cargo build -p forwarder; cargo xtask test does)",
-        binary.display()
-    );
-    binary
 }
 
 #[test]

@@ -4,6 +4,7 @@
 //! the hub's certificate; the agent intercepts, splices in the kernel, and leaves no
 //! routing rule behind after a stop, or after a SIGKILL once it has started again.
 
+use forwarder_tests::forwarder_binary;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -150,21 +151,6 @@ impl Drop for Gateway {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
     }
-}
-
-fn forwarder_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let binary = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join("forwarder"))
-        .expect("target directory");
-    assert!(
-        binary.exists(),
-        "{} is missing: build it first (cargo build -p forwarder; cargo xtask test does)",
-        binary.display()
-    );
-    binary
 }
 
 /// The agent as a process in the gateway namespace, with `config`; started once its

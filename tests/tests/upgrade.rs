@@ -4,7 +4,7 @@
 //! old process is gone, a new one holds the instance with the same three capabilities,
 //! and every device and byte carries on, still in the kernel.
 
-use std::path::{Path, PathBuf};
+use forwarder_tests::forwarder_binary;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -426,16 +426,4 @@ impl Drop for PidGuard {
             let _ = forwarder::sys::send_signal(self.0, libc::SIGKILL);
         }
     }
-}
-
-/// The `forwarder` binary itself (built by `cargo xtask test` before the tests run).
-fn forwarder_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let binary = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join("forwarder"))
-        .expect("target directory");
-    assert!(binary.exists(), "{} is missing", binary.display());
-    binary
 }

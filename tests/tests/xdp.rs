@@ -3,6 +3,7 @@
 //! namespace. Raw SYN frames with a fixed count let every drop counter be checked against
 //! the packets actually sent.
 
+use forwarder_tests::forwarder_binary;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -989,13 +990,4 @@ interfaces = ["{}"]
     );
     assert_no_xdp(&pair);
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// The `forwarder` binary itself (built by `cargo xtask test` before the tests run).
-fn forwarder_binary() -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(std::path::Path::parent)
-        .map(|dir| dir.join("forwarder"))
-        .expect("target directory")
 }
