@@ -239,7 +239,9 @@ async fn a_failed_upgrade_leaves_the_running_agent_serving() {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     })
     .await;
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    // Retried: the probe above may have met another test's listener on a port reused
+    // between free_port() and the agent's bind (seen once under the full suite).
+    let mut stream = connect_retrying(port).await;
     let echo_once = async |stream: &mut TcpStream, text: &[u8]| {
         stream.write_all(text).await.unwrap();
         let mut back = vec![0u8; text.len()];
@@ -414,6 +416,17 @@ async fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
     while !ok() {
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn connect_retrying(port: u16) -> TcpStream {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match TcpStream::connect(("127.0.0.1", port)).await {
+            Ok(stream) => return stream,
+            Err(err) => assert!(Instant::now() < deadline, "the agent never listened: {err}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
