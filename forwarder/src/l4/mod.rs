@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -261,20 +262,32 @@ pub async fn serve(
 
 /// Serves one accepted connection to its end: route, connect, splice (or fall back to
 /// the userspace copy), finish.
-pub async fn handle_connection(
+///
+/// An `async` block, not an `async fn`: the latter copies its arguments into its body's
+/// state, which a spliced connection's task would hold for its whole life.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would hold its arguments twice"
+)]
+pub fn handle_connection<'a>(
     client: TcpStream,
-    frontend: &L4Frontend,
-    datapath: Option<&Datapath>,
-    metrics: &L4Metrics,
-) {
-    let _active = ActiveGuard::new(&metrics.active);
-    metrics::add(&metrics.accepted, 1);
-    let _ = client.set_nodelay(true);
-    let Some((upstream, upstream_addr)) = open_upstream(&client, frontend, metrics).await else {
-        return;
-    };
-    let outcome = carry(client, upstream, upstream_addr, frontend, datapath, metrics).await;
-    finish(&outcome, metrics);
+    frontend: &'a L4Frontend,
+    datapath: Option<&'a Datapath>,
+    metrics: &'a L4Metrics,
+) -> impl Future<Output = ()> + 'a {
+    async move {
+        let _active = ActiveGuard::new(&metrics.active);
+        metrics::add(&metrics.accepted, 1);
+        let _ = client.set_nodelay(true);
+        // Boxed: only the set-up needs it; inline it would size the whole task.
+        let Some((upstream, upstream_addr)) =
+            Box::pin(open_upstream(&client, frontend, metrics)).await
+        else {
+            return;
+        };
+        let outcome = carry(client, upstream, upstream_addr, frontend, datapath, metrics).await;
+        finish(&outcome, metrics);
+    }
 }
 
 /// Routes the client and connects its upstream; `None` when the client was turned away.
@@ -347,14 +360,19 @@ pub fn upstream_failed(err: &upstream::ConnectError, metrics: &L4Metrics) {
 }
 
 /// Carries a connected pair to its end: in the kernel when it can, else in userspace.
-async fn carry(
+///
+/// The splice is set up here, before the returned future runs. Both paths' futures are
+/// boxed: moved out of the returned future's captures into its await, either would be held
+/// twice for the connection's whole life (a spliced connection's task lives for months:
+/// see the fleet bench's memory per connection).
+fn carry<'a>(
     client: TcpStream,
     upstream: TcpStream,
     upstream_addr: SocketAddr,
-    frontend: &L4Frontend,
-    datapath: Option<&Datapath>,
-    metrics: &L4Metrics,
-) -> Outcome {
+    frontend: &'a L4Frontend,
+    datapath: Option<&'a Datapath>,
+    metrics: &'a L4Metrics,
+) -> impl Future<Output = Outcome> + 'a {
     let pair = SplicedPair::of(client.as_fd(), upstream.as_fd());
     // Listed for `forwarder conns` while it lives (needs the maps, not the splice).
     let mut registration = match (datapath, &pair) {
@@ -368,47 +386,66 @@ async fn carry(
         ),
         _ => None,
     };
-    let (client, upstream) = match (frontend.kernel, datapath, pair) {
+    let path = match (frontend.kernel, datapath, pair) {
         (true, Some(datapath), Ok(pair)) => {
             match splice(datapath, pair, client, upstream, frontend.session.max_lag) {
                 Ok(spliced) => {
                     metrics::add(&metrics.kernel_spliced, 1);
                     tracing::debug!(%upstream_addr, cookie = pair.client, "spliced in the kernel");
-                    let outcome = session::run(
+                    Path::Kernel(Box::pin(session::run(
                         datapath,
                         spliced,
                         &frontend.session,
                         metrics,
                         &frontend.name,
-                    )
-                    .await;
-                    if matches!(outcome.end, End::HandedOver) {
-                        // The next agent lists it from now on (same entry, same map).
-                        if let Some(registration) = registration {
-                            registration.hand_over();
-                        }
-                    }
-                    return outcome;
+                    )))
                 }
                 Err(Unspliced::Fallback(client, upstream, err)) => {
                     metrics::add(fallback_counter(&err, metrics), 1);
                     tracing::info!(%err, "kernel splice unavailable; serving in userspace");
-                    (client, upstream)
+                    Path::Userspace(client, upstream)
                 }
-                Err(Unspliced::Lost(error)) => return Outcome::failed(Carrier::Kernel, error),
+                Err(Unspliced::Lost(error)) => Path::Failed(error),
             }
         }
         (true, _, _) => {
             metrics::add(&metrics.fallback_other, 1);
-            (client, upstream)
+            Path::Userspace(client, upstream)
         }
-        (false, _, _) => (client, upstream),
+        (false, _, _) => Path::Userspace(client, upstream),
     };
-    metrics::add(&metrics.userspace, 1);
-    if let Some(registration) = registration.as_mut() {
-        registration.set_userspace();
+    async move {
+        match path {
+            Path::Kernel(session) => {
+                let outcome = session.await;
+                if matches!(outcome.end, End::HandedOver) {
+                    // The next agent lists it from now on (same entry, same map).
+                    if let Some(registration) = registration {
+                        registration.hand_over();
+                    }
+                }
+                outcome
+            }
+            Path::Userspace(client, upstream) => {
+                metrics::add(&metrics.userspace, 1);
+                if let Some(registration) = registration.as_mut() {
+                    registration.set_userspace();
+                }
+                let copy = copy::run(client, upstream, &frontend.session, registration.as_mut());
+                Box::pin(copy).await
+            }
+            Path::Failed(error) => Outcome::failed(Carrier::Kernel, error),
+        }
     }
-    copy::run(client, upstream, &frontend.session, registration.as_mut()).await
+}
+
+/// Which way `carry` goes on with a connected pair.
+enum Path<S> {
+    /// Spliced: the session that watches it.
+    Kernel(Pin<Box<S>>),
+    Userspace(TcpStream, TcpStream),
+    /// Lost between tokio and the agent's own polling (see `Unspliced::Lost`).
+    Failed(io::Error),
 }
 
 fn fallback_counter<'m>(err: &SpliceError, metrics: &'m L4Metrics) -> &'m AtomicU64 {

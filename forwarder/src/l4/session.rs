@@ -291,13 +291,16 @@ pub struct HandedSession {
 
 /// Runs until both directions are closed, a side resets, or the idle timeout hits (or an
 /// upgrade takes the session: `End::HandedOver`).
-pub async fn run(
-    datapath: &Datapath,
+///
+/// Not an `async fn`: one would keep its arguments alongside the session for its whole
+/// life (a spliced connection's task is mostly this future; see the fleet bench's memory).
+pub fn run<'a>(
+    datapath: &'a Datapath,
     spliced: Spliced,
-    options: &SessionOptions,
-    metrics: &L4Metrics,
-    frontend: &str,
-) -> Outcome {
+    options: &'a SessionOptions,
+    metrics: &'a L4Metrics,
+    frontend: &'a str,
+) -> impl Future<Output = Outcome> + 'a {
     let Spliced {
         pair,
         client,
@@ -318,7 +321,6 @@ pub async fn run(
         watch,
         Begin::Fresh(written_before),
     )
-    .await
 }
 
 /// Goes on with a session the previous agent handed over (`crate::upgrade`). Its sockets
@@ -405,8 +407,10 @@ async fn carry_on(
     mut begin: Begin,
 ) -> Outcome {
     loop {
-        let session = Session::begin(cx, pair, (&client, &upstream), begin);
-        match session.drive(&watch).await {
+        let mut session = Session::begin(cx, pair, (&client, &upstream), begin);
+        let driven = session.drive(&watch).await;
+        drop(session);
+        match driven {
             Driven::Ended(outcome) => {
                 drop(watch);
                 // Closing takes the sockets out of the socket map; then their entries go.
@@ -503,7 +507,9 @@ impl<'a> Session<'a> {
     }
 
     /// Supervises to the end and finishes, or packs the session up for an upgrade.
-    async fn drive(mut self, watch: &Watch) -> Driven {
+    /// Borrows the session (its owner keeps it): an `async fn` taking it by value would
+    /// hold it twice for the session's whole life.
+    async fn drive(&mut self, watch: &Watch) -> Driven {
         let end = self.supervise(watch).await;
         if matches!(end, End::HandedOver) {
             return Driven::HandOver(Box::new(self.state()));
@@ -569,7 +575,9 @@ impl<'a> Session<'a> {
             {
                 return end;
             }
-            let look = match self.look(watch).await {
+            // Boxed: a look is rare (a wake-up), and inline its future would size every
+            // sleeping session's.
+            let look = match Box::pin(self.look(watch)).await {
                 Ok(look) => look,
                 Err(error) => {
                     return check_resets(&self.dirs).unwrap_or(End::Error { side: None, error });
