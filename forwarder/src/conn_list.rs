@@ -35,7 +35,7 @@ impl<D: Deref<Target = Datapath>> Registration<D> {
     pub fn l4(
         datapath: D,
         frontend: &str,
-        client: &TcpStream,
+        client: SocketAddr,
         upstream: SocketAddr,
         pair: SplicedPair,
         kernel: bool,
@@ -55,18 +55,25 @@ impl<D: Deref<Target = Datapath>> Registration<D> {
     /// pooled upstream connections, so it has no one upstream until it becomes a tunnel).
     pub fn https(datapath: D, frontend: &str, client: &TcpStream) -> Option<Self> {
         let cookie = sys::socket_cookie(client.as_fd()).ok()?;
-        Self::list(datapath, frontend, (client, cookie), PATH_HTTPS, None, 0)
+        let client_addr = client.peer_addr().ok()?;
+        Self::list(
+            datapath,
+            frontend,
+            (client_addr, cookie),
+            PATH_HTTPS,
+            None,
+            0,
+        )
     }
 
     fn list(
         datapath: D,
         frontend: &str,
-        (client, cookie): (&TcpStream, u64),
+        (client_addr, cookie): (SocketAddr, u64),
         path: u8,
         upstream: Option<SocketAddr>,
         upstream_cookie: u64,
     ) -> Option<Self> {
-        let client_addr = client.peer_addr().ok()?;
         let now = sys::monotonic_ns();
         let info = ConnInfo {
             client_addr: mapped(client_addr.ip()),

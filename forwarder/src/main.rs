@@ -86,7 +86,6 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
-    /// Open connections of a running agent: client, upstream, bytes, age, idle, path.
     /// Hands the running agent over to the binary on disk without dropping a device:
     /// listeners, pinned maps and every spliced connection move to the new process, and
     /// the old one exits (userspace and HTTPS connections are drained by it first). The
@@ -98,6 +97,7 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         wait_secs: u64,
     },
+    /// Open connections of a running agent: client, upstream, bytes, age, idle, path.
     Conns(Inspect),
     /// Counters of a running agent per frontend (and the XDP guard's).
     Stats(Inspect),

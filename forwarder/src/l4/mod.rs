@@ -247,10 +247,10 @@ pub async fn serve(
     // Accepted sockets inherit the listener's keepalive: no per-connection syscalls.
     set_keepalive_or_warn(listener.as_fd(), frontend.keepalive);
     let counters = metrics.gate();
-    let serve = |client, _, admitted| {
+    let serve = |client, peer, admitted| {
         let (frontend, datapath, metrics) = (frontend.clone(), datapath.clone(), metrics.clone());
         async move {
-            handle_connection(client, &frontend, datapath.as_deref(), &metrics).await;
+            handle_connection((client, peer), &frontend, datapath.as_deref(), &metrics).await;
             drop(admitted);
         }
     };
@@ -270,7 +270,7 @@ pub async fn serve(
     reason = "an async fn would hold its arguments twice"
 )]
 pub fn handle_connection<'a>(
-    client: TcpStream,
+    (client, peer): (TcpStream, SocketAddr),
     frontend: &'a L4Frontend,
     datapath: Option<&'a Datapath>,
     metrics: &'a L4Metrics,
@@ -281,11 +281,18 @@ pub fn handle_connection<'a>(
         let _ = client.set_nodelay(true);
         // Boxed: only the set-up needs it; inline it would size the whole task.
         let Some((upstream, upstream_addr)) =
-            Box::pin(open_upstream(&client, frontend, metrics)).await
+            Box::pin(open_upstream(&client, peer, frontend, metrics)).await
         else {
             return;
         };
-        let outcome = carry(client, upstream, upstream_addr, frontend, datapath, metrics).await;
+        let outcome = carry(
+            (client, peer),
+            (upstream, upstream_addr),
+            frontend,
+            datapath,
+            metrics,
+        )
+        .await;
         finish(&outcome, metrics);
     }
 }
@@ -293,6 +300,7 @@ pub fn handle_connection<'a>(
 /// Routes the client and connects its upstream; `None` when the client was turned away.
 async fn open_upstream(
     client: &TcpStream,
+    peer: SocketAddr,
     frontend: &L4Frontend,
     metrics: &L4Metrics,
 ) -> Option<(TcpStream, SocketAddr)> {
@@ -310,7 +318,7 @@ async fn open_upstream(
         }
     };
     // The device's address, for an upstream that preserves it.
-    let source = client.peer_addr().ok().map(|a| a.ip());
+    let source = Some(peer.ip());
     let original = frontend.original_destination;
     let connected = match &pool {
         Some(pool) => pool
@@ -366,9 +374,8 @@ pub fn upstream_failed(err: &upstream::ConnectError, metrics: &L4Metrics) {
 /// twice for the connection's whole life (a spliced connection's task lives for months:
 /// see the fleet bench's memory per connection).
 fn carry<'a>(
-    client: TcpStream,
-    upstream: TcpStream,
-    upstream_addr: SocketAddr,
+    (client, peer): (TcpStream, SocketAddr),
+    (upstream, upstream_addr): (TcpStream, SocketAddr),
     frontend: &'a L4Frontend,
     datapath: Option<&'a Datapath>,
     metrics: &'a L4Metrics,
@@ -379,7 +386,7 @@ fn carry<'a>(
         (Some(dp), Ok(pair)) => Registration::l4(
             dp,
             &frontend.name,
-            &client,
+            peer,
             upstream_addr,
             *pair,
             frontend.kernel,
