@@ -2,7 +2,7 @@
 //! and wraps the maps in typed calls the rest of the agent uses.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd as _, AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::mpsc;
 
 use anyhow::Context as _;
-use aya::maps::{HashMap, MapData, MapError, RingBuf, SockHash};
+use aya::maps::{HashMap, IterableMap as _, MapData, MapError, RingBuf, SockHash};
 use aya::programs::SkSkb;
 use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfLoader};
@@ -43,6 +43,10 @@ impl SpliceError {
             MapError::IoError(io_error) => io_error,
             other => return Self::Io(io::Error::other(other)),
         };
+        Self::from_io(io_error)
+    }
+
+    fn from_io(io_error: io::Error) -> Self {
         match io_error.raw_os_error() {
             Some(libc::E2BIG) | Some(libc::ENOMEM) | Some(libc::ENOSPC) => Self::MapFull,
             Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => Self::NotEstablished,
@@ -318,37 +322,37 @@ impl Datapath {
         lag_budget: u64,
     ) -> Result<(), SpliceError> {
         let mut maps = self.maps();
-        let sides = [
-            (pair.client, pair.upstream, client),
-            (pair.upstream, pair.client, upstream),
+        let sides = [(pair.client, client), (pair.upstream, upstream)];
+        let cookies = [pair.client, pair.upstream];
+        let links = [
+            peer_link(pair.upstream, lag_budget, lag_budget, 0),
+            peer_link(pair.client, lag_budget, lag_budget, 0),
         ];
-        let mut inserted: Vec<u64> = Vec::with_capacity(2);
-        let mut outcome = Ok(());
-        for (cookie, peer_cookie, _) in sides {
-            let link = peer_link(peer_cookie, lag_budget, lag_budget, 0);
-            if let Err(err) = maps.links.insert(cookie, link, 0) {
-                outcome = Err(SpliceError::from_map(err));
-                break;
-            }
-            if let Err(err) = maps.counters.insert(cookie, SockCounters::default(), 0) {
-                outcome = Err(SpliceError::from_map(err));
-                break;
-            }
-        }
+        // Both sides' entries of each map in one call each (set-up cost per connection).
+        let mut inserted = 0;
+        let mut outcome = sys::map_update_batch(maps.links.map().fd().as_fd(), &cookies, &links)
+            .and_then(|()| {
+                sys::map_update_batch(
+                    maps.counters.map().fd().as_fd(),
+                    &cookies,
+                    &[SockCounters::default(); 2],
+                )
+            })
+            .map_err(SpliceError::from_io);
         if outcome.is_ok() {
-            for (cookie, _, fd) in sides {
+            for (cookie, fd) in sides {
                 if let Err(err) = maps.socks.insert(cookie, fd.as_raw_fd(), 0) {
                     outcome = Err(SpliceError::from_map(err));
                     break;
                 }
-                inserted.push(cookie);
+                inserted += 1;
             }
         }
         if outcome.is_err() {
-            for cookie in inserted {
-                let _ = maps.socks.remove(&cookie);
+            for (cookie, _) in &sides[..inserted] {
+                let _ = maps.socks.remove(cookie);
             }
-            for cookie in [pair.client, pair.upstream] {
+            for cookie in cookies {
                 let _ = maps.links.remove(&cookie);
                 let _ = maps.counters.remove(&cookie);
             }
@@ -440,9 +444,17 @@ impl Datapath {
     /// so only links and counters are left to delete (two map calls fewer than `unsplice`).
     pub fn release(&self, pair: SplicedPair) {
         let mut maps = self.maps();
-        for cookie in [pair.client, pair.upstream] {
-            let _ = maps.links.remove(&cookie);
-            let _ = maps.counters.remove(&cookie);
+        let cookies = [pair.client, pair.upstream];
+        // One call per map; if an entry is missing, the kernel stops there: go one by one.
+        if sys::map_delete_batch(maps.links.map().fd().as_fd(), &cookies).is_err() {
+            for cookie in &cookies {
+                let _ = maps.links.remove(cookie);
+            }
+        }
+        if sys::map_delete_batch(maps.counters.map().fd().as_fd(), &cookies).is_err() {
+            for cookie in &cookies {
+                let _ = maps.counters.remove(cookie);
+            }
         }
     }
 

@@ -856,3 +856,79 @@ fn raise_ambient_net_admin() -> io::Result<()> {
         )
     })
 }
+
+/// The kernel's `bpf_attr` for the `BPF_MAP_*_BATCH` commands.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// Writes `keys[i] = values[i]` into a hash map in one `bpf()` call instead of one each
+/// (the kernel applies them in order, exactly as separate updates). On an error, the
+/// entries before the failing one are written.
+pub fn map_update_batch<K: Copy, V: Copy, const N: usize>(
+    map: BorrowedFd<'_>,
+    keys: &[K; N],
+    values: &[V; N],
+) -> io::Result<()> {
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: N as u32,
+        map_fd: map.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    // SAFETY: `attr` points at `N` keys and `N` values of the map's sizes (the caller's
+    // types are the map's key and value types), all alive for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &raw mut attr,
+            size_of::<BatchAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Deletes `keys` from a hash map in one `bpf()` call. The kernel stops at the first key
+/// it cannot delete (one not there) and fails: the caller deletes one by one then.
+pub fn map_delete_batch<K: Copy, const N: usize>(
+    map: BorrowedFd<'_>,
+    keys: &[K; N],
+) -> io::Result<()> {
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        count: N as u32,
+        map_fd: map.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    // SAFETY: `attr` points at `N` keys of the map's key size, alive for the call; the
+    // kernel writes back only `count`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_DELETE_BATCH,
+            &raw mut attr,
+            size_of::<BatchAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

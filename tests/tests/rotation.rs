@@ -74,60 +74,114 @@ async fn get_ok(sender: &mut hyper::client::conn::http1::SendRequest<ClientBody>
     let _ = response.into_body().collect().await;
 }
 
+/// A running agent with one terminating HTTPS frontend in front of a stand-in hub, its
+/// certificate and key in files of its own (`leaf`) that the tests rewrite.
+struct Rig {
+    ca: TestCa,
+    leaf: forwarder_tests::pki::Leaf,
+    port: u16,
+    stop: watch::Sender<bool>,
+    reload: mpsc::Sender<()>,
+    agent: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _hub: TestHub,
+}
+
+impl Rig {
+    async fn start(name: &str) -> Self {
+        init_logging();
+        let dir = scratch_dir(name);
+        let ca = TestCa::new(&dir);
+        let hub_leaf = ca.issue("hub", &[HUB]);
+        let hub = TestHub::start(HUB, &hub_leaf.cert, &hub_leaf.key, None).await;
+        let leaf = ca.issue("proxy", &[PROXY]);
+        let port = free_port();
+        let config_path = dir.join("forwarder.toml");
+        std::fs::write(
+            &config_path,
+            format!(
+                "instance = \"{name}-{pid}\"\n\
+                 [[frontend]]\nname = \"https\"\nbind = \"127.0.0.1:{port}\"\nmode = \"http\"\n\
+                 backend = \"hub\"\ntls_cert = {cert:?}\ntls_key = {key:?}\n\
+                 [[backend]]\nname = \"hub\"\nservers = [{{ address = \"{hub}\" }}]\n\
+                 host = \"{HUB}\"\nca_file = {ca_file:?}\n",
+                pid = std::process::id(),
+                hub = hub.addr,
+                cert = leaf.cert,
+                key = leaf.key,
+                ca_file = ca.ca_pem,
+            ),
+        )
+        .unwrap();
+        let config = Config::load(&config_path).expect("valid config");
+        let (stop, stopped) = watch::channel(false);
+        let (reload, reloads) = mpsc::channel(1);
+        let options = RunOptions {
+            config_path: Some(config_path),
+            drain_deadline: Some(Duration::from_secs(2)),
+            ..Default::default()
+        };
+        let agent = tokio::spawn(agent::run(config, options, stopped, reloads));
+        forwarder_tests::peers::wait_for_port(port, "the forwarder");
+        Self {
+            ca,
+            leaf,
+            port,
+            stop,
+            reload,
+            agent,
+            _hub: hub,
+        }
+    }
+
+    async fn served_certificate(&self) -> CertificateDer<'static> {
+        served_certificate(self.port, &self.ca).await
+    }
+
+    /// A keep-alive HTTPS connection, with one request through it.
+    async fn keepalive(&self) -> hyper::client::conn::http1::SendRequest<ClientBody> {
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(
+            tls_connect(self.port, &self.ca).await,
+        ))
+        .await
+        .expect("HTTP/1.1 handshake");
+        tokio::spawn(connection);
+        get_ok(&mut sender).await;
+        sender
+    }
+
+    /// Issues the proxy's certificate again, over the same files.
+    fn renew(&self) -> CertificateDer<'static> {
+        let renewed = self.ca.issue("proxy", &[PROXY]);
+        leaf_on_disk(&renewed.cert)
+    }
+
+    async fn stop(self) {
+        self.stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), self.agent)
+            .await
+            .expect("the agent stops")
+            .unwrap()
+            .unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_rotates_certificates_keeps_open_connections_and_refuses_broken_files() {
-    init_logging();
-    let dir = scratch_dir("rotation");
-    let ca = TestCa::new(&dir);
-    let hub_leaf = ca.issue("hub", &[HUB]);
-    let hub = TestHub::start(HUB, &hub_leaf.cert, &hub_leaf.key, None).await;
     // Certificate A, in the files the configuration names.
-    let leaf = ca.issue("proxy", &[PROXY]);
+    let rig = Rig::start("rotation").await;
+    let (port, ca, leaf) = (rig.port, &rig.ca, &rig.leaf);
     let cert_a = leaf_on_disk(&leaf.cert);
-    let port = free_port();
-    let config_path = dir.join("forwarder.toml");
-    std::fs::write(
-        &config_path,
-        format!(
-            "instance = \"rotation-{pid}\"\n\
-             [[frontend]]\nname = \"https\"\nbind = \"127.0.0.1:{port}\"\nmode = \"http\"\n\
-             backend = \"hub\"\ntls_cert = {cert:?}\ntls_key = {key:?}\n\
-             [[backend]]\nname = \"hub\"\nservers = [{{ address = \"{hub}\" }}]\n\
-             host = \"{HUB}\"\nca_file = {ca_file:?}\n",
-            pid = std::process::id(),
-            hub = hub.addr,
-            cert = leaf.cert,
-            key = leaf.key,
-            ca_file = ca.ca_pem,
-        ),
-    )
-    .unwrap();
-    let config = Config::load(&config_path).expect("valid config");
-    let (stop, stopped) = watch::channel(false);
-    let (reload, reloads) = mpsc::channel(1);
-    let options = RunOptions {
-        config_path: Some(config_path.clone()),
-        drain_deadline: Some(Duration::from_secs(2)),
-        ..Default::default()
-    };
-    let agent = tokio::spawn(agent::run(config, options, stopped, reloads));
-    forwarder_tests::peers::wait_for_port(port, "the forwarder");
-    assert_eq!(served_certificate(port, &ca).await, cert_a);
+    assert_eq!(rig.served_certificate().await, cert_a);
 
     // Opened before the rotation: a keep-alive HTTPS connection and a WebSocket.
-    let (mut keepalive, connection) =
-        hyper::client::conn::http1::handshake(TokioIo::new(tls_connect(port, &ca).await))
-            .await
-            .expect("HTTP/1.1 handshake");
-    tokio::spawn(connection);
-    get_ok(&mut keepalive).await;
+    let mut keepalive = rig.keepalive().await;
     let mut request = format!("wss://{PROXY}/$iothub/websocket")
         .into_client_request()
         .unwrap();
     request
         .headers_mut()
         .insert("sec-websocket-protocol", "mqtt".parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::client_async(request, tls_connect(port, &ca).await)
+    let (mut ws, _) = tokio_tungstenite::client_async(request, tls_connect(port, ca).await)
         .await
         .expect("WebSocket handshake");
     let echo = async |ws: &mut tokio_tungstenite::WebSocketStream<_>, text: &str| {
@@ -141,12 +195,11 @@ async fn a_reload_rotates_certificates_keeps_open_connections_and_refuses_broken
     echo(&mut ws, "before").await;
 
     // Certificate B over the same files; the configuration text is unchanged.
-    let leaf_b = ca.issue("proxy", &[PROXY]);
-    let cert_b = leaf_on_disk(&leaf_b.cert);
+    let cert_b = rig.renew();
     assert_ne!(cert_a, cert_b);
-    reload.send(()).await.unwrap();
+    rig.reload.send(()).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while served_certificate(port, &ca).await != cert_b {
+    while rig.served_certificate().await != cert_b {
         assert!(
             Instant::now() < deadline,
             "new connections still see the old certificate after the reload"
@@ -158,22 +211,22 @@ async fn a_reload_rotates_certificates_keeps_open_connections_and_refuses_broken
 
     // Broken files: unparseable PEM, then a certificate whose key is not the one on disk.
     std::fs::write(&leaf.cert, "-----BEGIN CERTIFICATE-----\nnot base64!\n").unwrap();
-    reload.send(()).await.unwrap();
+    rig.reload.send(()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(700)).await;
     for _ in 0..5 {
         assert_eq!(
-            served_certificate(port, &ca).await,
+            rig.served_certificate().await,
             cert_b,
             "a broken certificate file replaced the working one"
         );
     }
     let other = ca.issue("other", &[PROXY]);
     std::fs::copy(&other.cert, &leaf.cert).unwrap();
-    reload.send(()).await.unwrap();
+    rig.reload.send(()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(700)).await;
     for _ in 0..5 {
         assert_eq!(
-            served_certificate(port, &ca).await,
+            rig.served_certificate().await,
             cert_b,
             "a certificate that does not match its key replaced the working one"
         );
@@ -181,13 +234,8 @@ async fn a_reload_rotates_certificates_keeps_open_connections_and_refuses_broken
     get_ok(&mut keepalive).await;
     echo(&mut ws, "after the refused files").await;
 
-    stop.send(true).unwrap();
     drop((ws, keepalive));
-    tokio::time::timeout(Duration::from_secs(10), agent)
-        .await
-        .expect("the agent stops")
-        .unwrap()
-        .unwrap();
+    rig.stop().await;
 }
 
 /// Renewed files are picked up without a reload: the agent looks at them every few
@@ -196,55 +244,16 @@ async fn a_reload_rotates_certificates_keeps_open_connections_and_refuses_broken
 /// follows).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_files_renewed_on_disk_rotate_without_a_reload() {
-    init_logging();
-    let dir = scratch_dir("rotation-watch");
-    let ca = TestCa::new(&dir);
-    let hub_leaf = ca.issue("hub", &[HUB]);
-    let hub = TestHub::start(HUB, &hub_leaf.cert, &hub_leaf.key, None).await;
-    let leaf = ca.issue("proxy", &[PROXY]);
-    let cert_a = leaf_on_disk(&leaf.cert);
-    let port = free_port();
-    let config_path = dir.join("forwarder.toml");
-    std::fs::write(
-        &config_path,
-        format!(
-            "instance = \"rotation-watch-{pid}\"\n\
-             [[frontend]]\nname = \"https\"\nbind = \"127.0.0.1:{port}\"\nmode = \"http\"\n\
-             backend = \"hub\"\ntls_cert = {cert:?}\ntls_key = {key:?}\n\
-             [[backend]]\nname = \"hub\"\nservers = [{{ address = \"{hub}\" }}]\n\
-             host = \"{HUB}\"\nca_file = {ca_file:?}\n",
-            pid = std::process::id(),
-            hub = hub.addr,
-            cert = leaf.cert,
-            key = leaf.key,
-            ca_file = ca.ca_pem,
-        ),
-    )
-    .unwrap();
-    let config = Config::load(&config_path).expect("valid config");
-    let (stop, stopped) = watch::channel(false);
-    let (_reload, reloads) = mpsc::channel(1);
-    let options = RunOptions {
-        config_path: Some(config_path.clone()),
-        drain_deadline: Some(Duration::from_secs(2)),
-        ..Default::default()
-    };
-    let agent = tokio::spawn(agent::run(config, options, stopped, reloads));
-    forwarder_tests::peers::wait_for_port(port, "the forwarder");
-    assert_eq!(served_certificate(port, &ca).await, cert_a);
-    let (mut keepalive, connection) =
-        hyper::client::conn::http1::handshake(TokioIo::new(tls_connect(port, &ca).await))
-            .await
-            .expect("HTTP/1.1 handshake");
-    tokio::spawn(connection);
-    get_ok(&mut keepalive).await;
+    let rig = Rig::start("rotation-watch").await;
+    let cert_a = leaf_on_disk(&rig.leaf.cert);
+    assert_eq!(rig.served_certificate().await, cert_a);
+    let mut keepalive = rig.keepalive().await;
 
     // The renewal: certificate B over the same files, and no SIGHUP.
-    let leaf_b = ca.issue("proxy", &[PROXY]);
-    let cert_b = leaf_on_disk(&leaf_b.cert);
+    let cert_b = rig.renew();
     assert_ne!(cert_a, cert_b);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while served_certificate(port, &ca).await != cert_b {
+    while rig.served_certificate().await != cert_b {
         assert!(
             Instant::now() < deadline,
             "new connections still see the old certificate 20 s after the renewal"
@@ -253,11 +262,6 @@ async fn certificate_files_renewed_on_disk_rotate_without_a_reload() {
     }
     get_ok(&mut keepalive).await;
 
-    stop.send(true).unwrap();
     drop(keepalive);
-    tokio::time::timeout(Duration::from_secs(10), agent)
-        .await
-        .expect("the agent stops")
-        .unwrap()
-        .unwrap();
+    rig.stop().await;
 }

@@ -362,56 +362,19 @@ fn agent_attaches_from_config_and_the_cli_changes_rules_while_it_runs() {
     let instance = format!("xdpt{}", unique());
     let _upstream = EchoServer::start(&pair.fwd_ns, to(std::net::Ipv4Addr::LOCALHOST, 19000));
     let state = forwarder_tests::peers::scratch_dir(&instance);
-    let toml = format!(
-        r#"
-instance = "{instance}"
-state_dir = {state:?}
-[[frontend]]
-name = "mqtt"
-bind = "0.0.0.0:{PORT}"
-backend = "up"
-idle_timeout_secs = 600
-[[backend]]
-name = "up"
-servers = [{{ address = "127.0.0.1:19000" }}]
-[xdp]
-interfaces = ["{}"]
-deny = ["{PEER2_V4}/32"]
-"#,
-        pair.fwd_if
+    let toml = agent_config(
+        &instance,
+        &state,
+        &pair,
+        &format!(r#"deny = ["{PEER2_V4}/32"]"#),
     );
-    let config = forwarder::config::Config::parse(&toml, "test").expect("valid config");
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let agent = spawn_in_ns(&pair.fwd_ns, move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let options = forwarder::agent::RunOptions {
-            drain_deadline: Some(Duration::from_secs(1)),
-            ..Default::default()
-        };
-        // No reloads in this test: the sender side is dropped at once.
-        let (_, reloads) = tokio::sync::mpsc::channel(1);
-        runtime.block_on(forwarder::agent::run(config, options, stopped, reloads))
-    });
+    let (stop, agent) = spawn_agent(&pair, &instance, &toml);
     let pins = forwarder::ebpf::pin_dir_for(&instance);
-    assert!(
-        wait_until(Duration::from_secs(20), || pins
-            .join("XDP_SETTINGS")
-            .exists()),
-        "the agent did not pin the XDP maps in {}",
-        pins.display()
-    );
     let dest = to(FWD_V4, PORT);
     echo_round_trip(&pair.peer_ns, PEER_V4.into(), dest).expect("through the forwarder");
     assert_refused(&pair, PEER2_V4.into(), dest);
 
-    let cli = |command: XdpCommand| {
-        let mut out = Vec::new();
-        forwarder::xdp::cli::run(command, &mut out).expect("forwarder xdp ...");
-        String::from_utf8(out).expect("utf-8 output")
-    };
+    let cli = xdp_cli;
     let target = || Target {
         instance: instance.clone(),
     };
@@ -712,6 +675,41 @@ fn an_allowed_source_s_fragmented_syns_pass_and_are_reassembled() {
 
 /// Starts the agent of `toml` in the forwarder namespace; returns its stop sender and
 /// thread once its XDP guard is attached.
+/// The agents' configuration: one frontend on `PORT` to an echo server on 19000 in the
+/// forwarder namespace, the guard on the forwarder's veth (`xdp_rules`: more lines of
+/// its `[xdp]` table).
+fn agent_config(
+    instance: &str,
+    state: &std::path::Path,
+    pair: &VethPair,
+    xdp_rules: &str,
+) -> String {
+    format!(
+        r#"
+instance = "{instance}"
+state_dir = {state:?}
+[[frontend]]
+name = "mqtt"
+bind = "0.0.0.0:{PORT}"
+backend = "up"
+[[backend]]
+name = "up"
+servers = [{{ address = "127.0.0.1:19000" }}]
+[xdp]
+interfaces = ["{}"]
+{xdp_rules}
+"#,
+        pair.fwd_if
+    )
+}
+
+/// `forwarder xdp ...` (the command names its agent); its output.
+fn xdp_cli(command: XdpCommand) -> String {
+    let mut out = Vec::new();
+    forwarder::xdp::cli::run(command, &mut out).expect("forwarder xdp ...");
+    String::from_utf8(out).expect("utf-8 output")
+}
+
 fn spawn_agent(
     pair: &VethPair,
     instance: &str,
@@ -762,31 +760,11 @@ fn run_time_rules_survive_a_restart_of_the_agent() {
     let _upstream = EchoServer::start(&pair.fwd_ns, to(std::net::Ipv4Addr::LOCALHOST, 19000));
     let state = forwarder_tests::peers::scratch_dir(&instance);
     // The configuration denies a prefix the run-time change removes again.
-    let toml = format!(
-        r#"
-instance = "{instance}"
-state_dir = {state:?}
-[[frontend]]
-name = "mqtt"
-bind = "0.0.0.0:{PORT}"
-backend = "up"
-[[backend]]
-name = "up"
-servers = [{{ address = "127.0.0.1:19000" }}]
-[xdp]
-interfaces = ["{}"]
-deny = ["192.0.2.0/24"]
-"#,
-        pair.fwd_if
-    );
+    let toml = agent_config(&instance, &state, &pair, r#"deny = ["192.0.2.0/24"]"#);
     let target = || Target {
         instance: instance.clone(),
     };
-    let cli = |command: XdpCommand| {
-        let mut out = Vec::new();
-        forwarder::xdp::cli::run(command, &mut out).expect("forwarder xdp ...");
-        String::from_utf8(out).expect("utf-8 output")
-    };
+    let cli = xdp_cli;
     let list = || {
         cli(XdpCommand::List(Output {
             target: target(),
@@ -857,26 +835,7 @@ fn an_upgrade_keeps_the_guard_its_rules_and_counters() {
     let _upstream = EchoServer::start(&pair.fwd_ns, to(std::net::Ipv4Addr::LOCALHOST, 19000));
     let dir = forwarder_tests::peers::scratch_dir(&instance);
     let config = dir.join("forwarder.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-instance = "{instance}"
-state_dir = {dir:?}
-[[frontend]]
-name = "mqtt"
-bind = "0.0.0.0:{PORT}"
-backend = "up"
-[[backend]]
-name = "up"
-servers = [{{ address = "127.0.0.1:19000" }}]
-[xdp]
-interfaces = ["{}"]
-"#,
-            pair.fwd_if
-        ),
-    )
-    .unwrap();
+    std::fs::write(&config, agent_config(&instance, &dir, &pair, "")).unwrap();
     let binary = forwarder_binary();
     let old = forwarder_tests::peers::KillOnDrop::spawn(
         // nsenter, not `ip netns exec`: that one also gives the process a /sys of its own,
@@ -912,29 +871,19 @@ interfaces = ["{}"]
     let target = || Target {
         instance: instance.clone(),
     };
-    let mut out = Vec::new();
-    forwarder::xdp::cli::run(
-        XdpCommand::Deny {
-            action: RuleAction::Add {
-                cidr: cidr(&format!("{PEER2_V4}/32")),
-                target: target(),
-            },
+    xdp_cli(XdpCommand::Deny {
+        action: RuleAction::Add {
+            cidr: cidr(&format!("{PEER2_V4}/32")),
+            target: target(),
         },
-        &mut out,
-    )
-    .expect("forwarder xdp deny add");
+    });
     assert_refused(&pair, PEER2_V4.into(), dest);
     let stats = || {
-        let mut out = Vec::new();
-        forwarder::xdp::cli::run(
-            XdpCommand::Stats(Output {
-                target: target(),
-                json: true,
-            }),
-            &mut out,
-        )
-        .expect("forwarder xdp stats");
-        let json: serde_json::Value = serde_json::from_slice(&out).expect("stats JSON");
+        let out = xdp_cli(XdpCommand::Stats(Output {
+            target: target(),
+            json: true,
+        }));
+        let json: serde_json::Value = serde_json::from_str(&out).expect("stats JSON");
         json["dropped_deny"].as_u64().expect("dropped_deny counter")
     };
     let denied_before = stats();
