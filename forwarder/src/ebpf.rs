@@ -290,8 +290,8 @@ impl Datapath {
     /// low-water mark so high that the kernel does not run the verdict; only once both are
     /// in the socket map is the mark dropped to 1, which runs the verdict over whatever is
     /// queued. So no byte meets a verdict while its peer is missing from the map, except
-    /// after a FIN (which ignores the mark); the verdict then passes it to userspace and
-    /// `SockCounters::passed_bytes` says so.
+    /// after a FIN or under receive-memory pressure (both override the mark); the verdict
+    /// then passes it to userspace and `SockCounters::passed_bytes` says so.
     ///
     /// `lag_budget` bounds what the kernel redirects ahead of what each peer has sent on
     /// (`NO_LIMIT` for none); keep it current with `set_link`.
@@ -322,7 +322,11 @@ impl Datapath {
         lag_budget: u64,
     ) -> Result<(), SpliceError> {
         let mut maps = self.maps();
-        let sides = [(pair.client, client), (pair.upstream, upstream)];
+        // Into the socket map upstream first: until both are in, a byte the verdict sees
+        // on the first one has no peer and goes to userspace. The `SO_RCVLOWAT` hold keeps
+        // queued bytes from the verdict, but not under memory pressure, which a client
+        // sending megabytes right after connecting reaches; the upstream speaks when asked.
+        let sides = [(pair.upstream, upstream), (pair.client, client)];
         let cookies = [pair.client, pair.upstream];
         let links = [
             peer_link(pair.upstream, lag_budget, lag_budget, 0),

@@ -42,7 +42,17 @@ async fn start_proxy_with_connect_timeout(
     session: SessionOptions,
     connect_timeout: Duration,
 ) -> Proxy {
-    let datapath = kernel.then(datapath);
+    start_proxy_on(upstream, kernel.then(datapath), session, connect_timeout).await
+}
+
+/// A proxy that splices with `datapath` (`None`: userspace only).
+async fn start_proxy_on(
+    upstream: &str,
+    datapath: Option<Arc<Datapath>>,
+    session: SessionOptions,
+    connect_timeout: Duration,
+) -> Proxy {
+    let kernel = datapath.is_some();
     let pool = Arc::new(Pool::new(
         "test",
         vec![Server {
@@ -774,4 +784,79 @@ async fn slow_upstream_is_bounded_then_resumes() {
         "nothing was redirected after the resume: {:?}",
         proxy.metrics.snapshot()
     );
+}
+
+/// A full socket map is not an outage: with the link map at its entry limit, a new
+/// connection is served in userspace, byte-exact, and counted as `fallback_map_full`;
+/// once entries are free again, the next one is spliced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_map_falls_back_to_userspace_and_counts_it() {
+    use aya::maps::{HashMap, Map, MapData};
+    use forwarder_common::PeerLink;
+
+    require_root();
+    let pin_dir = forwarder::ebpf::pin_dir_for(&format!("l4-full-map-{}", std::process::id()));
+    let datapath = Arc::new(
+        Datapath::load(&LoadOptions {
+            pin_dir: Some(pin_dir.clone()),
+            adopt: false,
+        })
+        .expect("eBPF must load"),
+    );
+    let pinned = MapData::from_pin(pin_dir.join(forwarder_common::names::LINKS)).unwrap();
+    let mut links: HashMap<MapData, u64, PeerLink> =
+        HashMap::try_from(Map::HashMap(pinned)).unwrap();
+    // Keys no socket cookie reaches (they count up from 1).
+    let filler = |i: u32| u64::MAX - u64::from(i);
+    let mut filled = 0;
+    while links.insert(filler(filled), PeerLink::default(), 0).is_ok() {
+        filled += 1;
+    }
+    assert_eq!(
+        filled,
+        forwarder_common::MAX_SPLICED_SOCKETS,
+        "the map filled up"
+    );
+
+    // One listening socket for both connections (a copy of its descriptor each).
+    let listening = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listening.set_nonblocking(true).unwrap();
+    let upstream = listening.local_addr().unwrap().to_string();
+    let server = || TcpListener::from_std(listening.try_clone().unwrap()).unwrap();
+    let proxy = start_proxy_on(
+        &upstream,
+        Some(datapath),
+        SessionOptions::default(),
+        Duration::from_secs(2),
+    )
+    .await;
+    let (up, down) = (random_payload(256 * 1024), random_payload(128 * 1024));
+    let (at_server, at_client) = client_first_exchange(server(), &proxy, &up, down.clone()).await;
+    assert_eq!(sha256(&at_server), sha256(&up));
+    assert_eq!(sha256(&at_client), sha256(&down));
+    let m = proxy.metrics.clone();
+    eventually("connection finished", || get(&m.active) == 0).await;
+    assert_eq!(
+        (
+            get(&m.kernel_spliced),
+            get(&m.userspace),
+            get(&m.fallback_map_full)
+        ),
+        (0, 1, 1),
+        "served in userspace and counted as a full map"
+    );
+
+    // Room for one pair again: the next connection is spliced.
+    for i in 0..2 {
+        links.remove(&filler(i)).unwrap();
+    }
+    let (at_server, at_client) = client_first_exchange(server(), &proxy, &up, down.clone()).await;
+    assert_eq!(sha256(&at_server), sha256(&up));
+    assert_eq!(sha256(&at_client), sha256(&down));
+    eventually("second connection finished", || get(&m.active) == 0).await;
+    assert_eq!(get(&m.kernel_spliced), 1, "spliced once the map had room");
+    for i in 2..filled {
+        let _ = links.remove(&filler(i));
+    }
+    assert_no_leaks(&proxy);
 }

@@ -254,12 +254,19 @@ fn start_agent_inner(
     agent
 }
 
-fn stop_agent(agent: KillOnDrop) {
+/// Stops the agent and checks it unpinned its maps. An agent that dropped its privileges
+/// cannot remove the instance's directory itself (its parent is root's): that goes here.
+fn stop_agent(agent: KillOnDrop, instance: &str) {
     let status = agent.stop(Duration::from_secs(10));
     assert!(
         status.is_some_and(|s| s.success()),
         "the agent did not stop cleanly: {status:?}"
     );
+    let pin_dir = forwarder::ebpf::pin_dir_for(instance);
+    if pin_dir.exists() {
+        std::fs::remove_dir(&pin_dir)
+            .unwrap_or_else(|err| panic!("pins left behind in {}: {err}", pin_dir.display()));
+    }
 }
 
 fn wait(limit: Duration, mut ok: impl FnMut() -> bool) -> bool {
@@ -431,7 +438,7 @@ fn mqtt_tls_to_the_hubs_own_address_is_intercepted_spliced_and_cleaned_up() {
         spliced,
         "the gateway's own connection was steered"
     );
-    stop_agent(agent);
+    stop_agent(agent, &instance);
     gw.assert_clean(table, "after a stop");
 
     // A crash leaves the rules; the next start clears them and intercepts again.
@@ -462,7 +469,7 @@ fn mqtt_tls_to_the_hubs_own_address_is_intercepted_spliced_and_cleaned_up() {
         "bytes differ after the restart"
     );
     assert!(wait_counter(&instance, "mqtt", "kernel_spliced", 2) >= 2);
-    stop_agent(again);
+    stop_agent(again, &instance);
     gw.assert_clean(table, "after SIGKILL, restart and stop");
 }
 
@@ -646,7 +653,7 @@ fn wss_on_443_and_tls_on_5671_pass_through_spliced() {
             stats[frontend]
         );
     }
-    stop_agent(agent);
+    stop_agent(agent, &instance);
     gw.assert_clean(table, "after a stop");
 }
 
@@ -739,7 +746,7 @@ fn proxy_v2_tells_a_real_nginx_the_devices_address() {
         format!("{}:{} {GW_HUB_SIDE}", device_addr.ip(), device_addr.port()),
         "nginx saw the device's address in the header, over the gateway's connection"
     );
-    stop_agent(agent);
+    stop_agent(agent, &instance);
     gw.assert_clean(table, "after a stop");
 }
 
@@ -812,7 +819,7 @@ fn preserve_source_shows_the_server_the_devices_address() {
     );
     assert_eq!(sha256(&echoed), sha256(&payload), "bytes differ");
     assert!(wait_counter(&instance, "mqtt", "kernel_spliced", 1) >= 1);
-    stop_agent(agent);
+    stop_agent(agent, &instance);
     gw.assert_clean(table, "after a stop");
 }
 
@@ -883,6 +890,6 @@ fn intercept_hosts_follow_the_hubs_address() {
     assert_eq!(accepted(), 2, "the name's new address is intercepted");
     round_trip(first);
     assert_eq!(accepted(), 2, "its old address is not any more");
-    stop_agent(agent);
+    stop_agent(agent, &instance);
     gw.assert_clean(table, "after a stop");
 }

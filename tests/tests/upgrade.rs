@@ -276,6 +276,19 @@ async fn a_failed_upgrade_leaves_the_running_agent_serving() {
     echo_once(&mut stream, b"after, same connection").await;
     let mut fresh = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     echo_once(&mut fresh, b"a new one").await;
+
+    // It still stops like any agent: its maps were not handed to anyone, so it unpins them.
+    drop((stream, fresh));
+    let status = tokio::task::spawn_blocking(move || agent.stop(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(status.is_some_and(|s| s.success()), "stopped: {status:?}");
+    let pin_dir = forwarder::ebpf::pin_dir_for(&instance);
+    assert!(
+        !pin_dir.exists(),
+        "pins left behind in {}",
+        pin_dir.display()
+    );
 }
 
 /// One MQTT device over TLS (rumqttc), its event loop polled by a task of its own.
