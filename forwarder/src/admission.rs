@@ -141,6 +141,67 @@ pub struct Admitted {
     _source: Option<SourceSlot>,
 }
 
+/// A frontend's two caps, as a handle that outlives its accept loop: a session a previous
+/// agent hands over (`crate::upgrade`) holds its slots like any connection, so the caps
+/// (and the descriptor budget they are sized from) count it.
+#[derive(Clone, Debug)]
+pub struct Slots {
+    frontend: Arc<Semaphore>,
+    agent: Arc<AgentCap>,
+}
+
+impl Slots {
+    /// Slots for a connection that is open already: at once if both caps have room, else
+    /// a claim on the next that free up. The claim queues with the accept loop (tokio's
+    /// semaphores are first come, first served), so new clients wait until the count is
+    /// back under the caps. The connection is served either way.
+    pub fn hold(&self) -> Held {
+        if let Ok(frontend) = self.frontend.clone().try_acquire_owned()
+            && let Ok(agent) = self.agent.slots.clone().try_acquire_owned()
+        {
+            return Held::Now(Admitted {
+                _frontend: frontend,
+                _agent: agent,
+                _source: None,
+            });
+        }
+        let (frontend, agent) = (self.frontend.clone(), self.agent.slots.clone());
+        Held::Owed(tokio::spawn(async move {
+            // In the accept loop's order: frontend, then agent.
+            let frontend = frontend.acquire_owned().await.ok()?;
+            let agent = agent.acquire_owned().await.ok()?;
+            Some(Admitted {
+                _frontend: frontend,
+                _agent: agent,
+                _source: None,
+            })
+        }))
+    }
+}
+
+/// What `Slots::hold` gave a connection, held until it ends.
+#[derive(Debug)]
+pub enum Held {
+    Now(Admitted),
+    /// Still waiting, or the slots it got (in the task's output, freed with the handle).
+    Owed(tokio::task::JoinHandle<Option<Admitted>>),
+}
+
+impl Held {
+    pub fn is_owed(&self) -> bool {
+        matches!(self, Self::Owed(_))
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        // A claim still waiting must not take slots for a connection that is gone.
+        if let Self::Owed(claim) = self {
+            claim.abort();
+        }
+    }
+}
+
 /// The counters a gate adds to (the frontend's).
 pub struct GateCounters<'a> {
     pub at_capacity: &'a AtomicU64,
@@ -231,6 +292,13 @@ impl Gate {
                 _source: source,
             };
             return Some((client, peer, admitted));
+        }
+    }
+
+    pub fn slots(&self) -> Slots {
+        Slots {
+            frontend: self.slots.clone(),
+            agent: self.agent.clone(),
         }
     }
 

@@ -39,6 +39,7 @@ async fn an_upgrade_keeps_200_mqtt_devices_and_a_64_mib_transfer_byte_exact() {
         format!(
             "instance = \"{instance}\"\n\
              [[frontend]]\nname = \"mqtt\"\nbind = \"127.0.0.1:{mqtt_port}\"\nbackend = \"broker\"\n\
+             max_connections = {DEVICES}\n\
              [[frontend]]\nname = \"bulk\"\nbind = \"127.0.0.1:{bulk_port}\"\nbackend = \"echo\"\n\
              [[backend]]\nname = \"broker\"\nservers = [{{ address = \"127.0.0.1:{broker_port}\" }}]\n\
              [[backend]]\nname = \"echo\"\nservers = [{{ address = \"{echo}\" }}]\n"
@@ -190,6 +191,37 @@ async fn an_upgrade_keeps_200_mqtt_devices_and_a_64_mib_transfer_byte_exact() {
             && counter("bulk", "bytes_up") == Some(BULK as u64)
             && counter("bulk", "bytes_down") == Some(BULK as u64)
     })
+    .await;
+
+    // The sessions taken over count against the mqtt frontend's max_connections (all of
+    // them): new clients wait in the accept queue until devices leave. (The accept loop
+    // may have taken one slot before the sessions came: one client can get in.)
+    let counter = |c: &str| {
+        inspect::stats(&pinned)
+            .get("mqtt")
+            .and_then(|m| m.get(c))
+            .copied()
+    };
+    let _waiting = [
+        TcpStream::connect(("127.0.0.1", mqtt_port)).await.unwrap(),
+        TcpStream::connect(("127.0.0.1", mqtt_port)).await.unwrap(),
+    ];
+    wait_until("the new agent counts the wait", || {
+        counter("at_capacity").is_some_and(|n| n > 0)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        counter("accepted").is_some_and(|n| n <= 1),
+        "accepted beyond max_connections: {:?}",
+        counter("accepted")
+    );
+    drop(devices.pop());
+    drop(devices.pop());
+    wait_until(
+        "both waiting clients are accepted once devices left",
+        || counter("accepted") == Some(2),
+    )
     .await;
 
     drop(devices);

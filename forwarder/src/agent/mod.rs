@@ -83,6 +83,8 @@ pub struct Running {
     _instance: Arc<InstanceLock>,
     /// A copy of the listener's descriptor, for `forwarder upgrade` to hand over.
     listener_fd: Option<std::os::fd::OwnedFd>,
+    /// An L4 frontend's caps, for the sessions an upgrade hands this agent.
+    pub slots: Option<crate::admission::Slots>,
     task: JoinHandle<()>,
 }
 
@@ -426,6 +428,10 @@ fn start_frontend(
     let spec = Spec::of(config, f);
     // Everything that reads files or can fail is built before the listener is bound.
     let built = build_frontend(config, f, pools, shared, &metrics)?;
+    let slots = match &built {
+        Built::L4(frontend, ..) => Some(frontend.gate.slots()),
+        Built::Originate(..) | Built::Http(..) => None,
+    };
     let listener = match listener {
         Some(listener) => listener,
         None => crate::listener::bind(f.bind)
@@ -451,6 +457,7 @@ fn start_frontend(
         stop,
         _instance: shared.instance.clone(),
         listener_fd,
+        slots,
         task,
     })
 }

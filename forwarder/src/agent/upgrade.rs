@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
 use super::{FrontendMetrics, Running};
+use crate::admission::{Held, Slots};
 use crate::config::{Config, Mode};
 use crate::conn_list::Registration;
 use crate::ebpf::Datapath;
@@ -178,8 +179,16 @@ async fn forward_sessions(
     (sent, failed)
 }
 
-/// The frontends that can take sessions over: name -> (counters, session options).
-pub(super) type Takers = HashMap<String, (Arc<L4Metrics>, SessionOptions)>;
+/// A frontend that can take sessions over.
+pub(super) struct Taker {
+    metrics: Arc<L4Metrics>,
+    options: SessionOptions,
+    /// Its caps: a session taken over holds slots like a connection it accepted.
+    slots: Option<Slots>,
+}
+
+/// The frontends that can take sessions over, by name.
+pub(super) type Takers = HashMap<String, Taker>;
 
 pub(super) fn takers(config: &Config, running: &[Running]) -> Takers {
     running
@@ -192,7 +201,12 @@ pub(super) fn takers(config: &Config, running: &[Running]) -> Takers {
                 .frontends
                 .iter()
                 .find(|f| f.name == r.name && f.mode == Mode::Splice)?;
-            Some((r.name.clone(), (metrics.clone(), f.session())))
+            let taker = Taker {
+                metrics: metrics.clone(),
+                options: f.session(),
+                slots: r.slots.clone(),
+            };
+            Some((r.name.clone(), taker))
         })
         .collect()
 }
@@ -214,17 +228,23 @@ pub(super) async fn receive(arrivals: Arrivals, takers: Takers, datapath: Option
     // Sessions of a frontend the new configuration lacks keep their own options.
     let orphans = Arc::new(L4Metrics::default());
     let mut taken = 0u64;
+    let mut over_cap = 0u64;
     loop {
         match arrivals.next().await {
             Ok(Some(Arrival::Session(session))) => {
                 taken += 1;
                 let frontend = session.state.frontend.clone();
-                let (metrics, options) = match takers.get(&frontend) {
-                    Some((m, o)) => (m.clone(), o.clone()),
-                    None => (orphans.clone(), session.state.options()),
+                let (metrics, options, held) = match takers.get(&frontend) {
+                    Some(t) => {
+                        let held = t.slots.as_ref().map(Slots::hold);
+                        over_cap += u64::from(held.as_ref().is_some_and(Held::is_owed));
+                        (t.metrics.clone(), t.options.clone(), held)
+                    }
+                    None => (orphans.clone(), session.state.options(), None),
                 };
                 let span = tracing::info_span!("conn", %frontend, adopted = true);
-                tokio::spawn(adopt(session, datapath.clone(), metrics, options).instrument(span));
+                let taker = (metrics, options, held);
+                tokio::spawn(adopt(session, datapath.clone(), taker).instrument(span));
             }
             Ok(Some(Arrival::Done { sessions })) => {
                 datapath.own_pins();
@@ -234,6 +254,14 @@ pub(super) async fn receive(arrivals: Arrivals, takers: Takers, datapath: Option
                     old_pid = arrivals.old_pid,
                     "upgrade: took over from the previous agent"
                 );
+                if over_cap > 0 {
+                    // Served all the same (they are open); new clients wait until the
+                    // count is back under the caps.
+                    tracing::info!(
+                        over_cap,
+                        "upgrade: sessions taken over beyond max_connections wait for slots"
+                    );
+                }
                 return;
             }
             Ok(None) => {
@@ -253,11 +281,12 @@ pub(super) async fn receive(arrivals: Arrivals, takers: Takers, datapath: Option
     }
 }
 
+/// Serves a session taken over to its end, holding its slots under the caps (if it got
+/// them) until then.
 async fn adopt(
     session: Box<HandedSession>,
     datapath: Arc<Datapath>,
-    metrics: Arc<L4Metrics>,
-    options: SessionOptions,
+    (metrics, options, _held): (Arc<L4Metrics>, SessionOptions, Option<Held>),
 ) {
     let _active = ActiveGuard::new(&metrics.active);
     metrics::add(&metrics.adopted, 1);
