@@ -2,7 +2,7 @@
 //! and wraps the maps in typed calls the rest of the agent uses.
 
 use std::io;
-use std::os::fd::{AsFd as _, AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::mpsc;
 
 use anyhow::Context as _;
-use aya::maps::{HashMap, IterableMap as _, MapData, MapError, RingBuf, SockHash};
+use aya::maps::{HashMap, MapData, MapError, RingBuf, SockHash};
 use aya::programs::SkSkb;
 use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfLoader};
@@ -334,13 +334,9 @@ impl Datapath {
         ];
         // Both sides' entries of each map in one call each (set-up cost per connection).
         let mut inserted = 0;
-        let mut outcome = sys::map_update_batch(maps.links.map().fd().as_fd(), &cookies, &links)
+        let mut outcome = sys::map_update_batch(&maps.links, &cookies, &links)
             .and_then(|()| {
-                sys::map_update_batch(
-                    maps.counters.map().fd().as_fd(),
-                    &cookies,
-                    &[SockCounters::default(); 2],
-                )
+                sys::map_update_batch(&maps.counters, &cookies, &[SockCounters::default(); 2])
             })
             .map_err(SpliceError::from_io);
         if outcome.is_ok() {
@@ -450,12 +446,12 @@ impl Datapath {
         let mut maps = self.maps();
         let cookies = [pair.client, pair.upstream];
         // One call per map; if an entry is missing, the kernel stops there: go one by one.
-        if sys::map_delete_batch(maps.links.map().fd().as_fd(), &cookies).is_err() {
+        if sys::map_delete_batch(&maps.links, &cookies).is_err() {
             for cookie in &cookies {
                 let _ = maps.links.remove(cookie);
             }
         }
-        if sys::map_delete_batch(maps.counters.map().fd().as_fd(), &cookies).is_err() {
+        if sys::map_delete_batch(&maps.counters, &cookies).is_err() {
             for cookie in &cookies {
                 let _ = maps.counters.remove(cookie);
             }

@@ -2,7 +2,10 @@
 #![allow(unsafe_code)] // raw libc socket calls, each with its `// SAFETY:` line
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd as _, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use aya::Pod;
+use aya::maps::{HashMap, IterableMap as _, MapData};
 
 /// The kernel's `struct tcp_info` up to `tcpi_bytes_received` (Linux >= 4.19 layout).
 #[repr(C)]
@@ -876,9 +879,9 @@ const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
 /// Writes `keys[i] = values[i]` into a hash map in one `bpf()` call instead of one each
 /// (the kernel applies them in order, exactly as separate updates). On an error, the
-/// entries before the failing one are written.
-pub fn map_update_batch<K: Copy, V: Copy, const N: usize>(
-    map: BorrowedFd<'_>,
+/// entries before the failing one are written. (aya has no batch calls.)
+pub fn map_update_batch<K: Pod, V: Pod, const N: usize>(
+    map: &HashMap<MapData, K, V>,
     keys: &[K; N],
     values: &[V; N],
 ) -> io::Result<()> {
@@ -886,11 +889,11 @@ pub fn map_update_batch<K: Copy, V: Copy, const N: usize>(
         keys: keys.as_ptr() as u64,
         values: values.as_ptr() as u64,
         count: N as u32,
-        map_fd: map.as_raw_fd() as u32,
+        map_fd: map.map().fd().as_fd().as_raw_fd() as u32,
         ..Default::default()
     };
-    // SAFETY: `attr` points at `N` keys and `N` values of the map's sizes (the caller's
-    // types are the map's key and value types), all alive for the call.
+    // SAFETY: `attr` points at `N` keys and `N` values, alive for the call, of the sizes
+    // the map was created with (aya checked `K` and `V` against them when it typed it).
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -907,18 +910,18 @@ pub fn map_update_batch<K: Copy, V: Copy, const N: usize>(
 
 /// Deletes `keys` from a hash map in one `bpf()` call. The kernel stops at the first key
 /// it cannot delete (one not there) and fails: the caller deletes one by one then.
-pub fn map_delete_batch<K: Copy, const N: usize>(
-    map: BorrowedFd<'_>,
+pub fn map_delete_batch<K: Pod, V: Pod, const N: usize>(
+    map: &HashMap<MapData, K, V>,
     keys: &[K; N],
 ) -> io::Result<()> {
     let mut attr = BatchAttr {
         keys: keys.as_ptr() as u64,
         count: N as u32,
-        map_fd: map.as_raw_fd() as u32,
+        map_fd: map.map().fd().as_fd().as_raw_fd() as u32,
         ..Default::default()
     };
-    // SAFETY: `attr` points at `N` keys of the map's key size, alive for the call; the
-    // kernel writes back only `count`.
+    // SAFETY: `attr` points at `N` keys of the map's key size (checked by aya when it
+    // typed the map), alive for the call; the kernel writes back only `count`.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
