@@ -374,7 +374,6 @@ fn agent_attaches_from_config_and_the_cli_changes_rules_while_it_runs() {
     echo_round_trip(&pair.peer_ns, PEER_V4.into(), dest).expect("through the forwarder");
     assert_refused(&pair, PEER2_V4.into(), dest);
 
-    let cli = xdp_cli;
     let target = || Target {
         instance: instance.clone(),
     };
@@ -382,15 +381,15 @@ fn agent_attaches_from_config_and_the_cli_changes_rules_while_it_runs() {
         target: t,
         json: true,
     };
-    let stats = cli(XdpCommand::Stats(json(target())));
+    let stats = xdp_cli(XdpCommand::Stats(json(target())));
     assert!(!stats.contains("\"dropped_deny\":0"), "{stats}");
-    let list = cli(XdpCommand::List(json(target())));
+    let list = xdp_cli(XdpCommand::List(json(target())));
     assert!(
         list.contains(&format!("\"ports\":[{PORT}]")) && list.contains("10.200.0.3/32"),
         "{list}"
     );
 
-    let out = cli(XdpCommand::Deny {
+    let out = xdp_cli(XdpCommand::Deny {
         action: RuleAction::Del {
             cidr: cidr(&format!("{PEER2_V4}/32")),
             target: target(),
@@ -399,7 +398,7 @@ fn agent_attaches_from_config_and_the_cli_changes_rules_while_it_runs() {
     assert!(out.contains("removed"), "{out}");
     echo_round_trip(&pair.peer_ns, PEER2_V4.into(), dest).expect("no longer denied");
 
-    let out = cli(XdpCommand::Allow {
+    let out = xdp_cli(XdpCommand::Allow {
         action: RuleAction::Add {
             cidr: cidr(&format!("{PEER_V4}/32")),
             target: target(),
@@ -408,7 +407,7 @@ fn agent_attaches_from_config_and_the_cli_changes_rules_while_it_runs() {
     assert!(out.contains("allow-list is on"), "{out}");
     assert_refused(&pair, PEER2_V4.into(), dest);
     echo_round_trip(&pair.peer_ns, PEER_V4.into(), dest).expect("on the allow-list");
-    let text = cli(XdpCommand::Stats(Output {
+    let text = xdp_cli(XdpCommand::Stats(Output {
         target: target(),
         json: false,
     }));
@@ -673,8 +672,6 @@ fn an_allowed_source_s_fragmented_syns_pass_and_are_reassembled() {
     assert_eq!(stat(&guard, DROPPED_TINY_FRAGMENT), 0);
 }
 
-/// Starts the agent of `toml` in the forwarder namespace; returns its stop sender and
-/// thread once its XDP guard is attached.
 /// The agents' configuration: one frontend on `PORT` to an echo server on 19000 in the
 /// forwarder namespace, the guard on the forwarder's veth (`xdp_rules`: more lines of
 /// its `[xdp]` table).
@@ -710,6 +707,8 @@ fn xdp_cli(command: XdpCommand) -> String {
     String::from_utf8(out).expect("utf-8 output")
 }
 
+/// Starts the agent of `toml` in the forwarder namespace; returns its stop sender and
+/// thread once its XDP guard is attached.
 fn spawn_agent(
     pair: &VethPair,
     instance: &str,
@@ -764,9 +763,8 @@ fn run_time_rules_survive_a_restart_of_the_agent() {
     let target = || Target {
         instance: instance.clone(),
     };
-    let cli = xdp_cli;
     let list = || {
-        cli(XdpCommand::List(Output {
+        xdp_cli(XdpCommand::List(Output {
             target: target(),
             json: true,
         }))
@@ -776,13 +774,13 @@ fn run_time_rules_survive_a_restart_of_the_agent() {
 
     let (stop, agent) = spawn_agent(&pair, &instance, &toml);
     echo_round_trip(&pair.peer_ns, PEER2_V4.into(), dest).expect("not denied yet");
-    cli(XdpCommand::Deny {
+    xdp_cli(XdpCommand::Deny {
         action: RuleAction::Add {
             cidr: cidr(&format!("{PEER2_V4}/32")),
             target: target(),
         },
     });
-    cli(XdpCommand::Deny {
+    xdp_cli(XdpCommand::Deny {
         action: RuleAction::Del {
             cidr: cidr("192.0.2.0/24"),
             target: target(),
@@ -808,7 +806,7 @@ fn run_time_rules_survive_a_restart_of_the_agent() {
     echo_round_trip(&pair.peer_ns, PEER_V4.into(), dest).expect("others still connect");
 
     // Removing the run-time rule again leaves nothing to save but the removed prefix.
-    cli(XdpCommand::Deny {
+    xdp_cli(XdpCommand::Deny {
         action: RuleAction::Del {
             cidr: cidr(&format!("{PEER2_V4}/32")),
             target: target(),
