@@ -885,27 +885,7 @@ pub fn map_update_batch<K: Pod, V: Pod, const N: usize>(
     keys: &[K; N],
     values: &[V; N],
 ) -> io::Result<()> {
-    let mut attr = BatchAttr {
-        keys: keys.as_ptr() as u64,
-        values: values.as_ptr() as u64,
-        count: N as u32,
-        map_fd: map.map().fd().as_fd().as_raw_fd() as u32,
-        ..Default::default()
-    };
-    // SAFETY: `attr` points at `N` keys and `N` values, alive for the call, of the sizes
-    // the map was created with (aya checked `K` and `V` against them when it typed it).
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            &raw mut attr,
-            size_of::<BatchAttr>(),
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    map_batch(BPF_MAP_UPDATE_BATCH, map, keys, Some(values))
 }
 
 /// Deletes `keys` from a hash map in one `bpf()` call. The kernel stops at the first key
@@ -914,18 +894,30 @@ pub fn map_delete_batch<K: Pod, V: Pod, const N: usize>(
     map: &HashMap<MapData, K, V>,
     keys: &[K; N],
 ) -> io::Result<()> {
+    map_batch(BPF_MAP_DELETE_BATCH, map, keys, None)
+}
+
+/// One `BPF_MAP_*_BATCH` command over `keys` (and, for an update, their `values`).
+fn map_batch<K: Pod, V: Pod, const N: usize>(
+    command: libc::c_long,
+    map: &HashMap<MapData, K, V>,
+    keys: &[K; N],
+    values: Option<&[V; N]>,
+) -> io::Result<()> {
     let mut attr = BatchAttr {
         keys: keys.as_ptr() as u64,
+        values: values.map_or(0, |v| v.as_ptr() as u64),
         count: N as u32,
         map_fd: map.map().fd().as_fd().as_raw_fd() as u32,
         ..Default::default()
     };
-    // SAFETY: `attr` points at `N` keys of the map's key size (checked by aya when it
-    // typed the map), alive for the call; the kernel writes back only `count`.
+    // SAFETY: `attr` points at `N` keys and (or no) `N` values of the map's sizes (aya
+    // checked `K` and `V` when it typed the map), all alive for the call; the kernel
+    // writes back only `count`.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_MAP_DELETE_BATCH,
+            command,
             &raw mut attr,
             size_of::<BatchAttr>(),
         )
